@@ -1,3 +1,6 @@
 //! The buildlet: an agent that runs build steps for the coordinator. `server` serves
 //! the gRPC service (listen or reverse mode), `client` is the typed async client the
 //! coordinator and `gomote` use, `tarball` is the extraction policy.
+
+pub mod paths;
+pub mod tarball;
