@@ -1,1 +1,122 @@
-fn main() {}
+//! `cargo xtask <task>`: the project's own automation (no Makefiles, no drifting shell).
+//!
+//! - `ci`: exactly what CI runs after `.ci/run` installed the system packages:
+//!   `cargo fmt --check`, `cargo clippy --all-targets -D warnings`, the whole test suite.
+//! - `bench`: benchmarks that print ratios against a limit measured in the same run.
+//! - `certs`: a CA plus server and client certificates for trying things by hand.
+//! - `fuzz`: each `cargo fuzz` target for a bounded time (needs nightly + cargo-fuzz).
+
+mod bench;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Format check, clippy with warnings as errors, then every test.
+    Ci,
+    /// Run the benchmarks and print ratios (JSON under target/bench/).
+    Bench {
+        /// Only run benchmarks whose name contains this.
+        filter: Option<String>,
+    },
+    /// Write a CA, a server certificate (localhost, 127.0.0.1) and a client certificate.
+    Certs {
+        #[arg(long, default_value = "target/certs")]
+        out: PathBuf,
+    },
+    /// Run every fuzz target for a bounded time each.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.task {
+        Task::Ci => ci(&root),
+        Task::Bench { filter } => bench::run(&root, filter.as_deref()),
+        Task::Certs { out } => certs(&root.join(out)),
+        Task::Fuzz { seconds } => fuzz(&root, seconds),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask lives one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(what: &str, mut cmd: Command) -> Result<()> {
+    eprintln!("xtask: {what}: {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn ci(root: &Path) -> Result<()> {
+    let mut fmt = cargo();
+    fmt.current_dir(root).args(["fmt", "--all", "--check"]);
+    run("format check", fmt)?;
+
+    let mut clippy = cargo();
+    clippy
+        .current_dir(root)
+        .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+    run("clippy", clippy)?;
+
+    // Slow multi-process suites run in CI; developers opt in with BUILDFARM_SLOW_TESTS=1.
+    let mut test = cargo();
+    test.current_dir(root)
+        .args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+    run("tests", test)?;
+    Ok(())
+}
+
+fn certs(out: &Path) -> Result<()> {
+    revdial::tls::install_crypto_provider();
+    let ca = revdial::tls::CertificateAuthority::generate("buildfarm dev CA")?;
+    ca.identity().write_files(out, "ca")?;
+    ca.issue_server(&["localhost", "127.0.0.1"])?
+        .write_files(out, "server")?;
+    ca.issue_client("coordinator")?.write_files(out, "client")?;
+    println!("wrote ca.crt, server.crt/key, client.crt/key to {}", out.display());
+    Ok(())
+}
+
+fn fuzz(root: &Path, seconds: u64) -> Result<()> {
+    let fuzz_dir = root.join("fuzz");
+    for target in ["tar_extract", "revdial_handshake"] {
+        let mut cmd = cargo();
+        cmd.current_dir(&fuzz_dir).args([
+            "+nightly",
+            "fuzz",
+            "run",
+            target,
+            "--",
+            &format!("-max_total_time={seconds}"),
+        ]);
+        run(&format!("fuzz {target}"), cmd)?;
+    }
+    Ok(())
+}
