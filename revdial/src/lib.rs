@@ -1,5 +1,26 @@
 //! Reverse-dialled gRPC tunnels: a host behind NAT dials out once over TLS, proves who
 //! it is, and then serves gRPC on that connection while the listener side becomes the
 //! client. Also home to the TLS helpers (`tls`) every binary of the farm uses.
+//!
+//! - [`handshake`]: the pure handshake (frames, validation, builder keys, proofs).
+//! - [`Listener`] / [`serve`]: the coordinator's side; [`Registry`] lists the hosts.
+//! - [`run_dialer`]: the host's side.
 
+mod auth;
+mod backoff;
+mod dialer;
+pub mod handshake;
+mod link;
+mod listener;
+mod registry;
 pub mod tls;
+mod tunnel;
+mod wire;
+
+pub use auth::{Authenticator, HostToken};
+pub use backoff::Backoff;
+pub use dialer::{Credential, DialerConfig, DialerError, parse_coordinator, run_dialer};
+pub use handshake::{RefusalKind, builder_key};
+pub use listener::{DialInError, Listener, ListenerConfig, ListenerMetrics, serve};
+pub use registry::{ConnectedHost, HostEvent, HostId, HostInfo, Registry};
+pub use tunnel::{TunnelChannel, TunnelService};

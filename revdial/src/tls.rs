@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -283,13 +283,16 @@ mod tests {
     fn issued_certificates_load_into_configs() {
         install_crypto_provider();
         let ca = CertificateAuthority::generate("test ca").expect("ca");
-        let server = ca.issue_server(&["localhost", "127.0.0.1"]).expect("server");
+        let server = ca
+            .issue_server(&["localhost", "127.0.0.1"])
+            .expect("server");
         let client = ca.issue_client("coordinator").expect("client");
         server_config(&server, Some(ca.cert_pem()), &[ALPN_H2]).expect("server config");
         client_config(ca.cert_pem(), Some(&client), &[ALPN_H2]).expect("client config");
         // A CA reloaded from PEM issues certificates that chain to the same root.
         let ident = ca.identity();
-        let reloaded = CertificateAuthority::from_pem(&ident.cert_pem, &ident.key_pem).expect("reload");
+        let reloaded =
+            CertificateAuthority::from_pem(&ident.cert_pem, &ident.key_pem).expect("reload");
         reloaded.issue_client("again").expect("issue from reloaded");
     }
 
