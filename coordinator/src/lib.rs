@@ -1,1 +1,15 @@
-//! The coordinator library.
+//! The coordinator: schedules post-submit and try builds across pools of buildlets,
+//! records results in the dashboard store, and serves the status page and the public
+//! API. See ARCHITECTURE.md at the repository root for how a build flows through it.
+
+pub mod api;
+pub mod app;
+pub mod farm;
+pub mod git;
+pub mod http;
+pub mod logs;
+pub mod poller;
+pub mod pool;
+pub mod runner;
+pub mod server;
+pub mod tokens;

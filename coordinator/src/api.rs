@@ -1,0 +1,538 @@
+//! The coordinator's public gRPC API (`buildfarm.coordinator.v1.Coordinator`): gomote
+//! instances (borrowed buildlets, proxied call by call) and try runs. Every call
+//! carries a user token (`authorization: Bearer <token>`, see `tokens`).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use buildfarm_proto::buildlet as bp;
+use buildfarm_proto::coordinator as cp;
+use buildfarm_proto::coordinator::coordinator_server::Coordinator;
+use buildfarm_store::{BuildState, NewTry, Verdict, try_verdict};
+use futures::{Stream, StreamExt};
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::farm::{Farm, FarmEvent, InstanceGrant, now_ms};
+use crate::tokens;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Largest patch a try run accepts.
+pub const MAX_PATCH_BYTES: usize = 16 << 20;
+
+/// A borrowed buildlet.
+pub struct Instance {
+    pub info: cp::Instance,
+    last_used_ms: Mutex<i64>,
+    grant: Mutex<Option<InstanceGrant>>,
+    raw: buildlet::client::RawClient,
+    lost: tokio_util::sync::CancellationToken,
+}
+
+impl Instance {
+    fn touch(&self) {
+        *self.last_used_ms.lock().unwrap_or_else(|e| e.into_inner()) = now_ms();
+    }
+}
+
+#[derive(Clone)]
+pub struct Api {
+    farm: Arc<Farm>,
+    instances: Arc<Mutex<HashMap<String, Arc<Instance>>>>,
+}
+
+impl Api {
+    pub fn new(farm: Arc<Farm>) -> Self {
+        let api = Api {
+            farm: farm.clone(),
+            instances: Arc::new(Mutex::new(HashMap::new())),
+        };
+        let sweeper = api.clone();
+        farm.tasks.spawn(async move { sweeper.expire_loop().await });
+        api
+    }
+
+    fn user<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token> (see `coordinator issue-token`)"))?;
+        let value = header
+            .to_str()
+            .map_err(|_| Status::unauthenticated("authorization header is not text"))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
+        tokens::verify(&self.farm.master_key, token.trim())
+            .ok_or_else(|| Status::permission_denied("invalid user token"))
+    }
+
+    fn instance(&self, user: &str, name: &str) -> Result<Arc<Instance>, Status> {
+        let inst = self
+            .instances
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("no instance {name:?}")))?;
+        if inst.info.owner != user {
+            return Err(Status::permission_denied(format!("instance {name:?} belongs to another user")));
+        }
+        if inst.lost.is_cancelled() {
+            self.remove_instance(name);
+            return Err(Status::unavailable(format!("instance {name:?} lost its buildlet")));
+        }
+        inst.touch();
+        Ok(inst)
+    }
+
+    fn remove_instance(&self, name: &str) -> bool {
+        let removed = self
+            .instances
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        if let Some(inst) = removed {
+            // Releasing the grant gives the buildlet and its slot back.
+            inst.grant.lock().unwrap_or_else(|e| e.into_inner()).take();
+            info!(instance = name, "gomote instance destroyed");
+            true
+        } else {
+            false
+        }
+    }
+
+    async fn expire_loop(&self) {
+        let idle = self.farm.config.coordinator.gomote_idle_timeout;
+        loop {
+            tokio::select! {
+                _ = self.farm.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(5).min(idle)) => {}
+            }
+            let cutoff = now_ms() - idle.as_millis() as i64;
+            let expired: Vec<String> = self
+                .instances
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .filter(|i| {
+                    *i.last_used_ms.lock().unwrap_or_else(|e| e.into_inner()) < cutoff
+                        || i.lost.is_cancelled()
+                })
+                .map(|i| i.info.name.clone())
+                .collect();
+            for name in expired {
+                info!(instance = %name, "gomote instance expired or lost");
+                self.remove_instance(&name);
+            }
+        }
+    }
+
+    pub fn instance_count(&self) -> usize {
+        self.instances.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+fn proxy_status(e: Status) -> Status {
+    // Keep the buildlet's code (Unavailable for a lost buildlet, InvalidArgument for bad
+    // paths) and say where it came from.
+    Status::new(e.code(), format!("buildlet: {}", e.message()))
+}
+
+fn forward<T: Send + 'static>(s: Streaming<T>) -> BoxStream<T> {
+    Box::pin(s.map(|r| r.map_err(proxy_status)))
+}
+
+/// Cancels a queued gomote request when the `create` stream is dropped.
+struct RequestGuard {
+    farm: Arc<Farm>,
+    id: String,
+    done: bool,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.farm.cancel_instance_request(&self.id);
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for Api {
+    type CreateInstanceStream = BoxStream<cp::CreateInstanceResponse>;
+
+    async fn create_instance(
+        &self,
+        req: Request<cp::CreateInstanceRequest>,
+    ) -> Result<Response<Self::CreateInstanceStream>, Status> {
+        let user = self.user(&req)?;
+        let builder_name = req.into_inner().builder;
+        let builder = self
+            .farm
+            .config
+            .builder(&builder_name)
+            .ok_or_else(|| Status::not_found(format!("unknown builder {builder_name:?}")))?
+            .clone();
+        if !self.farm.pools.contains_key(&builder.host_type) {
+            return Err(Status::failed_precondition(format!(
+                "host type {} has no pool",
+                builder.host_type
+            )));
+        }
+        let request_id = uuid::Uuid::now_v7().to_string();
+        let mut rx = self.farm.request_instance(&request_id, &builder.host_type);
+        let api = self.clone();
+        let farm = self.farm.clone();
+        let stream = async_stream::try_stream! {
+            let mut guard = RequestGuard { farm: farm.clone(), id: request_id.clone(), done: false };
+            let grant = loop {
+                let ahead = farm.queue_position(&request_id).unwrap_or(0) as u32;
+                yield cp::CreateInstanceResponse {
+                    phase: cp::create_instance_response::Phase::Queued as i32,
+                    waiters_ahead: ahead,
+                    instance: None,
+                };
+                let granted = tokio::select! {
+                    g = &mut rx => Some(g),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => None,
+                };
+                if let Some(g) = granted {
+                    break g.map_err(|_| Status::unavailable("no buildlet could be started for this builder"))?;
+                }
+            };
+            guard.done = true;
+            let (lease, slot) = grant;
+            let n = uuid::Uuid::new_v4().simple().to_string();
+            let name = format!("{user}-{}-{}", builder.name, &n[..6]);
+            let now = now_ms();
+            let idle = farm.config.coordinator.gomote_idle_timeout.as_millis() as i64;
+            let info = cp::Instance {
+                name: name.clone(),
+                builder: builder.name.clone(),
+                host_type: builder.host_type.clone(),
+                owner: user.clone(),
+                created_unix: now / 1000,
+                expires_unix: (now + idle) / 1000,
+            };
+            let inst = Arc::new(Instance {
+                info: info.clone(),
+                last_used_ms: Mutex::new(now),
+                raw: lease.client.raw(),
+                lost: lease.lost.clone(),
+                grant: Mutex::new(Some((lease, slot))),
+            });
+            api.instances.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), inst);
+            info!(instance = %name, user = %user, "gomote instance created");
+            yield cp::CreateInstanceResponse {
+                phase: cp::create_instance_response::Phase::Ready as i32,
+                waiters_ahead: 0,
+                instance: Some(info),
+            };
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_instances(
+        &self,
+        req: Request<cp::ListInstancesRequest>,
+    ) -> Result<Response<cp::ListInstancesResponse>, Status> {
+        let user = self.user(&req)?;
+        let mut instances: Vec<cp::Instance> = self
+            .instances
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|i| i.info.owner == user)
+            .map(|i| i.info.clone())
+            .collect();
+        instances.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Response::new(cp::ListInstancesResponse { instances }))
+    }
+
+    async fn destroy_instance(
+        &self,
+        req: Request<cp::DestroyInstanceRequest>,
+    ) -> Result<Response<cp::DestroyInstanceResponse>, Status> {
+        let user = self.user(&req)?;
+        let name = req.into_inner().name;
+        // Not `instance()`: a lost instance can still be destroyed.
+        let owner = self
+            .instances
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&name)
+            .map(|i| i.info.owner.clone())
+            .ok_or_else(|| Status::not_found(format!("no instance {name:?}")))?;
+        if owner != user {
+            return Err(Status::permission_denied(format!("instance {name:?} belongs to another user")));
+        }
+        self.remove_instance(&name);
+        Ok(Response::new(cp::DestroyInstanceResponse {}))
+    }
+
+    async fn put_tar(
+        &self,
+        req: Request<Streaming<cp::InstancePutTarRequest>>,
+    ) -> Result<Response<bp::PutTarResponse>, Status> {
+        let user = self.user(&req)?;
+        let mut incoming = req.into_inner();
+        let first = incoming
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty put_tar stream"))?;
+        let inst = self.instance(&user, &first.instance)?;
+        let head = first.request.into_iter();
+        let rest = incoming.filter_map(|m| async move { m.ok().and_then(|m| m.request) });
+        let outbound = futures::stream::iter(head).chain(rest);
+        let mut raw = inst.raw.clone();
+        let resp = raw.put_tar(outbound).await.map_err(proxy_status)?;
+        Ok(resp)
+    }
+
+    async fn write_file(
+        &self,
+        req: Request<cp::InstanceWriteFileRequest>,
+    ) -> Result<Response<bp::WriteFileResponse>, Status> {
+        let user = self.user(&req)?;
+        let r = req.into_inner();
+        let inst = self.instance(&user, &r.instance)?;
+        let inner = r.request.ok_or_else(|| Status::invalid_argument("missing request"))?;
+        inst.raw.clone().write_file(inner).await.map_err(proxy_status)
+    }
+
+    type ExecStream = BoxStream<bp::ExecEvent>;
+
+    async fn exec(
+        &self,
+        req: Request<cp::InstanceExecRequest>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        let user = self.user(&req)?;
+        let r = req.into_inner();
+        let inst = self.instance(&user, &r.instance)?;
+        let inner = r.request.ok_or_else(|| Status::invalid_argument("missing request"))?;
+        let s = inst.raw.clone().exec(inner).await.map_err(proxy_status)?.into_inner();
+        Ok(Response::new(forward(s)))
+    }
+
+    type GetTarStream = BoxStream<bp::DataChunk>;
+
+    async fn get_tar(
+        &self,
+        req: Request<cp::InstanceGetTarRequest>,
+    ) -> Result<Response<Self::GetTarStream>, Status> {
+        let user = self.user(&req)?;
+        let r = req.into_inner();
+        let inst = self.instance(&user, &r.instance)?;
+        let inner = r.request.ok_or_else(|| Status::invalid_argument("missing request"))?;
+        let s = inst.raw.clone().get_tar(inner).await.map_err(proxy_status)?.into_inner();
+        Ok(Response::new(forward(s)))
+    }
+
+    async fn remove(
+        &self,
+        req: Request<cp::InstanceRemoveRequest>,
+    ) -> Result<Response<bp::RemoveResponse>, Status> {
+        let user = self.user(&req)?;
+        let r = req.into_inner();
+        let inst = self.instance(&user, &r.instance)?;
+        let inner = r.request.ok_or_else(|| Status::invalid_argument("missing request"))?;
+        inst.raw.clone().remove(inner).await.map_err(proxy_status)
+    }
+
+    type ListStream = BoxStream<bp::ListResponse>;
+
+    async fn list(
+        &self,
+        req: Request<cp::InstanceListRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
+        let user = self.user(&req)?;
+        let r = req.into_inner();
+        let inst = self.instance(&user, &r.instance)?;
+        let inner = r.request.ok_or_else(|| Status::invalid_argument("missing request"))?;
+        let s = inst.raw.clone().list(inner).await.map_err(proxy_status)?.into_inner();
+        Ok(Response::new(forward(s)))
+    }
+
+    type ShellStream = BoxStream<bp::ShellOutput>;
+
+    async fn shell(
+        &self,
+        req: Request<Streaming<cp::InstanceShellInput>>,
+    ) -> Result<Response<Self::ShellStream>, Status> {
+        let user = self.user(&req)?;
+        let mut incoming = req.into_inner();
+        let first = incoming
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty shell stream"))?;
+        let inst = self.instance(&user, &first.instance)?;
+        let head = first.input.into_iter();
+        let rest = incoming.filter_map(|m| async move { m.ok().and_then(|m| m.input) });
+        let outbound = futures::stream::iter(head).chain(rest);
+        let s = inst.raw.clone().shell(outbound).await.map_err(proxy_status)?.into_inner();
+        Ok(Response::new(forward(s)))
+    }
+
+    async fn submit_try(
+        &self,
+        req: Request<cp::SubmitTryRequest>,
+    ) -> Result<Response<cp::SubmitTryResponse>, Status> {
+        let user = self.user(&req)?;
+        let r = req.into_inner();
+        let repo = self
+            .farm
+            .config
+            .repo(&r.repo)
+            .ok_or_else(|| Status::not_found(format!("unknown repo {:?}", r.repo)))?;
+        let mirror = self
+            .farm
+            .mirrors
+            .get(&repo.name)
+            .ok_or_else(|| Status::failed_precondition(format!("repo {} has no mirror", repo.name)))?;
+        if r.patch.len() > MAX_PATCH_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "patch is {} bytes; the limit is {MAX_PATCH_BYTES}",
+                r.patch.len()
+            )));
+        }
+        if let Err(e) = mirror.fetch().await {
+            warn!(repo = %repo.name, error = %format!("{e:#}"), "fetch before try failed");
+        }
+        let rev = mirror
+            .resolve(&r.rev)
+            .await
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let try_builders: Vec<String> = self
+            .farm
+            .config
+            .try_builders(&repo.name)
+            .into_iter()
+            .map(|b| b.name.clone())
+            .collect();
+        let builders = if r.builders.is_empty() {
+            try_builders
+        } else {
+            for b in &r.builders {
+                if !try_builders.contains(b) {
+                    return Err(Status::invalid_argument(format!(
+                        "{b:?} is not a try builder of {} (try builders: {})",
+                        repo.name,
+                        try_builders.join(", ")
+                    )));
+                }
+            }
+            r.builders.clone()
+        };
+        if builders.is_empty() {
+            return Err(Status::failed_precondition(format!("repo {} has no try builders", repo.name)));
+        }
+        let (run, builds) = self
+            .farm
+            .store
+            .create_try(&NewTry {
+                repo: repo.name.clone(),
+                rev,
+                patch: (!r.patch.is_empty()).then_some(r.patch),
+                builders,
+                user: user.clone(),
+            })
+            .await
+            .map_err(|e| Status::unavailable(format!("store: {e}")))?;
+        for b in &builds {
+            self.farm
+                .enqueue(b, None)
+                .map_err(|e| Status::internal(format!("{e:#}")))?;
+        }
+        info!(try_id = %run.id, user = %user, repo = %run.repo, rev = %run.rev, builders = builds.len(), "try run submitted");
+        Ok(Response::new(cp::SubmitTryResponse { try_id: run.id }))
+    }
+
+    type WatchTryStream = BoxStream<cp::TryState>;
+
+    async fn watch_try(
+        &self,
+        req: Request<cp::WatchTryRequest>,
+    ) -> Result<Response<Self::WatchTryStream>, Status> {
+        self.user(&req)?;
+        let try_id = req.into_inner().try_id;
+        self.farm
+            .store
+            .get_try(&try_id)
+            .await
+            .map_err(|e| Status::not_found(format!("try run {try_id:?}: {e}")))?;
+        let farm = self.farm.clone();
+        let mut events = farm.events.subscribe();
+        let stream = async_stream::try_stream! {
+            let mut last: Option<cp::TryState> = None;
+            loop {
+                let state = try_state(&farm, &try_id).await?;
+                if last.as_ref() != Some(&state) {
+                    last = Some(state.clone());
+                    let done = state.done;
+                    yield state;
+                    if done {
+                        break;
+                    }
+                }
+                // Wake on a change to one of this try's builds, or every second for
+                // elapsed times.
+                let wait = async {
+                    loop {
+                        match events.recv().await {
+                            Ok(FarmEvent::BuildChanged { try_id: Some(t), .. }) if t == try_id => return,
+                            Ok(_) => continue,
+                            Err(RecvError::Lagged(_)) => return,
+                            Err(RecvError::Closed) => return std::future::pending().await,
+                        }
+                    }
+                };
+                tokio::select! {
+                    _ = wait => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+async fn try_state(farm: &Farm, try_id: &str) -> Result<cp::TryState, Status> {
+    let builds = farm
+        .store
+        .builds_for_try(try_id)
+        .await
+        .map_err(|e| Status::unavailable(format!("store: {e}")))?;
+    let base = farm.base_url();
+    let now = now_ms();
+    let builders = builds
+        .iter()
+        .map(|b| cp::TryBuilderState {
+            builder: b.builder.clone(),
+            state: b.state.as_str().to_owned(),
+            build_id: b.id.clone(),
+            log_url: format!("{base}/log/{}", b.id),
+            elapsed_ms: match (b.started_at, b.finished_at) {
+                (Some(s), Some(f)) => (f - s).max(0) as u64,
+                (Some(s), None) if b.state == BuildState::Running => (now - s).max(0) as u64,
+                _ => 0,
+            },
+        })
+        .collect();
+    let all_final = builds.iter().all(|b| b.state.is_final());
+    let verdict = match try_verdict(&builds) {
+        Verdict::Pending => "pending",
+        Verdict::Ok => "ok",
+        Verdict::Failed => "failed",
+    };
+    Ok(cp::TryState {
+        try_id: try_id.to_owned(),
+        builders,
+        done: all_final,
+        verdict: verdict.to_owned(),
+    })
+}

@@ -1,0 +1,313 @@
+//! Source fetching with real `git`: one bare mirror per watched repo under the data dir,
+//! new-commit discovery on branches, and source tarballs of a commit (optionally with a
+//! patch applied), each made once and cached on disk.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+use tokio::process::Command;
+use tracing::debug;
+
+/// A commit as `git log` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitInfo {
+    pub hash: String,
+    pub parents: Vec<String>,
+    pub author: String,
+    /// Unix seconds.
+    pub commit_time: i64,
+    pub subject: String,
+}
+
+/// A bare mirror of one repository.
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    pub name: String,
+    pub url: String,
+    dir: PathBuf,
+    cache_dir: PathBuf,
+}
+
+async fn git(args: &[&str], cwd: Option<&Path>) -> Result<Vec<u8>> {
+    let mut cmd = Command::new("git");
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .kill_on_drop(true);
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    let out = cmd
+        .output()
+        .await
+        .context("running git (is it installed? apt-get install git)")?;
+    if !out.status.success() {
+        bail!(
+            "git {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out.stdout)
+}
+
+/// Refuses revisions and branch names that git could read as options.
+fn check_ref(what: &str, value: &str) -> Result<()> {
+    let ok = !value.is_empty()
+        && !value.starts_with('-')
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._/-~^".contains(c));
+    if !ok {
+        bail!("invalid {what} {value:?}");
+    }
+    Ok(())
+}
+
+impl Mirror {
+    /// Opens the mirror of `url` under `data_dir/git`, cloning it first if needed.
+    pub async fn open(name: &str, url: &str, data_dir: &Path) -> Result<Mirror> {
+        let dir = data_dir.join("git").join(format!("{name}.git"));
+        let cache_dir = data_dir.join("src-cache").join(name);
+        tokio::fs::create_dir_all(&cache_dir)
+            .await
+            .with_context(|| format!("creating {}", cache_dir.display()))?;
+        if !dir.join("HEAD").exists() {
+            let parent = dir.parent().context("mirror dir has no parent")?;
+            tokio::fs::create_dir_all(parent).await?;
+            let dir_s = dir.to_string_lossy().into_owned();
+            git(&["clone", "--quiet", "--mirror", "--", url, &dir_s], None)
+                .await
+                .with_context(|| format!("cloning repo {name} from {url}"))?;
+        }
+        Ok(Mirror {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            dir,
+            cache_dir,
+        })
+    }
+
+    fn git_dir_arg(&self) -> String {
+        format!("--git-dir={}", self.dir.display())
+    }
+
+    /// Fetches every branch from the origin.
+    pub async fn fetch(&self) -> Result<()> {
+        git(
+            &[
+                &self.git_dir_arg(),
+                "fetch",
+                "--quiet",
+                "--prune",
+                "origin",
+                "+refs/heads/*:refs/heads/*",
+            ],
+            None,
+        )
+        .await
+        .with_context(|| format!("fetching repo {}", self.name))?;
+        Ok(())
+    }
+
+    /// The commit a branch points at, if the branch exists.
+    pub async fn branch_head(&self, branch: &str) -> Result<Option<String>> {
+        check_ref("branch", branch)?;
+        let spec = format!("refs/heads/{branch}^{{commit}}");
+        match git(
+            &[&self.git_dir_arg(), "rev-parse", "--verify", "--quiet", &spec],
+            None,
+        )
+        .await
+        {
+            Ok(out) => Ok(Some(String::from_utf8_lossy(&out).trim().to_owned())),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Resolves a revision (hash, branch, tag) to a full commit hash.
+    pub async fn resolve(&self, rev: &str) -> Result<String> {
+        check_ref("revision", rev)?;
+        let spec = format!("{rev}^{{commit}}");
+        let out = git(&[&self.git_dir_arg(), "rev-parse", "--verify", &spec], None)
+            .await
+            .with_context(|| format!("unknown revision {rev:?} in repo {}", self.name))?;
+        Ok(String::from_utf8_lossy(&out).trim().to_owned())
+    }
+
+    /// Up to `limit` commits of `branch`, newest first.
+    pub async fn log(&self, branch: &str, limit: usize) -> Result<Vec<CommitInfo>> {
+        check_ref("branch", branch)?;
+        let n = format!("-n{limit}");
+        let spec = format!("refs/heads/{branch}");
+        let out = git(
+            &[
+                &self.git_dir_arg(),
+                "log",
+                &n,
+                "--format=%H%x1f%P%x1f%an%x1f%ct%x1f%s%x1e",
+                &spec,
+                "--",
+            ],
+            None,
+        )
+        .await
+        .with_context(|| format!("listing commits of {}:{branch}", self.name))?;
+        parse_log(&String::from_utf8_lossy(&out))
+    }
+
+    /// The source of `rev` (plus `patch`, if any) as a tar.gz, made once and cached.
+    pub async fn source_tarball(&self, rev: &str, patch: Option<&[u8]>) -> Result<PathBuf> {
+        check_ref("revision", rev)?;
+        let key = match patch {
+            None => rev.to_owned(),
+            Some(p) => format!("{rev}-{}", hex::encode(&Sha256::digest(p)[..8])),
+        };
+        let path = self.cache_dir.join(format!("{key}.tar.gz"));
+        if path.exists() {
+            return Ok(path);
+        }
+        let tmp = tempfile::Builder::new()
+            .prefix(".checkout-")
+            .tempdir_in(&self.cache_dir)
+            .context("creating checkout dir")?;
+        let work = tmp.path().join("src");
+        tokio::fs::create_dir_all(&work).await?;
+        let work_arg = format!("--work-tree={}", work.display());
+        // A private index keeps concurrent checkouts from sharing the mirror's index.
+        let index = tmp.path().join("index");
+        let mut checkout = Command::new("git");
+        checkout
+            .args([&self.git_dir_arg(), &work_arg, "checkout", "--quiet", "--force", rev, "--", "."])
+            .env("GIT_INDEX_FILE", &index)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let out = checkout.output().await.context("running git checkout")?;
+        if !out.status.success() {
+            bail!(
+                "checking out {rev} of {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        if let Some(patch) = patch {
+            let patch_file = tmp.path().join("change.patch");
+            tokio::fs::write(&patch_file, patch).await?;
+            let patch_s = patch_file.to_string_lossy().into_owned();
+            git(&["apply", "--whitespace=nowarn", &patch_s], Some(&work))
+                .await
+                .with_context(|| format!("applying the patch on {rev}"))?;
+        }
+        let staged = tmp.path().join("out.tar.gz");
+        let (src, dst) = (work.clone(), staged.clone());
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let file = std::fs::File::create(&dst)?;
+            buildlet::tarball::write_tar_gz(&src, std::io::BufWriter::new(file))?;
+            Ok(())
+        })
+        .await
+        .context("tarball task panicked")??;
+        tokio::fs::rename(&staged, &path).await?;
+        debug!(repo = %self.name, rev, "made source tarball");
+        Ok(path)
+    }
+}
+
+fn parse_log(text: &str) -> Result<Vec<CommitInfo>> {
+    let mut commits = Vec::new();
+    for record in text.split('\u{1e}') {
+        let record = record.trim_start_matches('\n');
+        if record.trim().is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = record.split('\u{1f}').collect();
+        let [hash, parents, author, time, subject] = fields[..] else {
+            bail!("unexpected git log record {record:?}");
+        };
+        commits.push(CommitInfo {
+            hash: hash.to_owned(),
+            parents: parents.split_whitespace().map(str::to_owned).collect(),
+            author: author.to_owned(),
+            commit_time: time.trim().parse().context("commit time")?,
+            subject: subject.trim_end().to_owned(),
+        });
+    }
+    Ok(commits)
+}
+
+/// Makes (or refreshes) a git repository at `repo_dir` holding a copy of `src_dir`, with
+/// a new commit on `main` whenever the copy changed. The main job uses this to build the
+/// example module shipped under `env/examples/` as a real repository.
+pub async fn import_dir_as_repo(src_dir: &Path, repo_dir: &Path) -> Result<()> {
+    if !repo_dir.join(".git").exists() {
+        tokio::fs::create_dir_all(repo_dir).await?;
+        git(&["init", "--quiet", "--initial-branch=main"], Some(repo_dir)).await?;
+    }
+    let (src, dst) = (src_dir.to_owned(), repo_dir.to_owned());
+    tokio::task::spawn_blocking(move || copy_tree(&src, &dst))
+        .await
+        .context("copy task panicked")??;
+    git(&["add", "--all"], Some(repo_dir)).await?;
+    let status = git(&["status", "--porcelain"], Some(repo_dir)).await?;
+    if !status.is_empty() {
+        git(
+            &[
+                "-c",
+                "user.name=buildfarm",
+                "-c",
+                "user.email=buildfarm@localhost",
+                "commit",
+                "--quiet",
+                "-m",
+                "import example module",
+            ],
+            Some(repo_dir),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+    for entry in walkdir::WalkDir::new(src).min_depth(1) {
+        let entry = entry?;
+        let rel = entry.path().strip_prefix(src)?;
+        let target = dst.join(rel);
+        if entry.file_type().is_dir() {
+            std::fs::create_dir_all(&target)?;
+        } else if entry.file_type().is_file() {
+            std::fs::copy(entry.path(), &target)
+                .with_context(|| format!("copying {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_git_log_records() {
+        let text = "abc\u{1f}p1 p2\u{1f}Ann\u{1f}1700000000\u{1f}fix: thing\u{1e}\n\
+                    def\u{1f}\u{1f}Bob\u{1f}1600000000\u{1f}root\u{1e}\n";
+        let commits = parse_log(text).expect("parse");
+        assert_eq!(commits.len(), 2);
+        assert_eq!(commits[0].parents, vec!["p1", "p2"]);
+        assert_eq!(commits[0].subject, "fix: thing");
+        assert!(commits[1].parents.is_empty());
+        assert_eq!(commits[1].commit_time, 1_600_000_000);
+    }
+
+    #[test]
+    fn refs_that_look_like_options_are_refused() {
+        assert!(check_ref("revision", "--upload-pack=x").is_err());
+        assert!(check_ref("revision", "").is_err());
+        assert!(check_ref("revision", "main").is_ok());
+        assert!(check_ref("revision", "0123abcd").is_ok());
+    }
+}
