@@ -2,5 +2,11 @@
 //! the gRPC service (listen or reverse mode), `client` is the typed async client the
 //! coordinator and `gomote` use, `tarball` is the extraction policy.
 
+pub mod auth;
+pub mod client;
+pub mod exec;
+pub mod fsops;
 pub mod paths;
+pub mod server;
+pub mod shell;
 pub mod tarball;

@@ -1,1 +1,266 @@
-fn main() {}
+//! The `buildlet` binary. Listen mode: `buildlet --listen ADDR --workdir DIR
+//! --tls-cert F --tls-key F [--client-ca F] [--auth-key-file F]` serves the buildlet
+//! service over TLS; `buildlet version` prints the version.
+//!
+//! Order (thin main): tracing to stderr, crypto provider, parse and validate (bad
+//! arguments: message on stderr, exit 64), bind, print exactly one line
+//! `buildlet listening on <addr>` to stdout, serve until SIGTERM/SIGINT or Halt, kill
+//! running commands, exit 0.
+//!
+//! The workdir is created if missing; tarballs are staged in `<workdir>.staging`,
+//! beside it (same filesystem, so moving into place is a rename).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use buildlet::auth::AuthPolicy;
+use buildlet::server::{self, BuildletService, ServerConfig};
+use buildlet::tarball::Limits;
+use bytesize::ByteSize;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for bad command-line arguments (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+/// How long running calls get to finish after shutdown starts.
+const GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "buildlet",
+    about = "runs build steps for the buildfarm coordinator"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    listen: ListenArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the version and exit.
+    Version,
+}
+
+#[derive(clap::Args, Debug)]
+struct ListenArgs {
+    /// Address to serve on, e.g. 0.0.0.0:443 or 127.0.0.1:0.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Directory every call works in (created if missing).
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+    /// Server certificate chain (PEM).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) whose client certificates are accepted (mTLS).
+    #[arg(long)]
+    client_ca: Option<PathBuf>,
+    /// File holding the bearer key callers may present instead of a certificate.
+    #[arg(long)]
+    auth_key_file: Option<PathBuf>,
+    /// Host type reported by Status.
+    #[arg(long, default_value = "")]
+    host_type: String,
+    /// Largest uncompressed tarball accepted.
+    #[arg(long, default_value = "4GiB")]
+    max_tar_bytes: ByteSize,
+    /// Most entries a tarball may have.
+    #[arg(long, default_value_t = 1_000_000)]
+    max_tar_entries: u64,
+}
+
+/// What the process does; reverse mode (dialling the coordinator) joins `Listen` here.
+enum Mode {
+    Version,
+    Listen(ListenConfig),
+}
+
+struct ListenConfig {
+    listen: String,
+    server: ServerConfig,
+    identity: revdial::tls::Identity,
+    client_ca: Option<String>,
+    policy: AuthPolicy,
+}
+
+/// Turns arguments into a mode, reading the files they name; binds nothing.
+fn validate(cli: Cli) -> anyhow::Result<Mode> {
+    if let Some(Command::Version) = cli.command {
+        return Ok(Mode::Version);
+    }
+    let a = cli.listen;
+    let mut missing = Vec::new();
+    if a.listen.is_none() {
+        missing.push("--listen");
+    }
+    if a.workdir.is_none() {
+        missing.push("--workdir");
+    }
+    if a.tls_cert.is_none() {
+        missing.push("--tls-cert");
+    }
+    if a.tls_key.is_none() {
+        missing.push("--tls-key");
+    }
+    let (Some(listen), Some(workdir), Some(cert), Some(key)) =
+        (a.listen, a.workdir, a.tls_cert, a.tls_key)
+    else {
+        bail!("missing required arguments: {}", missing.join(", "));
+    };
+    let identity = revdial::tls::Identity::from_files(&cert, &key)
+        .context("loading the tls certificate and key")?;
+    let client_ca = match &a.client_ca {
+        Some(p) => Some(revdial::tls::load_ca_file(p).context("loading --client-ca")?),
+        None => None,
+    };
+    let key_from_env = std::env::var("BUILDLET_AUTH_KEY").ok();
+    let bearer = match (&a.auth_key_file, key_from_env) {
+        (Some(p), _) => {
+            let k = std::fs::read_to_string(p)
+                .with_context(|| format!("reading --auth-key-file {}", p.display()))?;
+            Some(k.trim().to_owned())
+        }
+        (None, Some(k)) => Some(k.trim().to_owned()),
+        (None, None) => None,
+    };
+    if bearer.as_deref() == Some("") {
+        bail!("the auth key is empty");
+    }
+    if bearer.is_none() && client_ca.is_none() {
+        bail!(
+            "refusing to serve unauthenticated: give --client-ca, --auth-key-file or BUILDLET_AUTH_KEY"
+        );
+    }
+    let mut server = ServerConfig::new(workdir);
+    server.host_type = a.host_type;
+    server.tar_limits = Limits {
+        max_bytes: a.max_tar_bytes.as_u64(),
+        max_entries: a.max_tar_entries,
+        ..Limits::default()
+    };
+    // Make sure the config is usable before binding.
+    let _ = revdial::tls::server_config(&identity, client_ca.as_deref(), &[revdial::tls::ALPN_H2])
+        .context("building the tls config")?;
+    Ok(Mode::Listen(ListenConfig {
+        listen,
+        server,
+        identity,
+        client_ca,
+        policy: AuthPolicy::new(bearer.as_deref()),
+    }))
+}
+
+async fn run_listen(cfg: ListenConfig) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let svc =
+        BuildletService::new(cfg.server, shutdown.clone()).context("preparing the workdir")?;
+    let tls = revdial::tls::server_config(
+        &cfg.identity,
+        cfg.client_ca.as_deref(),
+        &[revdial::tls::ALPN_H2],
+    )
+    .context("building the tls config")?;
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(%addr, workdir = %svc.workdir().display(), "buildlet listening");
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "buildlet listening on {addr}").context("writing to stdout")?;
+        out.flush().context("writing to stdout")?;
+    }
+    tokio::spawn(watch_signals(shutdown.clone()));
+    let routes = server::authenticated_routes(svc.clone(), cfg.policy);
+    let serve = server::serve_tls(listener, tls, routes, shutdown.clone());
+    tokio::pin!(serve);
+    tokio::select! {
+        res = &mut serve => res.context("serving")?,
+        _ = shutdown.cancelled() => {
+            // Commands watch the token and are being killed; give calls a grace period.
+            match tokio::time::timeout(GRACE, &mut serve).await {
+                Ok(res) => res.context("serving")?,
+                Err(_) => tracing::warn!("calls still running after the grace period"),
+            }
+        }
+    }
+    shutdown.cancel();
+    if !svc.drain(GRACE).await {
+        tracing::warn!("tasks still running at exit");
+    }
+    tracing::info!("buildlet stopped");
+    Ok(())
+}
+
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("sigterm: shutting down"),
+        _ = int.recv() => tracing::info!("sigint: shutting down"),
+        _ = shutdown.cancelled() => return,
+    }
+    shutdown.cancel();
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    revdial::tls::install_crypto_provider();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let mode = match validate(cli) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("buildlet: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match mode {
+        Mode::Version => {
+            println!("buildlet {}", server::VERSION);
+            ExitCode::SUCCESS
+        }
+        Mode::Listen(cfg) => {
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("buildlet: starting the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(run_listen(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "buildlet failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
