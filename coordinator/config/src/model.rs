@@ -1,0 +1,363 @@
+//! The config's plain data types, one per TOML table. Every field documents its default;
+//! checks that span fields (references, counts, names) live in `validate.rs`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+/// Environment variables as written in the file, sorted by name.
+pub type Env = BTreeMap<String, String>;
+
+/// The whole coordinator config file.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Process-wide settings. Default: every field at its own default.
+    #[serde(default)]
+    pub coordinator: CoordinatorConfig,
+    /// Kinds of machine builds run on, each with the pool that provides them. Default: none.
+    #[serde(default)]
+    pub host_types: Vec<HostType>,
+    /// What to build where. Default: none.
+    #[serde(default)]
+    pub builders: Vec<Builder>,
+    /// Git repositories to watch. Default: none.
+    #[serde(default)]
+    pub repos: Vec<Repo>,
+}
+
+/// `[coordinator]`: settings of the coordinator process itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Address the gRPC API, status page and metrics listen on. Default: `127.0.0.1:8119`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Directory for the database, logs, generated keys and certificates.
+    /// Default: `./.buildfarm`.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Store URL, `sqlite://...` or `postgres://...`.
+    /// Default: none, meaning SQLite in the data dir (see [`CoordinatorConfig::store_url`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_url: Option<String>,
+    /// PEM certificate chain for the listener; set together with `tls_key`.
+    /// Default: none, meaning a certificate generated in the data dir.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`. Default: none (generated with the certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// File holding the master key that builder and gomote keys derive from.
+    /// Default: none, meaning `master.key` in the data dir, generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_key_file: Option<PathBuf>,
+    /// How often watched repos are polled for new commits (webhooks also trigger a poll).
+    /// Default: `10s`.
+    #[serde(default = "default_poll", with = "humantime_serde")]
+    pub repo_poll_interval: Duration,
+    /// Attempts a build gets when it fails for infrastructure reasons (lost buildlet,
+    /// coordinator restart) before it is recorded as failed; at least 1. Default: `3`.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// A gomote instance unused this long is destroyed. Default: `30m`.
+    #[serde(default = "default_gomote_idle", with = "humantime_serde")]
+    pub gomote_idle_timeout: Duration,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8119))
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./.buildfarm")
+}
+fn default_poll() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+fn default_gomote_idle() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            listen: default_listen(),
+            data_dir: default_data_dir(),
+            store_url: None,
+            tls_cert: None,
+            tls_key: None,
+            master_key_file: None,
+            repo_poll_interval: default_poll(),
+            max_attempts: default_max_attempts(),
+            gomote_idle_timeout: default_gomote_idle(),
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// The store URL to open: the configured one, else `sqlite://<data_dir>/buildfarm.db`.
+    pub fn store_url(&self) -> String {
+        match &self.store_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("buildfarm.db").display()),
+        }
+    }
+
+    /// The master key file to read (or create): the configured one, else `<data_dir>/master.key`.
+    pub fn master_key_path(&self) -> PathBuf {
+        match &self.master_key_file {
+            Some(p) => p.clone(),
+            None => self.data_dir.join("master.key"),
+        }
+    }
+
+    /// Certificate and key paths: the configured pair, else `tls/cert.pem` and `tls/key.pem`
+    /// in the data dir (generated when absent).
+    pub fn tls_paths(&self) -> (PathBuf, PathBuf) {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => (c.clone(), k.clone()),
+            _ => (
+                self.data_dir.join("tls/cert.pem"),
+                self.data_dir.join("tls/key.pem"),
+            ),
+        }
+    }
+}
+
+/// `[[host_types]]`: a kind of machine, and where machines of that kind come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostType {
+    /// Unique name, `[A-Za-z0-9._-]+`, e.g. `linux-amd64-bookworm`. Required.
+    pub name: String,
+    /// The pool providing buildlets of this host type, e.g.
+    /// `pool = { kind = "local", count = 2 }` or a `[host_types.pool]` table. Required.
+    pub pool: Pool,
+    /// Environment given to every command on these buildlets. Default: empty.
+    #[serde(default)]
+    pub env: Env,
+}
+
+/// Where buildlets of a host type come from; `kind` picks the variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Pool {
+    /// Buildlet processes spawned on the coordinator's machine.
+    Local(LocalPool),
+    /// Machines that dial in to the coordinator.
+    Reverse(ReversePool),
+    /// One Kubernetes pod per buildlet.
+    Kube(KubePool),
+    /// One EC2 instance per buildlet.
+    Ec2(Ec2Pool),
+    /// One Docker container per buildlet.
+    Docker(DockerPool),
+}
+
+impl Pool {
+    /// The `kind` string as written in TOML, for status pages and metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Pool::Local(_) => "local",
+            Pool::Reverse(_) => "reverse",
+            Pool::Kube(_) => "kube",
+            Pool::Ec2(_) => "ec2",
+            Pool::Docker(_) => "docker",
+        }
+    }
+}
+
+/// `kind = "local"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalPool {
+    /// How many buildlets may run at once; at least 1. Required.
+    pub count: u32,
+}
+
+/// `kind = "reverse"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReversePool {
+    /// How many machines should be connected; fewer shows a health warning. At least 1.
+    /// Required.
+    pub expected: u32,
+}
+
+/// `kind = "kube"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubePool {
+    /// Container image running the buildlet. Required.
+    pub image: String,
+    /// Namespace the pods are created in. Default: `default`.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// CPU request and limit as a Kubernetes quantity, e.g. `"2"` or `"500m"`. Required.
+    pub cpu: String,
+    /// Memory request and limit, e.g. `"4 GiB"`. Required.
+    pub memory: ByteSize,
+    /// Most pods alive at once; at least 1. Required.
+    pub max_pods: u32,
+}
+
+fn default_namespace() -> String {
+    "default".to_owned()
+}
+
+/// `kind = "ec2"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ec2Pool {
+    /// Machine image, `ami-...`. Required.
+    pub ami: String,
+    /// Instance type, e.g. `c6i.large`. Required.
+    pub instance_type: String,
+    /// AWS region, e.g. `us-east-2`. Required.
+    pub region: String,
+    /// EC2 API endpoint override (e.g. a local emulator), `http(s)://...`.
+    /// Default: none, meaning AWS's endpoint for the region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+    /// Most instances alive at once; at least 1. Required.
+    pub max_instances: u32,
+    /// On-demand vCPU quota shared by this pool's instances; at least 1. Required.
+    pub vcpu_quota: u32,
+}
+
+/// `kind = "docker"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerPool {
+    /// Image running the buildlet (built locally; no registry is assumed). Required.
+    pub image: String,
+    /// Docker network the containers join. Default: none (Docker's default bridge).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// Most containers alive at once; at least 1. Required.
+    pub max: u32,
+}
+
+/// `[[builders]]`: one platform configuration that builds commits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Builder {
+    /// Unique name `GOOS-GOARCH[-suffix]`, suffix `[a-z0-9-]+`, e.g. `linux-amd64-race`.
+    /// Required.
+    pub name: String,
+    /// Name of the `[[host_types]]` entry whose buildlets run this builder. Required.
+    pub host_type: String,
+    /// Environment for every step (GOOS, GOARCH, CGO_ENABLED, GOFLAGS, ...), over the host
+    /// type's. Default: empty.
+    #[serde(default)]
+    pub env: Env,
+    /// Whether try runs use this builder. Default: `true`.
+    #[serde(rename = "try", default = "default_true")]
+    pub try_bot: bool,
+    /// Repos this builder builds; omit for every repo. Default: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repos: Option<Vec<String>>,
+    /// Branches this builder builds post-submit; omit for every watched branch.
+    /// Default: all watched branches of its repos.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branches: Option<Vec<String>>,
+    /// Commands run in order in the checked-out tree; at least one. Required.
+    pub steps: Vec<Step>,
+    /// Limit for the whole build, all steps and shards. Default: `1h`.
+    #[serde(default = "default_build_timeout", with = "humantime_serde")]
+    pub build_timeout: Duration,
+    /// How many buildlets share the test step; at least 1. Default: `1`.
+    #[serde(default = "default_shards")]
+    pub test_shards: u32,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_build_timeout() -> Duration {
+    Duration::from_secs(60 * 60)
+}
+fn default_shards() -> u32 {
+    1
+}
+
+impl Builder {
+    /// Whether this builder builds `repo` (ignoring branches).
+    pub fn builds_repo(&self, repo: &str) -> bool {
+        self.repos
+            .as_ref()
+            .is_none_or(|repos| repos.iter().any(|r| r == repo))
+    }
+}
+
+/// One command of a builder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// Name shown in logs and results, unique within the builder. Required.
+    pub name: String,
+    /// Program and arguments, run without a shell; not empty. Required.
+    pub command: Vec<String>,
+    /// Environment for this step, over the builder's. Default: empty.
+    #[serde(default)]
+    pub env: Env,
+    /// Limit for this step. Default: `20m`.
+    #[serde(default = "default_step_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_step_timeout() -> Duration {
+    Duration::from_secs(20 * 60)
+}
+
+/// `[[repos]]`: a git repository to watch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Repo {
+    /// Unique short name, `[A-Za-z0-9._-]+`, e.g. `go`. Required.
+    pub name: String,
+    /// Where to fetch from: a git URL or a local path. Required.
+    pub url: String,
+    /// Branches whose new commits get post-submit builds. Default: `["main"]`.
+    #[serde(default = "default_branches")]
+    pub branches: Vec<String>,
+    /// Shared secret that webhook calls for this repo must be signed with.
+    /// Default: none (webhooks for this repo are refused; polling still works).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<Secret>,
+}
+
+fn default_branches() -> Vec<String> {
+    vec!["main".to_owned()]
+}
+
+/// A secret string; its `Debug` does not show it, so it cannot leak into logs by accident.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for computing signatures; never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}

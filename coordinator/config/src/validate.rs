@@ -1,0 +1,330 @@
+//! Checks a parsed config for what serde cannot: unique names, references between tables,
+//! positive counts, builder names. Works on plain types and field paths only; turning a path
+//! into a line and column is `parse.rs`'s job.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::error::{ErrorKind, FieldPath};
+use crate::model::{Builder, Config, CoordinatorConfig, Env, HostType, Pool, Repo};
+use crate::names::parse_builder_name;
+
+/// One problem found, before it is given a location.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Issue {
+    pub(crate) path: FieldPath,
+    pub(crate) kind: ErrorKind,
+}
+
+#[derive(Default)]
+struct Issues(Vec<Issue>);
+
+impl Issues {
+    fn push(&mut self, path: FieldPath, kind: ErrorKind) {
+        self.0.push(Issue { path, kind });
+    }
+
+    fn non_empty(&mut self, path: FieldPath, value: &str) {
+        if value.trim().is_empty() {
+            self.push(path, ErrorKind::Empty);
+        }
+    }
+
+    fn positive(&mut self, path: FieldPath, value: u32) {
+        if value == 0 {
+            self.push(path, ErrorKind::Zero);
+        }
+    }
+
+    fn positive_duration(&mut self, path: FieldPath, value: Duration) {
+        if value.is_zero() {
+            self.push(path, ErrorKind::Invalid("must be longer than 0s".into()));
+        }
+    }
+
+    /// Names are used in URLs, metric labels and file names, so keep them plain.
+    fn name(&mut self, path: FieldPath, value: &str) {
+        if value.is_empty() {
+            self.push(path, ErrorKind::Empty);
+        } else if !value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            self.push(
+                path,
+                ErrorKind::Invalid(format!("name \"{value}\" must match [A-Za-z0-9._-]+")),
+            );
+        }
+    }
+
+    fn env(&mut self, path: FieldPath, env: &Env) {
+        for (k, v) in env {
+            if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+                self.push(
+                    path.key(k),
+                    ErrorKind::Invalid(format!(
+                        "environment variable \"{k}\" must have a name without '=' and no NUL bytes"
+                    )),
+                );
+            }
+        }
+    }
+
+    /// Records a duplicate when `name` was already seen; remembers it otherwise.
+    fn unique<'a>(
+        &mut self,
+        seen: &mut HashMap<&'a str, FieldPath>,
+        what: &'static str,
+        name: &'a str,
+        path: FieldPath,
+    ) {
+        match seen.get(name) {
+            Some(first) => self.push(
+                path,
+                ErrorKind::Duplicate {
+                    what,
+                    name: name.to_owned(),
+                    first: first.clone(),
+                },
+            ),
+            None => {
+                seen.insert(name, path);
+            }
+        }
+    }
+}
+
+/// Every problem in `config`, in file order of the fields concerned.
+pub(crate) fn check(config: &Config) -> Vec<Issue> {
+    let mut out = Issues::default();
+    coordinator(&mut out, &config.coordinator);
+
+    let mut seen = HashMap::new();
+    for (i, h) in config.host_types.iter().enumerate() {
+        let path = FieldPath::root().key("host_types").index(i);
+        host_type(&mut out, &path, h);
+        out.unique(&mut seen, "host type", &h.name, path.key("name"));
+    }
+
+    let mut seen = HashMap::new();
+    for (i, b) in config.builders.iter().enumerate() {
+        let path = FieldPath::root().key("builders").index(i);
+        builder(&mut out, &path, b, config);
+        out.unique(&mut seen, "builder", &b.name, path.key("name"));
+    }
+
+    let mut seen = HashMap::new();
+    for (i, r) in config.repos.iter().enumerate() {
+        let path = FieldPath::root().key("repos").index(i);
+        repo(&mut out, &path, r);
+        out.unique(&mut seen, "repo", &r.name, path.key("name"));
+    }
+    out.0
+}
+
+fn coordinator(out: &mut Issues, c: &CoordinatorConfig) {
+    let path = FieldPath::root().key("coordinator");
+    if c.data_dir.as_os_str().is_empty() {
+        out.push(path.key("data_dir"), ErrorKind::Empty);
+    }
+    if let Some(url) = &c.store_url {
+        let known = ["sqlite:", "postgres:", "postgresql:"];
+        if !known.iter().any(|s| url.starts_with(s)) {
+            out.push(
+                path.key("store_url"),
+                ErrorKind::Invalid(format!(
+                    "store URL \"{url}\" must start with sqlite:, postgres: or postgresql:"
+                )),
+            );
+        }
+    }
+    match (&c.tls_cert, &c.tls_key) {
+        (Some(_), None) => out.push(
+            path.key("tls_cert"),
+            ErrorKind::Invalid("tls_cert is set without tls_key".into()),
+        ),
+        (None, Some(_)) => out.push(
+            path.key("tls_key"),
+            ErrorKind::Invalid("tls_key is set without tls_cert".into()),
+        ),
+        _ => {}
+    }
+    out.positive_duration(path.key("repo_poll_interval"), c.repo_poll_interval);
+    out.positive(path.key("max_attempts"), c.max_attempts);
+    out.positive_duration(path.key("gomote_idle_timeout"), c.gomote_idle_timeout);
+}
+
+fn host_type(out: &mut Issues, path: &FieldPath, h: &HostType) {
+    out.name(path.key("name"), &h.name);
+    out.env(path.key("env"), &h.env);
+    let pool = path.key("pool");
+    match &h.pool {
+        Pool::Local(p) => out.positive(pool.key("count"), p.count),
+        Pool::Reverse(p) => out.positive(pool.key("expected"), p.expected),
+        Pool::Kube(p) => {
+            out.non_empty(pool.key("image"), &p.image);
+            out.non_empty(pool.key("namespace"), &p.namespace);
+            if !is_kube_cpu(&p.cpu) {
+                out.push(
+                    pool.key("cpu"),
+                    ErrorKind::Invalid(format!(
+                        "cpu \"{}\" must be a positive quantity like \"2\", \"1.5\" or \"500m\"",
+                        p.cpu
+                    )),
+                );
+            }
+            if p.memory.as_u64() == 0 {
+                out.push(pool.key("memory"), ErrorKind::Zero);
+            }
+            out.positive(pool.key("max_pods"), p.max_pods);
+        }
+        Pool::Ec2(p) => {
+            if !p.ami.starts_with("ami-") || p.ami.len() == 4 {
+                out.push(
+                    pool.key("ami"),
+                    ErrorKind::Invalid(format!("ami \"{}\" must look like ami-<id>", p.ami)),
+                );
+            }
+            out.non_empty(pool.key("instance_type"), &p.instance_type);
+            out.non_empty(pool.key("region"), &p.region);
+            if let Some(url) = &p.endpoint_url
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                out.push(
+                    pool.key("endpoint_url"),
+                    ErrorKind::Invalid(format!(
+                        "endpoint URL \"{url}\" must start with http:// or https://"
+                    )),
+                );
+            }
+            out.positive(pool.key("max_instances"), p.max_instances);
+            out.positive(pool.key("vcpu_quota"), p.vcpu_quota);
+        }
+        Pool::Docker(p) => {
+            out.non_empty(pool.key("image"), &p.image);
+            if let Some(n) = &p.network {
+                out.non_empty(pool.key("network"), n);
+            }
+            out.positive(pool.key("max"), p.max);
+        }
+    }
+}
+
+/// A Kubernetes CPU quantity: decimal cores (`2`, `1.5`) or millicores (`500m`), above zero.
+fn is_kube_cpu(s: &str) -> bool {
+    let digits = s.strip_suffix('m').unwrap_or(s);
+    let mut parts = digits.splitn(2, '.');
+    let whole = parts.next().unwrap_or("");
+    let frac = parts.next();
+    let all_digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    let shape_ok = all_digits(whole) && frac.is_none_or(all_digits);
+    shape_ok && digits.bytes().any(|b| (b'1'..=b'9').contains(&b))
+}
+
+fn builder(out: &mut Issues, path: &FieldPath, b: &Builder, config: &Config) {
+    if let Err(reason) = parse_builder_name(&b.name) {
+        out.push(
+            path.key("name"),
+            ErrorKind::BadBuilderName {
+                name: b.name.clone(),
+                reason,
+            },
+        );
+    }
+    if config.host_type(&b.host_type).is_none() {
+        out.push(
+            path.key("host_type"),
+            ErrorKind::UnknownHostType(b.host_type.clone()),
+        );
+    }
+    out.env(path.key("env"), &b.env);
+    if let Some(repos) = &b.repos {
+        if repos.is_empty() {
+            out.push(
+                path.key("repos"),
+                ErrorKind::Invalid("must not be empty (omit it to build every repo)".into()),
+            );
+        }
+        for (i, r) in repos.iter().enumerate() {
+            if config.repo(r).is_none() {
+                out.push(
+                    path.key("repos").index(i),
+                    ErrorKind::UnknownRepo(r.clone()),
+                );
+            }
+        }
+    }
+    if let Some(branches) = &b.branches {
+        if branches.is_empty() {
+            out.push(
+                path.key("branches"),
+                ErrorKind::Invalid(
+                    "must not be empty (omit it to build every watched branch)".into(),
+                ),
+            );
+        }
+        for (i, br) in branches.iter().enumerate() {
+            let watched = config
+                .repos
+                .iter()
+                .filter(|r| b.builds_repo(&r.name))
+                .any(|r| r.branches.contains(br));
+            if !watched {
+                out.push(
+                    path.key("branches").index(i),
+                    ErrorKind::BranchNotWatched(br.clone()),
+                );
+            }
+        }
+    }
+    if b.steps.is_empty() {
+        out.push(
+            path.key("steps"),
+            ErrorKind::Invalid("must have at least one step".into()),
+        );
+    }
+    let mut seen = HashMap::new();
+    for (i, s) in b.steps.iter().enumerate() {
+        let sp = path.key("steps").index(i);
+        out.non_empty(sp.key("name"), &s.name);
+        out.unique(&mut seen, "step", &s.name, sp.key("name"));
+        if s.command.is_empty() {
+            out.push(sp.key("command"), ErrorKind::Empty);
+        } else if s.command[0].is_empty() {
+            out.push(sp.key("command").index(0), ErrorKind::Empty);
+        }
+        out.env(sp.key("env"), &s.env);
+        out.positive_duration(sp.key("timeout"), s.timeout);
+    }
+    out.positive_duration(path.key("build_timeout"), b.build_timeout);
+    out.positive(path.key("test_shards"), b.test_shards);
+}
+
+fn repo(out: &mut Issues, path: &FieldPath, r: &Repo) {
+    out.name(path.key("name"), &r.name);
+    out.non_empty(path.key("url"), &r.url);
+    if r.branches.is_empty() {
+        out.push(path.key("branches"), ErrorKind::Empty);
+    }
+    for (i, br) in r.branches.iter().enumerate() {
+        out.non_empty(path.key("branches").index(i), br);
+    }
+    if let Some(s) = &r.webhook_secret {
+        out.non_empty(path.key("webhook_secret"), s.expose());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kube_cpu_quantities() {
+        for ok in ["1", "2", "1.5", "500m", "0.5", "0100m"] {
+            assert!(is_kube_cpu(ok), "{ok}");
+        }
+        for bad in ["", "0", "0m", "m", "1.", ".5", "2 cores", "1e3", "-1"] {
+            assert!(!is_kube_cpu(bad), "{bad}");
+        }
+    }
+}
