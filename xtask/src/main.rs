@@ -25,6 +25,13 @@ struct Cli {
 enum Task {
     /// Format check, clippy with warnings as errors, then every test.
     Ci,
+    /// The main job: build the binaries and run the coordinator with its built-in
+    /// config (local buildlets building the example Go module). Extra arguments go to
+    /// the coordinator.
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run the benchmarks and print ratios (JSON under target/bench/).
     Bench {
         /// Only run benchmarks whose name contains this.
@@ -47,6 +54,7 @@ fn main() -> Result<()> {
     let root = workspace_root();
     match cli.task {
         Task::Ci => ci(&root),
+        Task::Demo { args } => demo(&root, &args),
         Task::Bench { filter } => bench::run(&root, filter.as_deref()),
         Task::Certs { out } => certs(&root.join(out)),
         Task::Fuzz { seconds } => fuzz(&root, seconds),
@@ -90,6 +98,31 @@ fn ci(root: &Path) -> Result<()> {
     test.current_dir(root)
         .args(["nextest", "run", "--workspace", "--no-fail-fast"]);
     run("tests", test)?;
+    Ok(())
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
+fn demo(root: &Path, args: &[String]) -> Result<()> {
+    if Command::new("go").arg("version").output().is_err() {
+        bail!("the main job builds Go code but `go` was not found; install it with: sudo apt-get install golang-go");
+    }
+    let mut build = cargo();
+    build
+        .current_dir(root)
+        .args(["build", "--bin", "coordinator", "--bin", "buildlet", "--bin", "gomote"]);
+    run("build", build)?;
+    let bin = target_dir(root).join("debug");
+    let mut coord = Command::new(bin.join("coordinator"));
+    coord.current_dir(root).args(args);
+    let status = coord.status().context("starting the coordinator")?;
+    if !status.success() {
+        bail!("coordinator exited with {status}");
+    }
     Ok(())
 }
 

@@ -1,1 +1,688 @@
-fn main() {}
+//! `gomote`: borrow buildlets from a coordinator and run try runs, from the command
+//! line. Settings come from a JSON file (`BUILDFARM_GOMOTE_CONFIG`, or
+//! `./.buildfarm/gomote.json`, which the main job writes): `coordinator` (URL),
+//! `ca_file`, `token`; `BUILDFARM_TOKEN` overrides the token.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use buildfarm_proto::buildlet as bp;
+use buildfarm_proto::coordinator as cp;
+use buildfarm_proto::coordinator::coordinator_client::CoordinatorClient;
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(name = "gomote", version, about = "borrow buildfarm buildlets and run try runs")]
+struct Cli {
+    /// Settings file (default: $BUILDFARM_GOMOTE_CONFIG or ./.buildfarm/gomote.json).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Print machine-readable JSON where a command has output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Borrow a buildlet for BUILDER; prints the instance name.
+    Create { builder: String },
+    /// List your instances.
+    List,
+    /// Give an instance back.
+    Destroy { instance: String },
+    /// Write one local file to the instance (default: same base name in the workdir).
+    Put { instance: String, file: PathBuf, dest: Option<String> },
+    /// Extract a local .tar.gz into a directory of the instance.
+    Puttar {
+        instance: String,
+        file: PathBuf,
+        #[arg(long, default_value = "")]
+        dir: String,
+    },
+    /// Sync a local directory to the instance, sending only files that changed.
+    Push {
+        instance: String,
+        dir: PathBuf,
+        #[arg(long, default_value = "")]
+        dest: String,
+    },
+    /// Download a directory of the instance as .tar.gz (to stdout, or -o FILE).
+    Gettar {
+        instance: String,
+        #[arg(long, default_value = "")]
+        dir: String,
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
+    /// Run a command; output is streamed and its exit code becomes gomote's.
+    Run {
+        instance: String,
+        /// Working directory relative to the workdir.
+        #[arg(long, default_value = "")]
+        dir: String,
+        /// Extra environment, KEY=VALUE (repeatable).
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        /// Kill the command after this long (e.g. 10m).
+        #[arg(long)]
+        timeout: Option<humantime::Duration>,
+        #[arg(trailing_var_arg = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// List files of the instance.
+    Ls {
+        instance: String,
+        #[arg(default_value = "")]
+        dir: String,
+        #[arg(short = 'R', long)]
+        recursive: bool,
+        #[arg(long)]
+        digest: bool,
+    },
+    /// Remove paths of the instance.
+    Rm {
+        instance: String,
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Interactive shell on the instance.
+    Ssh { instance: String },
+    /// Submit a try run and watch it; exits non-zero unless every builder passes.
+    Try {
+        repo: String,
+        rev: String,
+        /// Only these try builders (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        builders: Vec<String>,
+        /// A patch (`git diff --binary` output) applied on REV; `-` reads stdin.
+        #[arg(long)]
+        patch: Option<PathBuf>,
+    },
+}
+
+#[derive(Deserialize)]
+struct Settings {
+    coordinator: String,
+    ca_file: PathBuf,
+    #[serde(default)]
+    token: String,
+}
+
+#[derive(Clone)]
+struct Auth(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
+
+fn settings_path(cli: &Cli) -> PathBuf {
+    cli.config
+        .clone()
+        .or_else(|| std::env::var_os("BUILDFARM_GOMOTE_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(".buildfarm/gomote.json"))
+}
+
+async fn connect(cli: &Cli) -> Result<Client> {
+    let path = settings_path(cli);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading gomote settings {} (start the coordinator, or set BUILDFARM_GOMOTE_CONFIG)",
+            path.display()
+        )
+    })?;
+    let s: Settings = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let token = std::env::var("BUILDFARM_TOKEN").unwrap_or(s.token);
+    if token.is_empty() {
+        bail!("no token: set BUILDFARM_TOKEN or `token` in {}", path.display());
+    }
+    let addr = s
+        .coordinator
+        .strip_prefix("https://")
+        .unwrap_or(&s.coordinator)
+        .trim_end_matches('/')
+        .to_owned();
+    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(&addr);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ca = revdial::tls::load_ca_file(&s.ca_file)?;
+    let tls = revdial::tls::client_config(&ca, None, &[revdial::tls::ALPN_H2])?;
+    let channel = revdial::tls::connect_channel(&addr, revdial::tls::server_name(host)?, tls, Duration::from_secs(10))
+        .await
+        .with_context(|| format!("connecting to coordinator {addr}"))?;
+    let auth = Auth(MetadataValue::try_from(format!("Bearer {}", token.trim())).context("token is not valid header text")?);
+    Ok(CoordinatorClient::with_interceptor(channel, auth)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20))
+}
+
+fn status_err(what: &str, s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{what}: {} ({:?})", s.message(), s.code())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    revdial::tls::install_crypto_provider();
+    let cli = Cli::parse();
+    match run(&cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("gomote: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: &Cli) -> Result<ExitCode> {
+    let mut c = connect(cli).await?;
+    match &cli.command {
+        Cmd::Create { builder } => {
+            let mut s = c
+                .create_instance(cp::CreateInstanceRequest { builder: builder.clone() })
+                .await
+                .map_err(|e| status_err("create", e))?
+                .into_inner();
+            while let Some(msg) = s.next().await {
+                let msg = msg.map_err(|e| status_err("create", e))?;
+                if let Some(inst) = msg.instance {
+                    if cli.json {
+                        println!("{}", instance_json(&inst));
+                    } else {
+                        println!("{}", inst.name);
+                    }
+                    return Ok(ExitCode::SUCCESS);
+                }
+                eprintln!("gomote: waiting for a {builder} buildlet ({} ahead)", msg.waiters_ahead);
+            }
+            bail!("create: the coordinator ended the stream without an instance")
+        }
+        Cmd::List => {
+            let list = c
+                .list_instances(cp::ListInstancesRequest {})
+                .await
+                .map_err(|e| status_err("list", e))?
+                .into_inner();
+            if cli.json {
+                let v: Vec<_> = list.instances.iter().map(instance_json).collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                for i in list.instances {
+                    println!("{}\t{}\t{}\texpires {}", i.name, i.builder, i.host_type, i.expires_unix);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Destroy { instance } => {
+            c.destroy_instance(cp::DestroyInstanceRequest { name: instance.clone() })
+                .await
+                .map_err(|e| status_err("destroy", e))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Put { instance, file, dest } => {
+            let contents = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            let mode = file_mode(file)?;
+            let dest = match dest {
+                Some(d) => d.clone(),
+                None => file
+                    .file_name()
+                    .context("file has no name")?
+                    .to_string_lossy()
+                    .into_owned(),
+            };
+            c.write_file(cp::InstanceWriteFileRequest {
+                instance: instance.clone(),
+                request: Some(bp::WriteFileRequest { path: dest, mode, contents }),
+            })
+            .await
+            .map_err(|e| status_err("put", e))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Puttar { instance, file, dir } => {
+            let data = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            let resp = put_tar(&mut c, instance, dir, data).await?;
+            eprintln!("gomote: extracted {} entries ({} bytes)", resp.entries, resp.bytes);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Push { instance, dir, dest } => {
+            push(&mut c, instance, dir, dest).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Gettar { instance, dir, output } => {
+            let mut s = c
+                .get_tar(cp::InstanceGetTarRequest {
+                    instance: instance.clone(),
+                    request: Some(bp::GetTarRequest { dir: dir.clone() }),
+                })
+                .await
+                .map_err(|e| status_err("gettar", e))?
+                .into_inner();
+            let mut out: Box<dyn Write> = match output {
+                Some(p) => Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
+                None => {
+                    if std::io::stdout().is_terminal() {
+                        bail!("refusing to write a tarball to a terminal; use -o FILE or redirect");
+                    }
+                    Box::new(std::io::stdout().lock())
+                }
+            };
+            while let Some(chunk) = s.next().await {
+                out.write_all(&chunk.map_err(|e| status_err("gettar", e))?.data)?;
+            }
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run { instance, dir, env, timeout, cmd } => {
+            let (program, args) = cmd.split_first().context("missing command")?;
+            for kv in env {
+                if !kv.contains('=') {
+                    bail!("--env {kv:?}: expected KEY=VALUE");
+                }
+            }
+            let mut s = c
+                .exec(cp::InstanceExecRequest {
+                    instance: instance.clone(),
+                    request: Some(bp::ExecRequest {
+                        cmd: program.clone(),
+                        args: args.to_vec(),
+                        dir: dir.clone(),
+                        env: env.clone(),
+                        env_mode: bp::EnvMode::Add as i32,
+                        path: vec![],
+                        timeout_ms: timeout.map(|t| Duration::from(t).as_millis() as u64).unwrap_or(0),
+                    }),
+                })
+                .await
+                .map_err(|e| status_err("run", e))?
+                .into_inner();
+            let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
+            while let Some(ev) = s.next().await {
+                match ev.map_err(|e| status_err("run", e))?.event {
+                    Some(bp::exec_event::Event::Output(o)) => {
+                        if o.stream == bp::OutputStream::Stderr as i32 {
+                            stderr.write_all(&o.data)?;
+                        } else {
+                            stdout.write_all(&o.data)?;
+                            stdout.flush()?;
+                        }
+                    }
+                    Some(bp::exec_event::Event::Exit(x)) => {
+                        if !x.error.is_empty() {
+                            bail!("run: {}", x.error);
+                        }
+                        if x.timed_out {
+                            eprintln!("gomote: command timed out");
+                        }
+                        return Ok(match (x.code, x.signal) {
+                            (Some(code), _) => ExitCode::from(code.clamp(0, 255) as u8),
+                            (None, Some(sig)) => {
+                                eprintln!("gomote: command killed by signal {sig}");
+                                ExitCode::from((128 + sig).clamp(0, 255) as u8)
+                            }
+                            _ => ExitCode::FAILURE,
+                        });
+                    }
+                    None => {}
+                }
+            }
+            bail!("run: the stream ended without an exit status (buildlet lost?)")
+        }
+        Cmd::Ls { instance, dir, recursive, digest } => {
+            let entries = list(&mut c, instance, dir, *recursive, *digest).await?;
+            if cli.json {
+                let v: Vec<_> = entries
+                    .iter()
+                    .map(|e| serde_json::json!({"name": e.name, "mode": e.mode, "size": e.size, "sha256": e.sha256}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                for e in entries {
+                    let digest = if e.sha256.is_empty() { String::new() } else { format!("\t{}", e.sha256) };
+                    println!("{:o}\t{}\t{}{digest}", e.mode, e.size, e.name);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Rm { instance, paths } => {
+            c.remove(cp::InstanceRemoveRequest {
+                instance: instance.clone(),
+                request: Some(bp::RemoveRequest { paths: paths.clone() }),
+            })
+            .await
+            .map_err(|e| status_err("rm", e))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Ssh { instance } => ssh(&mut c, instance).await,
+        Cmd::Try { repo, rev, builders, patch } => try_run(&mut c, cli.json, repo, rev, builders, patch.as_deref()).await,
+    }
+}
+
+fn instance_json(i: &cp::Instance) -> serde_json::Value {
+    serde_json::json!({
+        "name": i.name, "builder": i.builder, "host_type": i.host_type,
+        "owner": i.owner, "created_unix": i.created_unix, "expires_unix": i.expires_unix,
+    })
+}
+
+fn file_mode(path: &Path) -> Result<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    Ok(std::fs::metadata(path)
+        .with_context(|| format!("stat {}", path.display()))?
+        .permissions()
+        .mode()
+        & 0o777)
+}
+
+async fn put_tar(c: &mut Client, instance: &str, dir: &str, data: Vec<u8>) -> Result<bp::PutTarResponse> {
+    let total = data.len() as u64;
+    let bar = progress_bar(total);
+    let mut msgs = vec![cp::InstancePutTarRequest {
+        instance: instance.to_owned(),
+        request: Some(bp::PutTarRequest {
+            msg: Some(bp::put_tar_request::Msg::Header(bp::PutTarHeader { dir: dir.to_owned() })),
+        }),
+    }];
+    for chunk in data.chunks(64 << 10) {
+        msgs.push(cp::InstancePutTarRequest {
+            instance: String::new(),
+            request: Some(bp::PutTarRequest {
+                msg: Some(bp::put_tar_request::Msg::Data(chunk.to_vec())),
+            }),
+        });
+    }
+    let bar2 = bar.clone();
+    let stream = futures::stream::iter(msgs).inspect(move |m| {
+        if let Some(bp::PutTarRequest { msg: Some(bp::put_tar_request::Msg::Data(d)) }) = &m.request {
+            bar2.inc(d.len() as u64);
+        }
+    });
+    let resp = c.put_tar(stream).await.map_err(|e| status_err("puttar", e))?.into_inner();
+    bar.finish_and_clear();
+    Ok(resp)
+}
+
+/// A progress bar on stderr, hidden when stderr is not a terminal.
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec}") {
+        bar.set_style(style);
+    }
+    bar
+}
+
+async fn list(c: &mut Client, instance: &str, dir: &str, recursive: bool, digest: bool) -> Result<Vec<bp::ListEntry>> {
+    let mut s = c
+        .list(cp::InstanceListRequest {
+            instance: instance.to_owned(),
+            request: Some(bp::ListRequest { dir: dir.to_owned(), recursive, digest, skip: vec![] }),
+        })
+        .await
+        .map_err(|e| status_err("ls", e))?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(batch) = s.next().await {
+        out.extend(batch.map_err(|e| status_err("ls", e))?.entries);
+    }
+    Ok(out)
+}
+
+/// Local regular files under `dir` with their SHA-256, by slash-separated relative path.
+fn local_digests(dir: &Path) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for entry in walkdir::WalkDir::new(dir).min_depth(1) {
+        let entry = entry?;
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let rel = entry.path().strip_prefix(dir)?;
+        let rel = rel.to_str().with_context(|| format!("{} is not UTF-8", rel.display()))?.replace('\\', "/");
+        let data = std::fs::read(entry.path()).with_context(|| format!("reading {}", entry.path().display()))?;
+        out.insert(rel, hex::encode(Sha256::digest(&data)));
+    }
+    Ok(out)
+}
+
+/// Sends what differs between `dir` and the instance's `dest`: changed and new files in
+/// one tarball, and removes remote files that no longer exist locally.
+async fn push(c: &mut Client, instance: &str, dir: &Path, dest: &str) -> Result<()> {
+    let local = local_digests(dir)?;
+    let remote: HashMap<String, String> = list(c, instance, dest, true, true)
+        .await
+        .or_else(|e| {
+            // A missing destination is an empty one.
+            if format!("{e:#}").contains("NotFound") { Ok(vec![]) } else { Err(e) }
+        })?
+        .into_iter()
+        .filter(|e| !e.is_dir && !e.is_symlink)
+        .map(|e| (e.name, e.sha256))
+        .collect();
+    let changed: Vec<&String> = local
+        .iter()
+        .filter(|(name, digest)| remote.get(*name) != Some(digest))
+        .map(|(name, _)| name)
+        .collect();
+    let gone: Vec<String> = remote
+        .keys()
+        .filter(|name| !local.contains_key(*name))
+        .map(|name| if dest.is_empty() { name.clone() } else { format!("{}/{name}", dest.trim_end_matches('/')) })
+        .collect();
+    if !changed.is_empty() {
+        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        for name in &changed {
+            builder
+                .append_path_with_name(dir.join(name.as_str()), name.as_str())
+                .with_context(|| format!("adding {name} to the tarball"))?;
+        }
+        let data = builder.into_inner()?.finish()?;
+        put_tar(c, instance, dest, data).await?;
+    }
+    if !gone.is_empty() {
+        c.remove(cp::InstanceRemoveRequest {
+            instance: instance.to_owned(),
+            request: Some(bp::RemoveRequest { paths: gone.clone() }),
+        })
+        .await
+        .map_err(|e| status_err("push (remove)", e))?;
+    }
+    eprintln!(
+        "gomote: pushed {} changed file(s), removed {}, {} unchanged",
+        changed.len(),
+        gone.len(),
+        local.len() - changed.len()
+    );
+    Ok(())
+}
+
+async fn ssh(c: &mut Client, instance: &str) -> Result<ExitCode> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (rows, cols) = terminal_size().unwrap_or((24, 80));
+    let (tx, rx) = tokio::sync::mpsc::channel::<cp::InstanceShellInput>(64);
+    tx.send(cp::InstanceShellInput {
+        instance: instance.to_owned(),
+        input: Some(bp::ShellInput {
+            msg: Some(bp::shell_input::Msg::Start(bp::ShellStart {
+                argv: vec![],
+                rows,
+                cols,
+                term: std::env::var("TERM").unwrap_or_else(|_| "xterm".into()),
+            })),
+        }),
+    })
+    .await
+    .ok();
+    let mut out = c
+        .shell(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|e| status_err("ssh", e))?
+        .into_inner();
+    let raw = RawMode::enter();
+    let stdin_task = tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 4096];
+        loop {
+            match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let msg = cp::InstanceShellInput {
+                        instance: String::new(),
+                        input: Some(bp::ShellInput { msg: Some(bp::shell_input::Msg::Stdin(buf[..n].to_vec())) }),
+                    };
+                    if tx.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let mut stdout = tokio::io::stdout();
+    let mut code = ExitCode::FAILURE;
+    while let Some(msg) = out.next().await {
+        match msg.map_err(|e| status_err("ssh", e))?.msg {
+            Some(bp::shell_output::Msg::Data(d)) => {
+                stdout.write_all(&d).await?;
+                stdout.flush().await?;
+            }
+            Some(bp::shell_output::Msg::Exit(x)) => {
+                code = ExitCode::from(x.code.unwrap_or(1).clamp(0, 255) as u8);
+                break;
+            }
+            None => {}
+        }
+    }
+    stdin_task.abort();
+    drop(raw);
+    Ok(code)
+}
+
+fn terminal_size() -> Option<(u32, u32)> {
+    let mut ws = nix::libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes one winsize struct through the pointer we pass.
+    let r = unsafe { nix::libc::ioctl(0, nix::libc::TIOCGWINSZ, &mut ws) };
+    (r == 0 && ws.ws_row > 0).then_some((u32::from(ws.ws_row), u32::from(ws.ws_col)))
+}
+
+/// Puts the terminal in raw mode while alive (only when stdin is a terminal).
+struct RawMode(Option<nix::sys::termios::Termios>);
+
+impl RawMode {
+    fn enter() -> RawMode {
+        use nix::sys::termios;
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return RawMode(None);
+        }
+        let Ok(orig) = termios::tcgetattr(&stdin) else {
+            return RawMode(None);
+        };
+        let mut raw = orig.clone();
+        termios::cfmakeraw(&mut raw);
+        let _ = termios::tcsetattr(&stdin, termios::SetArg::TCSANOW, &raw);
+        RawMode(Some(orig))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(orig) = self.0.take() {
+            let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, &orig);
+        }
+    }
+}
+
+async fn try_run(
+    c: &mut Client,
+    json: bool,
+    repo: &str,
+    rev: &str,
+    builders: &[String],
+    patch: Option<&Path>,
+) -> Result<ExitCode> {
+    let patch = match patch {
+        None => vec![],
+        Some(p) if p == Path::new("-") => {
+            let mut buf = vec![];
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+            buf
+        }
+        Some(p) => std::fs::read(p).with_context(|| format!("reading patch {}", p.display()))?,
+    };
+    let id = c
+        .submit_try(cp::SubmitTryRequest {
+            repo: repo.to_owned(),
+            rev: rev.to_owned(),
+            patch,
+            builders: builders.to_vec(),
+        })
+        .await
+        .map_err(|e| status_err("try", e))?
+        .into_inner()
+        .try_id;
+    if !json {
+        eprintln!("gomote: try run {id}");
+    }
+    let mut s = c
+        .watch_try(cp::WatchTryRequest { try_id: id.clone() })
+        .await
+        .map_err(|e| status_err("try (watch)", e))?
+        .into_inner();
+    let tty = std::io::stderr().is_terminal() && !json;
+    let mut drawn = 0usize;
+    let mut last = None;
+    while let Some(state) = s.next().await {
+        let state = state.map_err(|e| status_err("try (watch)", e))?;
+        if !json {
+            let table = render_try(&state);
+            if tty && drawn > 0 {
+                // Redraw the table in place.
+                eprint!("\x1b[{drawn}A\x1b[J");
+            }
+            eprint!("{table}");
+            drawn = table.lines().count();
+        }
+        let done = state.done;
+        last = Some(state);
+        if done {
+            break;
+        }
+    }
+    let state = last.context("the watch ended before any state")?;
+    if json {
+        let builders: Vec<_> = state
+            .builders
+            .iter()
+            .map(|b| serde_json::json!({"builder": b.builder, "state": b.state, "log_url": b.log_url}))
+            .collect();
+        println!("{}", serde_json::json!({"try_id": state.try_id, "verdict": state.verdict, "builders": builders}));
+    } else {
+        println!("verdict: {}", state.verdict);
+    }
+    Ok(if state.verdict == "ok" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn render_try(state: &cp::TryState) -> String {
+    let mut out = String::new();
+    let width = state.builders.iter().map(|b| b.builder.len()).max().unwrap_or(7).max(7);
+    for b in &state.builders {
+        let secs = b.elapsed_ms / 1000;
+        let link = if matches!(b.state.as_str(), "failed" | "infra-failure") { b.log_url.as_str() } else { "" };
+        out.push_str(&format!("{:<width$}  {:<13} {:>4}s  {link}\n", b.builder, b.state, secs));
+    }
+    out
+}
