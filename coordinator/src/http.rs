@@ -32,6 +32,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/log/{id}", get(build_log))
         .route("/api/status", get(status_json))
+        .route("/api/builds", get(builds_json))
         .route("/api/builds/{id}", get(build_json))
         .route("/webhook/{repo}", post(webhook))
         .with_state(state);
@@ -295,11 +296,54 @@ async fn build_log(State(state): State<AppState>, Path(id): Path<String>) -> Res
     }
 }
 
-async fn build_json(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    match state.farm.store.get_build(&id).await {
-        Ok(b) => axum::Json(BuildView::from(&b)).into_response(),
-        Err(e) => (StatusCode::NOT_FOUND, format!("build {id}: {e}\n")).into_response(),
+#[derive(Deserialize)]
+pub struct BuildsQuery {
+    repo: String,
+    rev: String,
+}
+
+/// Post-submit builds of one commit.
+async fn builds_json(State(state): State<AppState>, Query(q): Query<BuildsQuery>) -> Response {
+    match state.farm.store.builds_for_commits(&q.repo, std::slice::from_ref(&q.rev)).await {
+        Ok(builds) => axum::Json(builds.iter().map(BuildView::from).collect::<Vec<_>>()).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}\n")).into_response(),
     }
+}
+
+#[derive(Serialize)]
+struct AttemptView {
+    n: u32,
+    buildlet: String,
+    started_unix_ms: i64,
+    finished_unix_ms: Option<i64>,
+    state: Option<String>,
+    error: Option<String>,
+}
+
+async fn build_json(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    let build = match state.farm.store.get_build(&id).await {
+        Ok(b) => b,
+        Err(e) => return (StatusCode::NOT_FOUND, format!("build {id}: {e}\n")).into_response(),
+    };
+    let attempts: Vec<AttemptView> = state
+        .farm
+        .store
+        .list_attempts(&id)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|a| AttemptView {
+            n: a.n,
+            buildlet: a.buildlet,
+            started_unix_ms: a.started_at,
+            finished_unix_ms: a.finished_at,
+            state: a.state.map(|s| s.as_str().to_owned()),
+            error: a.error,
+        })
+        .collect();
+    let mut v = serde_json::to_value(BuildView::from(&build)).unwrap_or_default();
+    v["attempts"] = serde_json::to_value(attempts).unwrap_or_default();
+    axum::Json(v).into_response()
 }
 
 /// A push webhook: any POST for a known repo triggers an immediate poll. With a
