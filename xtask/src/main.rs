@@ -37,6 +37,9 @@ enum Task {
         /// Only run benchmarks whose name contains this.
         filter: Option<String>,
     },
+    /// Used by `bench`: run the benchmarks in this (release) process.
+    #[command(hide = true)]
+    BenchInner { filter: Option<String> },
     /// Write a CA, a server certificate (localhost, 127.0.0.1) and a client certificate.
     Certs {
         #[arg(long, default_value = "target/certs")]
@@ -56,6 +59,7 @@ fn main() -> Result<()> {
         Task::Ci => ci(&root),
         Task::Demo { args } => demo(&root, &args),
         Task::Bench { filter } => bench::run(&root, filter.as_deref()),
+        Task::BenchInner { filter } => bench::inner(&root, filter.as_deref()),
         Task::Certs { out } => certs(&root.join(out)),
         Task::Fuzz { seconds } => fuzz(&root, seconds),
     }
