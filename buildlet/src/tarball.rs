@@ -483,10 +483,11 @@ impl Extractor<'_> {
 /// caller resolves it with [`crate::paths::resolve_existing_safe`]; created if missing).
 /// Everything is first extracted into a fresh dir under `staging_root` (same filesystem),
 /// validated entry by entry (before writing anything for that entry), and only when the
-/// whole tarball is accepted are its entries moved into `dest` (merging into existing dirs,
-/// replacing existing files and symlinks; a staged entry replaces whatever non-directory
-/// or directory of another kind is there, and an existing symlink in `dest` is replaced,
-/// never followed). On any error before the move, the staging dir is removed and `dest` is
+/// whole tarball is accepted are its entries moved into `dest`: existing directories are
+/// merged into (and keep their own mode); anything else in the way (file, symlink, or a
+/// directory where the tarball has a file) is replaced, and a symlink in `dest` is never
+/// followed. `staging_root` should not be inside `dest`. On any error before the move, the
+/// staging dir is removed and `dest` is
 /// untouched; an I/O error during the final move can leave `dest` partly updated.
 /// Blocking: callers run it in `spawn_blocking`.
 pub fn extract_tar_gz<R: Read>(

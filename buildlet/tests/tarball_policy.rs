@@ -412,3 +412,15 @@ fn round_trip_gives_an_identical_tree() {
     write_tar_gz(&src, &mut again).unwrap();
     assert_eq!(tgz, again);
 }
+
+#[test]
+fn a_dest_that_is_a_symlink_is_refused() {
+    let sb = Sandbox::new();
+    symlink(&sb.sentinel, sb.dest.join("link")).unwrap();
+    let dest = sb.dest.join("link");
+    let before = sb.snapshot_all();
+    let tgz = raw_tgz(&[RawEntry::file("secret", b"evil")]);
+    let err = extract_tar_gz(tgz.as_slice(), &dest, &sb.staging, &small_limits()).unwrap_err();
+    assert!(matches!(err, TarError::DestNotDir(_)), "{err}");
+    assert_eq!(before, sb.snapshot_all());
+}
