@@ -5,12 +5,14 @@
 
 use std::fmt;
 
-use buildfarm_proto::revdial::{Challenge, HostTokenProof, Verdict, hello};
+use buildfarm_proto::revdial::{HostTokenProof, hello};
 use hmac::{Hmac, Mac};
 use prost::Message;
 use sha2::Sha256;
 
-pub use buildfarm_proto::revdial::Hello;
+/// The handshake messages, re-exported so callers (and the fuzz target) need not
+/// depend on the proto crate.
+pub use buildfarm_proto::revdial::{Challenge, Hello, Verdict};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -645,6 +647,27 @@ mod tests {
             !verify_proof(&key, &n1, "linux-amd64", "h1", &p[..31]),
             "truncated"
         );
+    }
+
+    /// What the fuzz target does, on mutations of a valid frame: never panic.
+    #[test]
+    fn mutated_frames_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let base = encode_frame(&valid());
+        for _ in 0..20_000 {
+            let mut buf = base.clone();
+            for _ in 0..rng.random_range(1..4) {
+                let i = rng.random_range(0..buf.len());
+                buf[i] = rng.random();
+            }
+            buf.truncate(rng.random_range(0..=buf.len()));
+            if let Ok(Some((h, used))) = decode_frame::<Hello>("hello", &buf) {
+                assert!(used <= buf.len());
+                let _ = validate_hello(&h);
+            }
+            let _ = decode_frame::<Challenge>("challenge", &buf);
+        }
     }
 
     #[test]

@@ -74,7 +74,10 @@ impl<T> WatchedIo<T> {
 
 impl<T> Drop for WatchedIo<T> {
     fn drop(&mut self) {
-        self.signal.fire(|| "connection dropped".to_owned());
+        self.signal.fire(|| {
+            "connection closed by the http/2 layer (keep-alive timeout, protocol error or shutdown)"
+                .to_owned()
+        });
     }
 }
 
@@ -209,6 +212,10 @@ mod tests {
         let signal2 = LinkSignal::new();
         let (c, _d) = tokio::io::duplex(64);
         drop(WatchedIo::new(c, signal2.clone(), CancellationToken::new()));
-        assert_eq!(signal2.reason(), "connection dropped");
+        assert!(
+            signal2.reason().contains("http/2 layer"),
+            "{}",
+            signal2.reason()
+        );
     }
 }

@@ -297,6 +297,8 @@ impl Listener {
             last_ping_rtt: None,
         };
         let span = info_span!("revdial_tunnel", host_id = %id, host_type = %info.host_type, hostname = %info.hostname);
+        // Counted before the Connected event so observers see consistent metrics.
+        self.inner.accepted.fetch_add(1, Ordering::Relaxed);
         registry.insert(
             ConnectedHost {
                 info,
@@ -305,7 +307,6 @@ impl Listener {
             },
             kill,
         );
-        self.inner.accepted.fetch_add(1, Ordering::Relaxed);
         let monitor = Monitor {
             registry: registry.clone(),
             id,
