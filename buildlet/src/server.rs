@@ -272,9 +272,18 @@ fn fs_status(e: FsError) -> Status {
 }
 
 /// A refused tarball is the caller's problem (InvalidArgument) with the reason, which
-/// names the offending entry.
+/// names the offending entry; a limit is ResourceExhausted; a local disk failure is
+/// Internal.
 fn tar_status(e: TarError) -> Status {
-    Status::invalid_argument(format!("tarball refused: {e}"))
+    match e {
+        TarError::TooLarge { .. }
+        | TarError::TooManyEntries { .. }
+        | TarError::RatioTooHigh { .. } => {
+            Status::resource_exhausted(format!("tarball refused: {e}"))
+        }
+        TarError::Io { .. } => Status::internal(format!("extracting tarball: {e}")),
+        _ => Status::invalid_argument(format!("tarball refused: {e}")),
+    }
 }
 
 fn blocking_failed(e: tokio::task::JoinError) -> Status {
