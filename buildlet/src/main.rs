@@ -80,7 +80,7 @@ struct ListenArgs {
 /// What the process does; reverse mode (dialling the coordinator) joins `Listen` here.
 enum Mode {
     Version,
-    Listen(ListenConfig),
+    Listen(Box<ListenConfig>),
 }
 
 struct ListenConfig {
@@ -149,16 +149,16 @@ fn validate(cli: Cli) -> anyhow::Result<Mode> {
     // Make sure the config is usable before binding.
     let _ = revdial::tls::server_config(&identity, client_ca.as_deref(), &[revdial::tls::ALPN_H2])
         .context("building the tls config")?;
-    Ok(Mode::Listen(ListenConfig {
+    Ok(Mode::Listen(Box::new(ListenConfig {
         listen,
         server,
         identity,
         client_ca,
         policy: AuthPolicy::new(bearer.as_deref()),
-    }))
+    })))
 }
 
-async fn run_listen(cfg: ListenConfig) -> anyhow::Result<()> {
+async fn run_listen(cfg: Box<ListenConfig>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let svc =
         BuildletService::new(cfg.server, shutdown.clone()).context("preparing the workdir")?;
