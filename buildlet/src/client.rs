@@ -8,7 +8,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use buildfarm_proto::buildlet as pb;
@@ -18,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use revdial::tls::{ALPN_H2, Identity};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::io::ReaderStream;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -190,7 +189,24 @@ impl Interceptor for Bearer {
     }
 }
 
-type Grpc = pb::buildlet_client::BuildletClient<InterceptedService<Channel, Bearer>>;
+/// Any HTTP/2 transport a client can run over: a TLS connection (`connect`) or a reverse
+/// tunnel (`from_service` with a `revdial::TunnelChannel`). Boxed so the client has one
+/// type whatever carries it.
+///
+/// The error type is `Status` (not a boxed error) on purpose: transport failures become
+/// `Unavailable` here, and a concrete type keeps the generated client's futures `Send`
+/// without higher-ranked lifetime trouble.
+pub type Transport = tower::util::BoxCloneSyncService<
+    http::Request<tonic::body::Body>,
+    http::Response<tonic::body::Body>,
+    tonic::Status,
+>;
+
+/// The generated client over [`Transport`], for callers that forward raw messages (the
+/// coordinator's gomote proxy).
+pub type RawClient = pb::buildlet_client::BuildletClient<InterceptedService<Transport, Bearer>>;
+
+type Grpc = RawClient;
 
 /// A command to run.
 #[derive(Debug, Clone)]
@@ -488,14 +504,51 @@ impl BuildletClient {
     /// Wraps an existing channel (e.g. one over a reverse tunnel). Unary calls then
     /// carry no deadline unless set with [`BuildletClient::with_call_timeout`].
     pub fn from_channel(channel: Channel, bearer_key: Option<&str>) -> Result<Self, ClientError> {
+        Self::from_service(channel, bearer_key)
+    }
+
+    /// Wraps any gRPC transport, e.g. a `revdial::TunnelChannel` over a reverse tunnel.
+    pub fn from_service<S>(service: S, bearer_key: Option<&str>) -> Result<Self, ClientError>
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+            > + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Error: Into<tower::BoxError>,
+        S::Future: Send + 'static,
+    {
+        use tower::ServiceExt;
+        let transport = Transport::new(service.map_err(|e| {
+            let e: tower::BoxError = e.into();
+            match e.downcast::<tonic::Status>() {
+                Ok(status) => *status,
+                Err(e) => {
+                    let mut message = e.to_string();
+                    let mut source = e.source();
+                    while let Some(s) = source {
+                        message = format!("{message}: {s}");
+                        source = s.source();
+                    }
+                    tonic::Status::unavailable(message)
+                }
+            }
+        }));
         let grpc =
-            pb::buildlet_client::BuildletClient::with_interceptor(channel, bearer(bearer_key)?)
+            pb::buildlet_client::BuildletClient::with_interceptor(transport, bearer(bearer_key)?)
                 .max_decoding_message_size(16 << 20)
                 .max_encoding_message_size(usize::MAX);
         Ok(BuildletClient {
             grpc,
             call_timeout: None,
         })
+    }
+
+    /// The generated client, for forwarding raw messages.
+    pub fn raw(&self) -> RawClient {
+        self.grpc.clone()
     }
 
     pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
@@ -522,16 +575,19 @@ impl BuildletClient {
         R: AsyncRead + Send + 'static,
     {
         let op = format!("put_tar {dir:?}");
-        let failure: Arc<Mutex<Option<io::Error>>> = Arc::new(Mutex::new(None));
-        let failed = Arc::new(Notify::new());
-        let (fail_slot, fail_notify) = (failure.clone(), failed.clone());
         let header = pb::PutTarRequest {
             msg: Some(pb::put_tar_request::Msg::Header(pb::PutTarHeader {
                 dir: dir.to_owned(),
             })),
         };
-        let body = async_stream::stream! {
-            yield header;
+        // The request body is a plain channel stream fed by `produce`, which runs
+        // beside the call in this future (a borrowed async stream would make the
+        // call's future lose `Send` to a higher-ranked lifetime error).
+        let (tx, rx) = mpsc::channel::<pb::PutTarRequest>(4);
+        let produce = async move {
+            if tx.send(header).await.is_err() {
+                return futures::future::pending::<io::Error>().await;
+            }
             let mut chunks = ReaderStream::with_capacity(Box::pin(reader), PUT_TAR_CHUNK);
             let mut sent = 0u64;
             while let Some(chunk) = chunks.next().await {
@@ -541,36 +597,30 @@ impl BuildletClient {
                         if let Some(p) = progress.as_mut() {
                             p(sent);
                         }
-                        yield pb::PutTarRequest {
+                        let msg = pb::PutTarRequest {
                             msg: Some(pb::put_tar_request::Msg::Data(data.to_vec())),
                         };
-                    }
-                    Err(e) => {
-                        if let Ok(mut slot) = fail_slot.lock() {
-                            *slot = Some(e);
+                        if tx.send(msg).await.is_err() {
+                            break;
                         }
-                        fail_notify.notify_one();
-                        // Never end the stream: a clean end would submit a truncated
-                        // tarball. The call is dropped (and so reset) instead.
-                        futures::future::pending::<()>().await;
                     }
+                    // Return without closing the stream cleanly: a clean end would
+                    // submit a truncated tarball. Dropping the call resets it instead.
+                    Err(e) => return e,
                 }
             }
+            drop(tx);
+            futures::future::pending::<io::Error>().await
         };
         let mut grpc = self.grpc.clone();
+        let call = grpc.put_tar(tonic::Request::new(ReceiverStream::new(rx)));
         tokio::select! {
-            res = grpc.put_tar(tonic::Request::new(body)) => {
+            res = call => {
                 let r = res.map_err(|s| ClientError::from_status(&op, s))?.into_inner();
                 Ok(PutTarStats { entries: r.entries, bytes: r.bytes })
             }
-            _ = failed.notified() => {
-                let why = failure
-                    .lock()
-                    .ok()
-                    .and_then(|mut g| g.take())
-                    .map(|e| e.to_string())
-                    .unwrap_or_default();
-                Err(ClientError::new(op, ErrorCode::Local, format!("reading input: {why}")))
+            e = produce => {
+                Err(ClientError::new(op, ErrorCode::Local, format!("reading input: {e}")))
             }
         }
     }

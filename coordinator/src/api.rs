@@ -287,7 +287,9 @@ impl Coordinator for Api {
             .ok_or_else(|| Status::invalid_argument("empty put_tar stream"))?;
         let inst = self.instance(&user, &first.instance)?;
         let head = first.request.into_iter();
-        let rest = incoming.filter_map(|m| async move { m.ok().and_then(|m| m.request) });
+        // A client error mid-stream ends the upload; the buildlet then refuses the
+        // truncated tarball.
+        let rest = tokio_stream::StreamExt::filter_map(incoming, |m| m.ok().and_then(|m| m.request));
         let outbound = futures::stream::iter(head).chain(rest);
         let mut raw = inst.raw.clone();
         let resp = raw.put_tar(outbound).await.map_err(proxy_status)?;
@@ -372,7 +374,7 @@ impl Coordinator for Api {
             .ok_or_else(|| Status::invalid_argument("empty shell stream"))?;
         let inst = self.instance(&user, &first.instance)?;
         let head = first.input.into_iter();
-        let rest = incoming.filter_map(|m| async move { m.ok().and_then(|m| m.input) });
+        let rest = tokio_stream::StreamExt::filter_map(incoming, |m| m.ok().and_then(|m| m.input));
         let outbound = futures::stream::iter(head).chain(rest);
         let s = inst.raw.clone().shell(outbound).await.map_err(proxy_status)?.into_inner();
         Ok(Response::new(forward(s)))

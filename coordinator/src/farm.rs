@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use buildfarm_config::Config;
-use buildfarm_scheduler::{Policy, Scheduler, Timestamp, WorkClass, WorkId, WorkItem};
+use buildfarm_scheduler::{Policy, PushError, Scheduler, Timestamp, WorkClass, WorkId, WorkItem};
 use buildfarm_store::{Build, BuildKind, BuildState, Store};
 use tokio::sync::{Notify, broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -163,7 +163,8 @@ impl Farm {
                 (WorkClass::PostSubmit, Some(Timestamp::from_millis(t)))
             }
         };
-        self.scheduler
+        let pushed = self
+            .scheduler
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(WorkItem {
@@ -173,6 +174,12 @@ impl Farm {
                 enqueued_at: now_ts(),
                 commit_time,
             });
+        match pushed {
+            Ok(()) => {}
+            // Already queued (e.g. a poll racing a resume): nothing to do.
+            Err(PushError::DuplicateId(_)) => {}
+            Err(e) => anyhow::bail!("queueing build {}: {e}", build.id),
+        }
         self.wake.notify_one();
         Ok(())
     }
@@ -195,7 +202,8 @@ impl Farm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(request_id.to_owned(), tx);
-        self.scheduler
+        let pushed = self
+            .scheduler
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(WorkItem {
@@ -205,6 +213,14 @@ impl Farm {
                 enqueued_at: now_ts(),
                 commit_time: None,
             });
+        if let Err(e) = pushed {
+            // The sender is dropped with the waiter, so the requester sees "unavailable".
+            warn!(request_id, error = %e, "gomote request not queued");
+            self.gomote_waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(request_id);
+        }
         self.wake.notify_one();
         rx
     }
@@ -308,7 +324,9 @@ impl Farm {
             .scheduler
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .host_types_with_work();
+            .host_types_with_work()
+            .map(str::to_owned)
+            .collect();
         for host_type in host_types {
             let Some(pool) = self.pools.get(&host_type).cloned() else {
                 continue;

@@ -76,7 +76,7 @@ async fn run_attempts(
     build: &Build,
     builder: &Builder,
     pool: &dyn Pool,
-    log: &LiveLog,
+    log: &Arc<LiveLog>,
     cancel: &CancellationToken,
 ) {
     let max_attempts = farm.config.coordinator.max_attempts.max(1);
@@ -175,7 +175,7 @@ async fn run_attempt(
     build: &Build,
     builder: &Builder,
     lease: &Lease,
-    log: &LiveLog,
+    log: &Arc<LiveLog>,
     cancel: &CancellationToken,
 ) -> Outcome {
     let deadline = tokio::time::sleep(builder.build_timeout);
@@ -191,7 +191,29 @@ async fn run_attempt(
     }
 }
 
-async fn steps(farm: &Arc<Farm>, build: &Build, builder: &Builder, lease: &Lease, log: &LiveLog) -> Outcome {
+/// Runs one step, appending its output to the log as it arrives.
+async fn run_step(
+    client: &buildlet::client::BuildletClient,
+    spec: ExecSpec,
+    log: &LiveLog,
+) -> Result<buildlet::client::ExitStatus, buildlet::client::ClientError> {
+    use buildlet::client::ExecEvent;
+    use futures::StreamExt;
+    let mut events = client.exec(spec).await?;
+    while let Some(ev) = events.next().await {
+        match ev? {
+            ExecEvent::Output { data, .. } => log.append(&data),
+            ExecEvent::Exit(status) => return Ok(status),
+        }
+    }
+    Err(buildlet::client::ClientError::new(
+        "exec",
+        buildlet::client::ErrorCode::Unavailable,
+        "stream ended without an exit status",
+    ))
+}
+
+async fn steps(farm: &Arc<Farm>, build: &Build, builder: &Builder, lease: &Lease, log: &Arc<LiveLog>) -> Outcome {
     let Some(mirror) = farm.mirrors.get(&build.repo) else {
         return Outcome::Done(BuildState::Failed, format!("unknown repo {}", build.repo));
     };
@@ -241,10 +263,7 @@ async fn steps(farm: &Arc<Farm>, build: &Build, builder: &Builder, lease: &Lease
             .dir(SRC_DIR)
             .timeout(step.timeout);
         spec.env = env;
-        let status = lease
-            .client
-            .exec_collect(spec, |_stream, data| log.append(data))
-            .await;
+        let status = run_step(&lease.client, spec, log).await;
         match status {
             // A call that fails (lost connection, buildlet error) is the farm's fault.
             Err(e) => return Outcome::Infra(format!("step {}: {e}", step.name)),

@@ -103,7 +103,13 @@ impl Pool for ReversePool {
                     self.unclaim(id);
                     continue;
                 };
-                let client = BuildletClient::from_service(host.channel.clone(), None);
+                let client = match BuildletClient::from_service(host.channel.clone(), None) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.unclaim(id);
+                        return Err(PoolError::Start { host_type: self.host_type.clone(), message: e.to_string() });
+                    }
+                };
                 // Start every lease from an empty workdir, as the Go farm did.
                 if let Err(e) = client.remove(&["."]).await {
                     warn!(host = %host.info.hostname, error = %e, "cleaning reverse buildlet failed");
