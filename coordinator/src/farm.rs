@@ -400,7 +400,7 @@ impl Farm {
             .await
         {
             Ok(()) => {
-                info!(build_id = %build.id, builder = %build.builder, rev = %build.rev, result = %state, "{summary}");
+                info!(build_id = %build.id, builder = %build.builder, rev = %build.rev, result = %state, summary, "build finished");
                 println!(
                     "build {} {} {} {}: {state} ({summary})",
                     build.repo,

@@ -644,23 +644,37 @@ async fn try_run(
         .into_inner();
     let tty = std::io::stderr().is_terminal() && !json;
     let mut drawn = 0usize;
-    let mut last = None;
+    let mut last: Option<cp::TryState> = None;
     while let Some(state) = s.next().await {
         let state = state.map_err(|e| status_err("try (watch)", e))?;
-        if !json {
+        if tty {
+            // Redraw the table in place.
             let table = render_try(&state);
-            if tty && drawn > 0 {
-                // Redraw the table in place.
+            if drawn > 0 {
                 eprint!("\x1b[{drawn}A\x1b[J");
             }
             eprint!("{table}");
             drawn = table.lines().count();
+        } else if !json {
+            // Not a terminal: one line per builder whose state changed.
+            for b in &state.builders {
+                let before = last
+                    .as_ref()
+                    .and_then(|l| l.builders.iter().find(|x| x.builder == b.builder))
+                    .map(|x| x.state.as_str());
+                if before != Some(b.state.as_str()) {
+                    eprintln!("{}: {}", b.builder, b.state);
+                }
+            }
         }
         let done = state.done;
         last = Some(state);
         if done {
             break;
         }
+    }
+    if let (false, Some(state)) = (tty || json, &last) {
+        eprint!("{}", render_try(state));
     }
     let state = last.context("the watch ended before any state")?;
     if json {
