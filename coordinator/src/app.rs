@@ -234,6 +234,7 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
         farm: farm.clone(),
         api,
         poll_kick: poll_kick.clone(),
+        web: crate::http::WebState::start(&farm, Some(revdial_listener.clone()))?,
     };
     let endpoint = Endpoint {
         router: router(state),

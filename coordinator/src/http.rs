@@ -1,63 +1,110 @@
-//! The coordinator's HTTP side: status page, build logs (live while running), JSON
-//! for scripts, the push webhook, and the public gRPC API merged into one router.
+//! The coordinator's HTTP side: the status page, the dashboard and try pages, build
+//! logs (live while running), a JSON form of every page for scripts, Prometheus
+//! metrics, the push webhook, and the public gRPC API merged into one router.
+//!
+//! Pages are askama templates (`src/http/templates`, escaping on by default) rendered
+//! from plain view structs; each view is built by a pure function with an explicit
+//! `now`, so tests render fixed pages.
+
+pub mod charts;
+pub mod dashboard;
+pub mod logs;
+pub mod metrics;
+pub mod status;
 
 use std::sync::Arc;
 
+use askama::Template;
 use axum::Router;
-use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use buildfarm_proto::coordinator::coordinator_server::CoordinatorServer;
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
+use tracing::warn;
 
 use crate::api::Api;
-use crate::farm::{ActiveBuild, Farm, now_ms, short};
-use crate::pool::PoolStatus;
+use crate::farm::{Farm, now_ms};
 
 #[derive(Clone)]
 pub struct AppState {
     pub farm: Arc<Farm>,
     pub api: Api,
     pub poll_kick: Arc<Notify>,
+    pub web: Arc<WebState>,
+}
+
+/// State of the pages beyond the farm's own: chart history and metrics.
+pub struct WebState {
+    pub history: charts::History,
+    pub metrics: Arc<metrics::Metrics>,
+    /// For handshake counters in `/metrics`; `None` when the farm has no reverse port.
+    pub revdial: Option<revdial::Listener>,
+}
+
+impl WebState {
+    /// Creates the state and starts its tasks (chart sampler, build-result counter)
+    /// on the farm's task tracker; they stop when the farm shuts down.
+    pub fn start(
+        farm: &Arc<Farm>,
+        revdial: Option<revdial::Listener>,
+    ) -> anyhow::Result<Arc<WebState>> {
+        let web = Arc::new(WebState {
+            history: charts::History::default(),
+            metrics: Arc::new(metrics::Metrics::new()?),
+            revdial,
+        });
+        farm.tasks.spawn(sample_loop(farm.clone(), web.clone()));
+        farm.tasks
+            .spawn(metrics::watch_builds(farm.clone(), web.metrics.clone()));
+        Ok(web)
+    }
+}
+
+/// Records a chart sample now and every [`charts::SAMPLE_EVERY`] until shutdown.
+async fn sample_loop(farm: Arc<Farm>, web: Arc<WebState>) {
+    let mut tick = tokio::time::interval(charts::SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = farm.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let queued = farm.queue_snapshot().iter().map(|q| q.len).sum();
+        let in_use = farm.pools.values().map(|p| p.status().in_use).sum();
+        web.history.push(charts::Sample {
+            at_ms: now_ms(),
+            queued,
+            in_use,
+        });
+    }
 }
 
 pub fn router(state: AppState) -> Router {
-    let grpc = tonic::service::Routes::new(CoordinatorServer::new(state.api.clone())).into_axum_router();
+    let grpc =
+        tonic::service::Routes::new(CoordinatorServer::new(state.api.clone())).into_axum_router();
     let pages = Router::new()
         .route("/", get(status_page))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/log/{id}", get(build_log))
+        .route("/dashboard", get(dashboard_page))
+        .route("/try/{id}", get(try_page))
+        .route("/build/{id}", get(logs::build_html))
+        .route("/log/{id}", get(logs::build_log))
+        .route("/log/{id}/events", get(logs::log_events))
+        .route("/metrics", get(metrics_page))
         .route("/api/status", get(status_json))
+        .route("/api/dashboard", get(dashboard_json))
+        .route("/api/try/{id}", get(try_json))
         .route("/api/builds", get(builds_json))
-        .route("/api/builds/{id}", get(build_json))
+        .route("/api/builds/{id}", get(logs::build_json))
         .route("/webhook/{repo}", post(webhook))
         .with_state(state);
     pages.merge(grpc)
 }
 
-#[derive(Debug, Serialize)]
-pub struct StatusView {
-    pub uptime_secs: u64,
-    pub pools: Vec<PoolStatus>,
-    pub queue: Vec<QueueView>,
-    pub active: Vec<ActiveBuild>,
-    pub recent: Vec<BuildView>,
-    pub reverse_hosts: Vec<ReverseHostView>,
-    pub gomote_instances: usize,
-}
-
-#[derive(Debug, Serialize)]
-pub struct QueueView {
-    pub host_type: String,
-    pub class: String,
-    pub len: usize,
-    pub oldest_wait_secs: u64,
-}
-
+/// A build as scripts and pages see it.
 #[derive(Debug, Serialize)]
 pub struct BuildView {
     pub id: String,
@@ -69,15 +116,6 @@ pub struct BuildView {
     pub attempts: u32,
     pub summary: Option<String>,
     pub finished_unix_ms: Option<i64>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ReverseHostView {
-    pub hostname: String,
-    pub host_type: String,
-    pub version: String,
-    pub connected_secs: u64,
-    pub ping_rtt_ms: Option<f64>,
 }
 
 impl From<&buildfarm_store::Build> for BuildView {
@@ -96,203 +134,198 @@ impl From<&buildfarm_store::Build> for BuildView {
     }
 }
 
-pub async fn status_view(state: &AppState) -> StatusView {
-    let farm = &state.farm;
-    let mut pools: Vec<PoolStatus> = farm.pools.values().map(|p| p.status()).collect();
-    pools.sort_by(|a, b| a.host_type.cmp(&b.host_type));
-    let queue = farm
-        .queue_snapshot()
-        .into_iter()
-        .map(|q| QueueView {
-            host_type: q.host_type.clone(),
-            class: format!("{:?}", q.class).to_lowercase(),
-            len: q.len,
-            oldest_wait_secs: q.oldest_wait.as_secs(),
-        })
-        .collect();
-    let recent = farm
-        .store
-        .recent_builds(25)
-        .await
-        .map(|v| v.iter().map(BuildView::from).collect())
-        .unwrap_or_default();
-    let now = std::time::SystemTime::now();
-    let reverse_hosts = farm
-        .revdial_registry
-        .as_ref()
-        .map(|r| {
-            r.list()
-                .into_iter()
-                .map(|h| ReverseHostView {
-                    hostname: h.hostname,
-                    host_type: h.host_type,
-                    version: h.version,
-                    connected_secs: now.duration_since(h.connected_since).map(|d| d.as_secs()).unwrap_or(0),
-                    ping_rtt_ms: h.last_ping_rtt.map(|d| d.as_secs_f64() * 1000.0),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    StatusView {
-        uptime_secs: farm.started_at.elapsed().map(|d| d.as_secs()).unwrap_or(0),
-        pools,
-        queue,
-        active: farm.active_builds(),
-        recent,
-        reverse_hosts,
-        gomote_instances: state.api.instance_count(),
-    }
-}
-
+/// `?format=json` turns any page into its JSON form.
 #[derive(Deserialize, Default)]
 pub struct FormatQuery {
-    format: Option<String>,
+    pub format: Option<String>,
 }
 
-async fn status_json(State(state): State<AppState>) -> Response {
-    axum::Json(status_view(&state).await).into_response()
+impl FormatQuery {
+    fn json(&self) -> bool {
+        self.format.as_deref() == Some("json")
+    }
 }
 
-async fn status_page(State(state): State<AppState>, Query(q): Query<FormatQuery>) -> Response {
-    let view = status_view(&state).await;
-    if q.format.as_deref() == Some("json") {
+/// Why a page cannot be shown.
+#[derive(Debug, thiserror::Error)]
+pub enum PageError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("store: {0}")]
+    Unavailable(String),
+    #[error("rendering page: {0}")]
+    Render(#[from] askama::Error),
+}
+
+impl PageError {
+    pub fn store(e: buildfarm_store::StoreError) -> Self {
+        PageError::Unavailable(e.to_string())
+    }
+}
+
+impl IntoResponse for PageError {
+    fn into_response(self) -> Response {
+        let code = match &self {
+            PageError::NotFound(_) => StatusCode::NOT_FOUND,
+            PageError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            PageError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            PageError::Render(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if code.is_server_error() {
+            warn!(error = %self, "page failed");
+        }
+        (code, format!("{self}\n")).into_response()
+    }
+}
+
+/// A view as HTML, or as JSON with `?format=json`.
+fn page<V: Template + Serialize>(view: Result<V, PageError>, f: &FormatQuery) -> Response {
+    let view = match view {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    if f.json() {
         return axum::Json(view).into_response();
     }
-    Html(render_status(&view)).into_response()
+    match view.render() {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => PageError::from(e).into_response(),
+    }
 }
 
-/// Escapes text for HTML element content and attribute values.
-pub fn esc(s: &str) -> String {
+/// "45s", "3m05s", "2h04m", "3d04h".
+pub fn fmt_duration_secs(s: u64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// How long before `now_ms` the time `t_ms` was, e.g. "3m05s ago".
+pub fn fmt_ago(now_ms: i64, t_ms: i64) -> String {
+    if t_ms > now_ms {
+        return "just now".into();
+    }
+    format!("{} ago", fmt_duration_secs(((now_ms - t_ms) / 1000) as u64))
+}
+
+/// Percent-encodes a URL query component (everything but RFC 3986 unreserved bytes).
+pub fn url_component(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '&' => out.push_str("&amp;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
         }
     }
     out
 }
 
-fn render_status(v: &StatusView) -> String {
-    use std::fmt::Write;
-    let mut h = String::new();
-    let _ = write!(
-        h,
-        "<!doctype html><html><head><meta charset=utf-8><title>buildfarm status</title>\
-         <meta http-equiv=refresh content=5>\
-         <style>body{{font-family:sans-serif;margin:1em 2em}}table{{border-collapse:collapse}}\
-         td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}.failed,.infra-failure{{background:#fdd}}\
-         .ok{{background:#dfd}}</style></head><body><h1>buildfarm</h1><p>up {}s</p>",
-        v.uptime_secs
-    );
-    h.push_str("<h2>Pools</h2><table><tr><th>host type</th><th>kind</th><th>capacity</th><th>in use</th><th>idle</th><th>starting</th></tr>");
-    for p in &v.pools {
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&p.host_type),
-            p.kind,
-            p.capacity,
-            p.in_use,
-            p.idle,
-            p.starting
-        );
-    }
-    h.push_str("</table><h2>Queue</h2><table><tr><th>host type</th><th>class</th><th>waiting</th><th>oldest wait</th></tr>");
-    for q in &v.queue {
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}s</td></tr>",
-            esc(&q.host_type),
-            esc(&q.class),
-            q.len,
-            q.oldest_wait_secs
-        );
-    }
-    h.push_str("</table><h2>Active builds</h2><table><tr><th>builder</th><th>repo</th><th>rev</th><th>buildlet</th><th>elapsed</th><th>log</th></tr>");
-    let now = now_ms();
-    for a in &v.active {
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}s</td><td><a href=\"/log/{}\">live log</a></td></tr>",
-            esc(&a.builder),
-            esc(&a.repo),
-            esc(short(&a.rev)),
-            esc(a.buildlet.as_deref().unwrap_or("(waiting)")),
-            (now - a.started_unix_ms).max(0) / 1000,
-            esc(&a.build_id)
-        );
-    }
-    h.push_str("</table><h2>Recent results</h2><table><tr><th>builder</th><th>repo</th><th>rev</th><th>kind</th><th>result</th><th>summary</th></tr>");
-    for b in &v.recent {
-        let _ = write!(
-            h,
-            "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><a href=\"/log/{}\">{}</a></td><td>{}</td></tr>",
-            esc(&b.state),
-            esc(&b.builder),
-            esc(&b.repo),
-            esc(short(&b.rev)),
-            esc(&b.kind),
-            esc(&b.id),
-            esc(&b.state),
-            esc(b.summary.as_deref().unwrap_or(""))
-        );
-    }
-    h.push_str("</table><h2>Reverse hosts</h2><table><tr><th>hostname</th><th>host type</th><th>version</th><th>connected</th><th>ping</th></tr>");
-    for r in &v.reverse_hosts {
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}s</td><td>{}</td></tr>",
-            esc(&r.hostname),
-            esc(&r.host_type),
-            esc(&r.version),
-            r.connected_secs,
-            r.ping_rtt_ms.map(|ms| format!("{ms:.1} ms")).unwrap_or_default()
-        );
-    }
-    h.push_str("</table></body></html>");
-    h
+async fn status_page(State(state): State<AppState>, Query(f): Query<FormatQuery>) -> Response {
+    page(Ok(status::view(&state).await), &f)
 }
 
-/// The log of a build: the stored log once finished; while running, what it printed
-/// so far followed by everything it prints until it ends, as one streamed response.
-async fn build_log(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    if let Some(live) = state.farm.logs.get(&id) {
-        let (past, rx) = live.snapshot_and_subscribe();
-        let head = futures::stream::once(async move { Ok::<_, std::io::Error>(bytes::Bytes::from(past)) });
-        let body = match rx {
-            Some(rx) => {
-                let tail = tokio_stream::wrappers::BroadcastStream::new(rx)
-                    .filter_map(|r| async move { r.ok().map(Ok::<_, std::io::Error>) });
-                Body::from_stream(head.chain(tail))
-            }
-            None => Body::from_stream(head),
-        };
-        return (
-            [
-                (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
-                (header::CACHE_CONTROL, "no-cache"),
-                (header::HeaderName::from_static("x-content-type-options"), "nosniff"),
-            ],
-            body,
-        )
-            .into_response();
-    }
-    match state.farm.store.get_log(&id).await {
-        Ok(Some(log)) => (
-            [
-                (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
-                (header::HeaderName::from_static("x-content-type-options"), "nosniff"),
-            ],
-            log,
+async fn status_json(State(state): State<AppState>) -> Response {
+    axum::Json(status::view(&state).await).into_response()
+}
+
+async fn dashboard_view(
+    state: &AppState,
+    q: &dashboard::DashQuery,
+) -> Result<dashboard::DashboardView, PageError> {
+    let input = dashboard::gather(
+        state.farm.store.as_ref(),
+        q,
+        dashboard::config_builders(state),
+    )
+    .await?;
+    Ok(dashboard::dashboard_view(input, now_ms()))
+}
+
+async fn dashboard_page(
+    State(state): State<AppState>,
+    Query(q): Query<dashboard::DashQuery>,
+    Query(f): Query<FormatQuery>,
+) -> Response {
+    page(dashboard_view(&state, &q).await, &f)
+}
+
+async fn dashboard_json(
+    State(state): State<AppState>,
+    Query(q): Query<dashboard::DashQuery>,
+) -> Response {
+    page(
+        dashboard_view(&state, &q).await,
+        &FormatQuery {
+            format: Some("json".into()),
+        },
+    )
+}
+
+async fn try_view(state: &AppState, id: &str) -> Result<dashboard::TryView, PageError> {
+    let t = state.farm.store.get_try(id).await.map_err(|e| match e {
+        buildfarm_store::StoreError::NotFound { .. } => {
+            PageError::NotFound(format!("no try run {id}"))
+        }
+        e => PageError::store(e),
+    })?;
+    let builds = state
+        .farm
+        .store
+        .builds_for_try(id)
+        .await
+        .map_err(PageError::store)?;
+    Ok(dashboard::try_view(&t, &builds, now_ms()))
+}
+
+async fn try_page(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(f): Query<FormatQuery>,
+) -> Response {
+    page(try_view(&state, &id).await, &f)
+}
+
+async fn try_json(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    page(
+        try_view(&state, &id).await,
+        &FormatQuery {
+            format: Some("json".into()),
+        },
+    )
+}
+
+/// `/metrics`: refreshes the scrape-time values, then encodes the registry.
+async fn metrics_page(State(state): State<AppState>) -> Response {
+    let farm = &state.farm;
+    let input = metrics::ScrapeInput {
+        queue: farm.queue_snapshot(),
+        pools: farm.pools.values().map(|p| p.status()).collect(),
+        reverse_hosts: farm
+            .revdial_registry
+            .as_ref()
+            .map(|r| r.list())
+            .unwrap_or_default(),
+        listener: state.web.revdial.as_ref().map(|l| l.metrics()),
+        store_ping: status::ping_store(farm.store.as_ref()).await,
+        active_builds: farm.active_builds().len(),
+    };
+    state.web.metrics.update(&input);
+    match state.web.metrics.encode() {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
         )
             .into_response(),
-        Ok(None) => (StatusCode::NOT_FOUND, format!("no log for build {id}\n")).into_response(),
-        Err(e) => (StatusCode::NOT_FOUND, format!("build {id}: {e}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
     }
 }
 
@@ -304,46 +337,17 @@ pub struct BuildsQuery {
 
 /// Post-submit builds of one commit.
 async fn builds_json(State(state): State<AppState>, Query(q): Query<BuildsQuery>) -> Response {
-    match state.farm.store.builds_for_commits(&q.repo, std::slice::from_ref(&q.rev)).await {
-        Ok(builds) => axum::Json(builds.iter().map(BuildView::from).collect::<Vec<_>>()).into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}\n")).into_response(),
-    }
-}
-
-#[derive(Serialize)]
-struct AttemptView {
-    n: u32,
-    buildlet: String,
-    started_unix_ms: i64,
-    finished_unix_ms: Option<i64>,
-    state: Option<String>,
-    error: Option<String>,
-}
-
-async fn build_json(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    let build = match state.farm.store.get_build(&id).await {
-        Ok(b) => b,
-        Err(e) => return (StatusCode::NOT_FOUND, format!("build {id}: {e}\n")).into_response(),
-    };
-    let attempts: Vec<AttemptView> = state
+    match state
         .farm
         .store
-        .list_attempts(&id)
+        .builds_for_commits(&q.repo, std::slice::from_ref(&q.rev))
         .await
-        .unwrap_or_default()
-        .into_iter()
-        .map(|a| AttemptView {
-            n: a.n,
-            buildlet: a.buildlet,
-            started_unix_ms: a.started_at,
-            finished_unix_ms: a.finished_at,
-            state: a.state.map(|s| s.as_str().to_owned()),
-            error: a.error,
-        })
-        .collect();
-    let mut v = serde_json::to_value(BuildView::from(&build)).unwrap_or_default();
-    v["attempts"] = serde_json::to_value(attempts).unwrap_or_default();
-    axum::Json(v).into_response()
+    {
+        Ok(builds) => {
+            axum::Json(builds.iter().map(BuildView::from).collect::<Vec<_>>()).into_response()
+        }
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}\n")).into_response(),
+    }
 }
 
 /// A push webhook: any POST for a known repo triggers an immediate poll. With a
@@ -367,7 +371,8 @@ async fn webhook(
             return (StatusCode::UNAUTHORIZED, "missing X-Hub-Signature-256\n").into_response();
         };
         use hmac::Mac;
-        let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.expose().as_bytes()) else {
+        let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.expose().as_bytes())
+        else {
             return (StatusCode::INTERNAL_SERVER_ERROR, "bad secret\n").into_response();
         };
         mac.update(&body);
@@ -377,4 +382,28 @@ async fn webhook(
     }
     state.poll_kick.notify_one();
     (StatusCode::ACCEPTED, "poll scheduled\n").into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_at_a_glance() {
+        assert_eq!(fmt_duration_secs(5), "5s");
+        assert_eq!(fmt_duration_secs(185), "3m05s");
+        assert_eq!(fmt_duration_secs(7440), "2h04m");
+        assert_eq!(fmt_duration_secs(3 * 86400 + 4 * 3600), "3d04h");
+        assert_eq!(fmt_ago(10_000, 4_000), "6s ago");
+        assert_eq!(fmt_ago(0, 4_000), "just now");
+    }
+
+    #[test]
+    fn url_components_are_encoded() {
+        assert_eq!(
+            url_component("release-branch.go1.22"),
+            "release-branch.go1.22"
+        );
+        assert_eq!(url_component("a b&c=d/é"), "a%20b%26c%3Dd%2F%C3%A9");
+    }
 }
