@@ -211,7 +211,12 @@ fn process_tree_contains(pid: i32, needle: &str) -> bool {
     if String::from_utf8_lossy(&cmdline).replace('\0', " ").contains(needle) {
         return true;
     }
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    // Children are listed per thread, and a tokio process spawns from any thread.
+    let mut children = String::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        children.push_str(&std::fs::read_to_string(task.path().join("children")).unwrap_or_default());
+        children.push(' ');
+    }
     children
         .split_whitespace()
         .filter_map(|c| c.parse::<i32>().ok())

@@ -41,7 +41,11 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
         .current_dir(dir)
         .output()
         .expect("running git");
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -83,7 +87,13 @@ impl TestFarm {
         Self::start_with_env(config_path, data_dir, &[]).await
     }
 
-    pub async fn start_with_env(config_path: &Path, data_dir: &Path, env: &[(&str, &str)]) -> TestFarm {
+    pub async fn start_with_env(
+        config_path: &Path,
+        data_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> TestFarm {
+        // reqwest is built without a default crypto provider.
+        revdial::tls::install_crypto_provider();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_coordinator"));
         cmd.arg("--config")
             .arg(config_path)
@@ -123,14 +133,24 @@ impl TestFarm {
 
     pub async fn get_json(&self, path: &str) -> Value {
         let url = format!("http://{}{path}", self.addr);
-        let resp = self.http.get(&url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
         assert!(resp.status().is_success(), "GET {url}: {}", resp.status());
         resp.json().await.expect("json")
     }
 
     pub async fn get_text(&self, path: &str) -> String {
         let url = format!("http://{}{path}", self.addr);
-        let resp = self.http.get(&url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
         resp.text().await.expect("text")
     }
 
@@ -138,7 +158,9 @@ impl TestFarm {
     pub async fn wait_final_builds(&self, repo: &str, rev: &str, n: usize) -> Vec<Value> {
         let deadline = Instant::now() + WAIT;
         loop {
-            let v = self.get_json(&format!("/api/builds?repo={repo}&rev={rev}")).await;
+            let v = self
+                .get_json(&format!("/api/builds?repo={repo}&rev={rev}"))
+                .await;
             let builds = v.as_array().cloned().unwrap_or_default();
             let finals: Vec<Value> = builds
                 .into_iter()
@@ -147,7 +169,10 @@ impl TestFarm {
             if finals.len() >= n {
                 return finals;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {n} final builds of {rev}");
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {n} final builds of {rev}"
+            );
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
@@ -156,14 +181,19 @@ impl TestFarm {
     pub async fn wait_running(&self, repo: &str, rev: &str, builder: &str) -> Value {
         let deadline = Instant::now() + WAIT;
         loop {
-            let v = self.get_json(&format!("/api/builds?repo={repo}&rev={rev}")).await;
-            if let Some(b) = v
-                .as_array()
-                .and_then(|a| a.iter().find(|b| b["state"] == "running" && b["builder"] == builder))
-            {
+            let v = self
+                .get_json(&format!("/api/builds?repo={repo}&rev={rev}"))
+                .await;
+            if let Some(b) = v.as_array().and_then(|a| {
+                a.iter()
+                    .find(|b| b["state"] == "running" && b["builder"] == builder)
+            }) {
                 return b.clone();
             }
-            assert!(Instant::now() < deadline, "timed out waiting for a running build of {rev}");
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for a running build of {rev}"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -195,12 +225,19 @@ pub async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 /// PIDs of buildlet processes whose command line mentions `needle`.
 pub fn buildlet_pids(needle: &str) -> Vec<i32> {
     let mut pids = vec![];
-    let Ok(rd) = std::fs::read_dir("/proc") else { return pids };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
     for e in rd.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains("buildlet") && cmdline.contains(needle) && cmdline.contains("--listen") {
+        if cmdline.contains("buildlet") && cmdline.contains(needle) && cmdline.contains("--listen")
+        {
             pids.push(pid);
         }
     }
