@@ -130,6 +130,15 @@ pub fn line_chart(title: &str, points: &[(i64, f64)], now_ms: i64, window_ms: i6
             let _ = write!(svg, "{:.1},{:.1}", x(*t), y(*v));
         }
         svg.push_str("\"/>");
+        // The newest point as a dot, so a single sample is visible too.
+        if let Some((t, v)) = visible.last() {
+            let _ = write!(
+                svg,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"2.5\" fill=\"#2a6fdb\"/>",
+                x(*t),
+                y(*v)
+            );
+        }
     }
     svg.push_str("</svg>");
     svg
