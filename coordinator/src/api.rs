@@ -57,10 +57,11 @@ impl Api {
     }
 
     fn user<T>(&self, req: &Request<T>) -> Result<String, Status> {
-        let header = req
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token> (see `coordinator issue-token`)"))?;
+        let header = req.metadata().get("authorization").ok_or_else(|| {
+            Status::unauthenticated(
+                "missing authorization: Bearer <token> (see `coordinator issue-token`)",
+            )
+        })?;
         let value = header
             .to_str()
             .map_err(|_| Status::unauthenticated("authorization header is not text"))?;
@@ -80,11 +81,15 @@ impl Api {
             .cloned()
             .ok_or_else(|| Status::not_found(format!("no instance {name:?}")))?;
         if inst.info.owner != user {
-            return Err(Status::permission_denied(format!("instance {name:?} belongs to another user")));
+            return Err(Status::permission_denied(format!(
+                "instance {name:?} belongs to another user"
+            )));
         }
         if inst.lost.is_cancelled() {
             self.remove_instance(name);
-            return Err(Status::unavailable(format!("instance {name:?} lost its buildlet")));
+            return Err(Status::unavailable(format!(
+                "instance {name:?} lost its buildlet"
+            )));
         }
         inst.touch();
         Ok(inst)
@@ -133,7 +138,10 @@ impl Api {
     }
 
     pub fn instance_count(&self) -> usize {
-        self.instances.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.instances
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 }
 
@@ -269,7 +277,9 @@ impl Coordinator for Api {
             .map(|i| i.info.owner.clone())
             .ok_or_else(|| Status::not_found(format!("no instance {name:?}")))?;
         if owner != user {
-            return Err(Status::permission_denied(format!("instance {name:?} belongs to another user")));
+            return Err(Status::permission_denied(format!(
+                "instance {name:?} belongs to another user"
+            )));
         }
         self.remove_instance(&name);
         Ok(Response::new(cp::DestroyInstanceResponse {}))
@@ -289,7 +299,8 @@ impl Coordinator for Api {
         let head = first.request.into_iter();
         // A client error mid-stream ends the upload; the buildlet then refuses the
         // truncated tarball.
-        let rest = tokio_stream::StreamExt::filter_map(incoming, |m| m.ok().and_then(|m| m.request));
+        let rest =
+            tokio_stream::StreamExt::filter_map(incoming, |m| m.ok().and_then(|m| m.request));
         let outbound = futures::stream::iter(head).chain(rest);
         let mut raw = inst.raw.clone();
         let resp = raw.put_tar(outbound).await.map_err(proxy_status)?;
@@ -303,8 +314,14 @@ impl Coordinator for Api {
         let user = self.user(&req)?;
         let r = req.into_inner();
         let inst = self.instance(&user, &r.instance)?;
-        let inner = r.request.ok_or_else(|| Status::invalid_argument("missing request"))?;
-        inst.raw.clone().write_file(inner).await.map_err(proxy_status)
+        let inner = r
+            .request
+            .ok_or_else(|| Status::invalid_argument("missing request"))?;
+        inst.raw
+            .clone()
+            .write_file(inner)
+            .await
+            .map_err(proxy_status)
     }
 
     type ExecStream = BoxStream<bp::ExecEvent>;
@@ -316,8 +333,16 @@ impl Coordinator for Api {
         let user = self.user(&req)?;
         let r = req.into_inner();
         let inst = self.instance(&user, &r.instance)?;
-        let inner = r.request.ok_or_else(|| Status::invalid_argument("missing request"))?;
-        let s = inst.raw.clone().exec(inner).await.map_err(proxy_status)?.into_inner();
+        let inner = r
+            .request
+            .ok_or_else(|| Status::invalid_argument("missing request"))?;
+        let s = inst
+            .raw
+            .clone()
+            .exec(inner)
+            .await
+            .map_err(proxy_status)?
+            .into_inner();
         Ok(Response::new(forward(s)))
     }
 
@@ -330,8 +355,16 @@ impl Coordinator for Api {
         let user = self.user(&req)?;
         let r = req.into_inner();
         let inst = self.instance(&user, &r.instance)?;
-        let inner = r.request.ok_or_else(|| Status::invalid_argument("missing request"))?;
-        let s = inst.raw.clone().get_tar(inner).await.map_err(proxy_status)?.into_inner();
+        let inner = r
+            .request
+            .ok_or_else(|| Status::invalid_argument("missing request"))?;
+        let s = inst
+            .raw
+            .clone()
+            .get_tar(inner)
+            .await
+            .map_err(proxy_status)?
+            .into_inner();
         Ok(Response::new(forward(s)))
     }
 
@@ -342,7 +375,9 @@ impl Coordinator for Api {
         let user = self.user(&req)?;
         let r = req.into_inner();
         let inst = self.instance(&user, &r.instance)?;
-        let inner = r.request.ok_or_else(|| Status::invalid_argument("missing request"))?;
+        let inner = r
+            .request
+            .ok_or_else(|| Status::invalid_argument("missing request"))?;
         inst.raw.clone().remove(inner).await.map_err(proxy_status)
     }
 
@@ -355,8 +390,16 @@ impl Coordinator for Api {
         let user = self.user(&req)?;
         let r = req.into_inner();
         let inst = self.instance(&user, &r.instance)?;
-        let inner = r.request.ok_or_else(|| Status::invalid_argument("missing request"))?;
-        let s = inst.raw.clone().list(inner).await.map_err(proxy_status)?.into_inner();
+        let inner = r
+            .request
+            .ok_or_else(|| Status::invalid_argument("missing request"))?;
+        let s = inst
+            .raw
+            .clone()
+            .list(inner)
+            .await
+            .map_err(proxy_status)?
+            .into_inner();
         Ok(Response::new(forward(s)))
     }
 
@@ -376,7 +419,13 @@ impl Coordinator for Api {
         let head = first.input.into_iter();
         let rest = tokio_stream::StreamExt::filter_map(incoming, |m| m.ok().and_then(|m| m.input));
         let outbound = futures::stream::iter(head).chain(rest);
-        let s = inst.raw.clone().shell(outbound).await.map_err(proxy_status)?.into_inner();
+        let s = inst
+            .raw
+            .clone()
+            .shell(outbound)
+            .await
+            .map_err(proxy_status)?
+            .into_inner();
         Ok(Response::new(forward(s)))
     }
 
@@ -391,11 +440,9 @@ impl Coordinator for Api {
             .config
             .repo(&r.repo)
             .ok_or_else(|| Status::not_found(format!("unknown repo {:?}", r.repo)))?;
-        let mirror = self
-            .farm
-            .mirrors
-            .get(&repo.name)
-            .ok_or_else(|| Status::failed_precondition(format!("repo {} has no mirror", repo.name)))?;
+        let mirror = self.farm.mirrors.get(&repo.name).ok_or_else(|| {
+            Status::failed_precondition(format!("repo {} has no mirror", repo.name))
+        })?;
         if r.patch.len() > MAX_PATCH_BYTES {
             return Err(Status::invalid_argument(format!(
                 "patch is {} bytes; the limit is {MAX_PATCH_BYTES}",
@@ -431,7 +478,10 @@ impl Coordinator for Api {
             r.builders.clone()
         };
         if builders.is_empty() {
-            return Err(Status::failed_precondition(format!("repo {} has no try builders", repo.name)));
+            return Err(Status::failed_precondition(format!(
+                "repo {} has no try builders",
+                repo.name
+            )));
         }
         let (run, builds) = self
             .farm

@@ -49,7 +49,10 @@ impl Running {
     pub async fn stop(self, grace: Duration) {
         self.shutdown.cancel();
         self.tasks.close();
-        if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
             warn!("some tasks did not stop within the grace period");
         }
     }
@@ -58,8 +61,10 @@ impl Running {
 /// Reads or creates the master key (32 random bytes, hex) with mode 0600.
 pub fn master_key(path: &Path) -> Result<Vec<u8>> {
     if path.exists() {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let key = hex::decode(text.trim()).with_context(|| format!("{}: not a hex key", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let key = hex::decode(text.trim())
+            .with_context(|| format!("{}: not a hex key", path.display()))?;
         if key.len() < 16 {
             bail!("{}: master key must be at least 16 bytes", path.display());
         }
@@ -69,7 +74,8 @@ pub fn master_key(path: &Path) -> Result<Vec<u8>> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    tls::write_private(path, hex::encode(key).as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    tls::write_private(path, hex::encode(key).as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     info!(path = %path.display(), "generated a new master key");
     Ok(key.to_vec())
 }
@@ -86,8 +92,15 @@ pub fn load_or_create_ca(dir: &Path) -> Result<CertificateAuthority> {
     Ok(ca)
 }
 
-fn load_or_issue(dir: &Path, stem: &str, issue: impl FnOnce() -> Result<Identity>) -> Result<(Identity, PathBuf, PathBuf)> {
-    let (cert, key) = (dir.join(format!("{stem}.crt")), dir.join(format!("{stem}.key")));
+fn load_or_issue(
+    dir: &Path,
+    stem: &str,
+    issue: impl FnOnce() -> Result<Identity>,
+) -> Result<(Identity, PathBuf, PathBuf)> {
+    let (cert, key) = (
+        dir.join(format!("{stem}.crt")),
+        dir.join(format!("{stem}.key")),
+    );
     if cert.exists() && key.exists() {
         return Ok((Identity::from_files(&cert, &key)?, cert, key));
     }
@@ -117,7 +130,8 @@ fn default_buildlet_bin() -> Result<PathBuf> {
 /// Starts a coordinator on `listener` with `config`.
 pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) -> Result<Running> {
     let data_dir = config.coordinator.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
@@ -205,7 +219,11 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
             PoolConfig::Reverse(r) => {
                 pools.insert(
                     ht.name.clone(),
-                    Arc::new(ReversePool::new(ht.name.clone(), r.expected as usize, registry.clone())),
+                    Arc::new(ReversePool::new(
+                        ht.name.clone(),
+                        r.expected as usize,
+                        registry.clone(),
+                    )),
                 );
             }
             other => {

@@ -22,7 +22,10 @@ use crate::pool::{Lease, Pool};
 /// A change other parts watch: try watchers, the status page.
 #[derive(Debug, Clone)]
 pub enum FarmEvent {
-    BuildChanged { build_id: String, try_id: Option<String> },
+    BuildChanged {
+        build_id: String,
+        try_id: Option<String>,
+    },
 }
 
 /// A build being run right now.
@@ -196,7 +199,11 @@ impl Farm {
     /// Asks for an interactive (gomote) buildlet of `host_type`; the receiver gets the
     /// lease when the scheduler reaches the request. `request_id` identifies it for
     /// [`Farm::queue_position`] and [`Farm::cancel_instance_request`].
-    pub fn request_instance(&self, request_id: &str, host_type: &str) -> oneshot::Receiver<InstanceGrant> {
+    pub fn request_instance(
+        &self,
+        request_id: &str,
+        host_type: &str,
+    ) -> oneshot::Receiver<InstanceGrant> {
         let (tx, rx) = oneshot::channel();
         self.gomote_waiters
             .lock()

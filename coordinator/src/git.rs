@@ -119,7 +119,13 @@ impl Mirror {
         check_ref("branch", branch)?;
         let spec = format!("refs/heads/{branch}^{{commit}}");
         match git(
-            &[&self.git_dir_arg(), "rev-parse", "--verify", "--quiet", &spec],
+            &[
+                &self.git_dir_arg(),
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                &spec,
+            ],
             None,
         )
         .await
@@ -182,7 +188,16 @@ impl Mirror {
         let index = tmp.path().join("index");
         let mut checkout = Command::new("git");
         checkout
-            .args([&self.git_dir_arg(), &work_arg, "checkout", "--quiet", "--force", rev, "--", "."])
+            .args([
+                &self.git_dir_arg(),
+                &work_arg,
+                "checkout",
+                "--quiet",
+                "--force",
+                rev,
+                "--",
+                ".",
+            ])
             .env("GIT_INDEX_FILE", &index)
             .stdin(Stdio::null())
             .kill_on_drop(true);
@@ -245,7 +260,11 @@ fn parse_log(text: &str) -> Result<Vec<CommitInfo>> {
 pub async fn import_dir_as_repo(src_dir: &Path, repo_dir: &Path) -> Result<()> {
     if !repo_dir.join(".git").exists() {
         tokio::fs::create_dir_all(repo_dir).await?;
-        git(&["init", "--quiet", "--initial-branch=main"], Some(repo_dir)).await?;
+        git(
+            &["init", "--quiet", "--initial-branch=main"],
+            Some(repo_dir),
+        )
+        .await?;
     }
     let (src, dst) = (src_dir.to_owned(), repo_dir.to_owned());
     tokio::task::spawn_blocking(move || copy_tree(&src, &dst))

@@ -51,7 +51,8 @@ impl LiveLog {
             let overflow = st.buf.len() + data.len() + TRUNCATION_MARKER.len() - MAX_LOG_BYTES;
             let cut_end = (keep_head + overflow).min(st.buf.len());
             if !st.truncated {
-                st.buf.splice(keep_head..cut_end, TRUNCATION_MARKER.iter().copied());
+                st.buf
+                    .splice(keep_head..cut_end, TRUNCATION_MARKER.iter().copied());
                 st.truncated = true;
             } else {
                 let start = keep_head + TRUNCATION_MARKER.len();

@@ -75,9 +75,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     if cli.log_json {
-        tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
     }
     revdial::tls::install_crypto_provider();
 
@@ -90,7 +97,12 @@ fn main() -> ExitCode {
     };
     match &cli.command {
         Some(Command::CheckConfig) => {
-            println!("config ok: {} host types, {} builders, {} repos", config.host_types.len(), config.builders.len(), config.repos.len());
+            println!(
+                "config ok: {} host types, {} builders, {} repos",
+                config.host_types.len(),
+                config.builders.len(),
+                config.repos.len()
+            );
             return ExitCode::SUCCESS;
         }
         Some(Command::IssueToken { user }) | Some(Command::BuilderKey { host_type: user }) => {
@@ -108,15 +120,24 @@ fn main() -> ExitCode {
                 }
             };
             match &cli.command {
-                Some(Command::IssueToken { user }) => println!("{}", coordinator::tokens::issue(&key, user)),
+                Some(Command::IssueToken { user }) => {
+                    println!("{}", coordinator::tokens::issue(&key, user))
+                }
                 _ => println!("{}", revdial::builder_key(&key, user)),
             }
             return ExitCode::SUCCESS;
         }
         None => {}
     }
-    if builtin && std::process::Command::new("go").arg("version").output().is_err() {
-        eprintln!("coordinator: the main job builds Go code but `go` was not found; install it with: sudo apt-get install golang-go");
+    if builtin
+        && std::process::Command::new("go")
+            .arg("version")
+            .output()
+            .is_err()
+    {
+        eprintln!(
+            "coordinator: the main job builds Go code but `go` was not found; install it with: sudo apt-get install golang-go"
+        );
         return ExitCode::from(EXIT_UNAVAILABLE);
     }
     let rt = match tokio::runtime::Runtime::new() {
@@ -154,15 +175,29 @@ async fn run(mut config: Config, builtin: bool, cli: &Cli) -> Result<()> {
         std::fs::create_dir_all(&cache)?;
         let cache = cache.canonicalize()?;
         for ht in &mut config.host_types {
-            ht.env.entry("GOCACHE".into()).or_insert_with(|| cache.display().to_string());
+            ht.env
+                .entry("GOCACHE".into())
+                .or_insert_with(|| cache.display().to_string());
         }
     }
     let listen = config.coordinator.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding {listen} (is another coordinator running? use --listen)"))?;
-    let running = app::start(config, listener, StartOptions { buildlet_bin: cli.buildlet.clone() }).await?;
-    let user = std::env::var("USER").ok().filter(|u| coordinator::tokens::valid_user(u)).unwrap_or_else(|| "dev".into());
+        .with_context(|| {
+            format!("binding {listen} (is another coordinator running? use --listen)")
+        })?;
+    let running = app::start(
+        config,
+        listener,
+        StartOptions {
+            buildlet_bin: cli.buildlet.clone(),
+        },
+    )
+    .await?;
+    let user = std::env::var("USER")
+        .ok()
+        .filter(|u| coordinator::tokens::valid_user(u))
+        .unwrap_or_else(|| "dev".into());
     let gomote_cfg = running.farm.data_dir.join("gomote.json");
     let token = coordinator::tokens::issue(&running.farm.master_key, &user);
     let cfg = serde_json::json!({
@@ -173,7 +208,10 @@ async fn run(mut config: Config, builtin: bool, cli: &Cli) -> Result<()> {
     revdial::tls::write_private(&gomote_cfg, serde_json::to_string_pretty(&cfg)?.as_bytes())?;
     println!("buildfarm coordinator running");
     println!("  status page: http://{}/", running.addr);
-    println!("  gomote:      BUILDFARM_GOMOTE_CONFIG={} gomote list", gomote_cfg.display());
+    println!(
+        "  gomote:      BUILDFARM_GOMOTE_CONFIG={} gomote list",
+        gomote_cfg.display()
+    );
     println!("  (Ctrl-C to stop; a line per finished build follows)");
 
     shutdown_signal().await;
@@ -186,13 +224,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -43,27 +43,39 @@ pub async fn run_build(farm: Arc<Farm>, build_id: String, pool: Arc<dyn Pool>, s
         }
         let Some(builder) = farm.config.builder(&build.builder).cloned() else {
             let log = format!("unknown builder {}\n", build.builder);
-            farm.finish(&build, BuildState::Failed, "unknown builder", log.as_bytes()).await;
+            farm.finish(
+                &build,
+                BuildState::Failed,
+                "unknown builder",
+                log.as_bytes(),
+            )
+            .await;
             return;
         };
         let cancel = farm.shutdown.child_token();
         let log = farm.logs.open(&build.id);
-        farm.active.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            build.id.clone(),
-            ActiveBuild {
-                build_id: build.id.clone(),
-                builder: build.builder.clone(),
-                repo: build.repo.clone(),
-                rev: build.rev.clone(),
-                kind: build.kind.as_str(),
-                buildlet: None,
-                attempt: build.attempts + 1,
-                started_unix_ms: now_ms(),
-                cancel: cancel.clone(),
-            },
-        );
+        farm.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                build.id.clone(),
+                ActiveBuild {
+                    build_id: build.id.clone(),
+                    builder: build.builder.clone(),
+                    repo: build.repo.clone(),
+                    rev: build.rev.clone(),
+                    kind: build.kind.as_str(),
+                    buildlet: None,
+                    attempt: build.attempts + 1,
+                    started_unix_ms: now_ms(),
+                    cancel: cancel.clone(),
+                },
+            );
         run_attempts(&farm, &build, &builder, pool.as_ref(), &log, &cancel).await;
-        farm.active.lock().unwrap_or_else(|e| e.into_inner()).remove(&build.id);
+        farm.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&build.id);
         farm.logs.close(&build.id);
         drop(slot);
     }
@@ -98,7 +110,12 @@ async fn run_attempts(
                         Ok(n) => {
                             let _ = farm
                                 .store
-                                .finish_attempt(&build.id, n, BuildState::InfraFailure, Some(&e.to_string()))
+                                .finish_attempt(
+                                    &build.id,
+                                    n,
+                                    BuildState::InfraFailure,
+                                    Some(&e.to_string()),
+                                )
                                 .await;
                         }
                         Err(se) => warn!(error = %se, "recording attempt"),
@@ -151,7 +168,8 @@ async fn run_attempts(
             }
             Outcome::Cancelled => {
                 log.note("cancelled");
-                farm.finish(build, BuildState::Cancelled, "cancelled", &log.contents()).await;
+                farm.finish(build, BuildState::Cancelled, "cancelled", &log.contents())
+                    .await;
                 return;
             }
             Outcome::Infra(why) => {
@@ -159,7 +177,8 @@ async fn run_attempts(
                 let total = build.attempts + attempts_here;
                 if total >= max_attempts {
                     let summary = format!("infra failure after {total} attempts: {why}");
-                    farm.finish(build, BuildState::InfraFailure, &summary, &log.contents()).await;
+                    farm.finish(build, BuildState::InfraFailure, &summary, &log.contents())
+                        .await;
                     return;
                 }
                 farm.notify_build(&build.id, build.try_id.as_deref());
@@ -213,7 +232,13 @@ async fn run_step(
     ))
 }
 
-async fn steps(farm: &Arc<Farm>, build: &Build, builder: &Builder, lease: &Lease, log: &Arc<LiveLog>) -> Outcome {
+async fn steps(
+    farm: &Arc<Farm>,
+    build: &Build,
+    builder: &Builder,
+    lease: &Lease,
+    log: &Arc<LiveLog>,
+) -> Outcome {
     let Some(mirror) = farm.mirrors.get(&build.repo) else {
         return Outcome::Done(BuildState::Failed, format!("unknown repo {}", build.repo));
     };
@@ -271,20 +296,33 @@ async fn steps(farm: &Arc<Farm>, build: &Build, builder: &Builder, lease: &Lease
                 if st.timed_out {
                     return Outcome::Done(
                         BuildState::Failed,
-                        format!("step {} timed out after {}", step.name, humantime::format_duration(step.timeout)),
+                        format!(
+                            "step {} timed out after {}",
+                            step.name,
+                            humantime::format_duration(step.timeout)
+                        ),
                     );
                 }
                 if let Some(err) = st.error.as_deref().filter(|e| !e.is_empty()) {
                     log.note(&format!("step {} could not start: {err}", step.name));
-                    return Outcome::Done(BuildState::Failed, format!("step {} could not start: {err}", step.name));
+                    return Outcome::Done(
+                        BuildState::Failed,
+                        format!("step {} could not start: {err}", step.name),
+                    );
                 }
                 match (st.code, st.signal) {
                     (Some(0), _) => {}
                     (Some(code), _) => {
-                        return Outcome::Done(BuildState::Failed, format!("step {} exited with status {code}", step.name));
+                        return Outcome::Done(
+                            BuildState::Failed,
+                            format!("step {} exited with status {code}", step.name),
+                        );
                     }
                     (None, Some(sig)) => {
-                        return Outcome::Done(BuildState::Failed, format!("step {} killed by signal {sig}", step.name));
+                        return Outcome::Done(
+                            BuildState::Failed,
+                            format!("step {} killed by signal {sig}", step.name),
+                        );
                     }
                     (None, None) => {
                         return Outcome::Infra(format!("step {}: no exit status", step.name));
@@ -293,5 +331,8 @@ async fn steps(farm: &Arc<Farm>, build: &Build, builder: &Builder, lease: &Lease
             }
         }
     }
-    Outcome::Done(BuildState::Ok, format!("{} steps passed", builder.steps.len()))
+    Outcome::Done(
+        BuildState::Ok,
+        format!("{} steps passed", builder.steps.len()),
+    )
 }

@@ -30,7 +30,12 @@ pub struct Endpoint {
 }
 
 /// Accepts connections until `shutdown`; each is served in a task owned by `tasks`.
-pub async fn serve(listener: TcpListener, ep: Endpoint, shutdown: CancellationToken, tasks: TaskTracker) {
+pub async fn serve(
+    listener: TcpListener,
+    ep: Endpoint,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(ep.tls.clone());
     loop {
         let (tcp, peer) = tokio::select! {
@@ -82,7 +87,11 @@ async fn handle(
     }
 }
 
-async fn serve_http<I>(io: I, router: axum::Router, shutdown: CancellationToken) -> anyhow::Result<()>
+async fn serve_http<I>(
+    io: I,
+    router: axum::Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {

@@ -76,7 +76,14 @@ fn by_builder<'a>(builds: &'a [serde_json::Value], name: &str) -> &'a serde_json
         .unwrap_or_else(|| panic!("no build for {name} in {builds:#?}"))
 }
 
-fn setup(extra: &str) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf, String) {
+fn setup(
+    extra: &str,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    String,
+) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let repo = tmp.path().join("repo");
     let data = tmp.path().join("data");
@@ -97,19 +104,34 @@ async fn new_commits_build_on_every_builder_with_the_right_results() {
     assert_eq!(by_builder(&builds, "windows-amd64")["state"], "ok");
     let failing = by_builder(&builds, &format!("{host}-failing"));
     assert_eq!(failing["state"], "failed");
-    let log = farm.get_text(&format!("/log/{}", failing["id"].as_str().expect("id"))).await;
-    assert!(log.contains("intentional failure for the farm's test"), "log: {log}");
+    let log = farm
+        .get_text(&format!("/log/{}", failing["id"].as_str().expect("id")))
+        .await;
+    assert!(
+        log.contains("intentional failure for the farm's test"),
+        "log: {log}"
+    );
     assert!(log.contains("--- FAIL: TestHello"), "log: {log}");
 
     // A new commit gets its own builds; the old ones are not built again.
-    std::fs::write(repo.join("extra.go"), "package t\n\n// Extra is new.\nconst Extra = 1\n").expect("write");
+    std::fs::write(
+        repo.join("extra.go"),
+        "package t\n\n// Extra is new.\nconst Extra = 1\n",
+    )
+    .expect("write");
     git(&repo, &["add", "-A"]);
     git(&repo, &["commit", "--quiet", "-m", "second commit"]);
     let rev2 = git(&repo, &["rev-parse", "HEAD"]);
     let builds2 = farm.wait_final_builds("t", &rev2, 3).await;
     assert_eq!(by_builder(&builds2, &host)["state"], "ok");
-    let again = farm.get_json(&format!("/api/builds?repo=t&rev={rev}")).await;
-    assert_eq!(again.as_array().map(Vec::len), Some(3), "no duplicate builds of the first commit");
+    let again = farm
+        .get_json(&format!("/api/builds?repo=t&rev={rev}"))
+        .await;
+    assert_eq!(
+        again.as_array().map(Vec::len),
+        Some(3),
+        "no duplicate builds of the first commit"
+    );
     farm.kill().await;
 }
 
@@ -136,7 +158,10 @@ async fn try_runs_with_a_patch_report_a_verdict() {
         .output()
         .expect("gomote try");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "a failing try run exits non-zero: {stdout}");
+    assert!(
+        !out.status.success(),
+        "a failing try run exits non-zero: {stdout}"
+    );
     assert!(stdout.contains("verdict: failed"), "{stdout}");
 
     // The same commit without the patch passes.
@@ -146,7 +171,11 @@ async fn try_runs_with_a_patch_report_a_verdict() {
         .output()
         .expect("gomote try");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "stdout {stdout} stderr {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stdout {stdout} stderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
     assert_eq!(v["verdict"], "ok");
     assert_eq!(v["builders"][0]["builder"], host.as_str());
@@ -190,16 +219,24 @@ steps = [{{ name = "hang-once", command = ["sh", "-c", "if [ ! -e {m} ]; then to
             .find(|pid| process_tree_contains(*pid, "sleep 300"))
     })
     .await;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill -9");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9");
 
     let builds = farm.wait_final_builds("t", &rev, 4).await;
     let slow = by_builder(&builds, "linux-amd64-slow");
     assert_eq!(slow["state"], "ok", "{slow:#}");
-    let detail = farm.get_json(&format!("/api/builds/{}", slow["id"].as_str().expect("id"))).await;
+    let detail = farm
+        .get_json(&format!("/api/builds/{}", slow["id"].as_str().expect("id")))
+        .await;
     let attempts = detail["attempts"].as_array().expect("attempts");
     assert!(attempts.len() >= 2, "{detail:#}");
     assert_eq!(attempts[0]["state"], "infra-failure", "{detail:#}");
-    let log = farm.get_text(&format!("/log/{}", slow["id"].as_str().expect("id"))).await;
+    let log = farm
+        .get_text(&format!("/log/{}", slow["id"].as_str().expect("id")))
+        .await;
     assert!(log.contains("second attempt passes"), "{log}");
     assert!(log.contains("infrastructure failure"), "{log}");
     farm.kill().await;
@@ -208,13 +245,21 @@ steps = [{{ name = "hang-once", command = ["sh", "-c", "if [ ! -e {m} ]; then to
 /// True if `pid` or one of its descendants has `needle` in its command line.
 fn process_tree_contains(pid: i32, needle: &str) -> bool {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    if String::from_utf8_lossy(&cmdline).replace('\0', " ").contains(needle) {
+    if String::from_utf8_lossy(&cmdline)
+        .replace('\0', " ")
+        .contains(needle)
+    {
         return true;
     }
     // Children are listed per thread, and a tokio process spawns from any thread.
     let mut children = String::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
-        children.push_str(&std::fs::read_to_string(task.path().join("children")).unwrap_or_default());
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        children
+            .push_str(&std::fs::read_to_string(task.path().join("children")).unwrap_or_default());
         children.push(' ');
     }
     children
@@ -247,12 +292,19 @@ steps = [{{ name = "wait", command = ["sh", "-c", "while [ ! -e {g} ]; do sleep 
     farm.kill().await;
     // Its buildlets die with it (kill_on_drop does not reach them on SIGKILL, so reap).
     for pid in buildlet_pids(&data.display().to_string()) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
     std::fs::write(&gate, "open").expect("open gate");
     let farm = TestFarm::start(&cfg, &data).await;
     let builds = farm.wait_final_builds("t", &rev, 4).await;
-    assert_eq!(builds.len(), 4, "every build finished exactly once: {builds:#?}");
+    assert_eq!(
+        builds.len(),
+        4,
+        "every build finished exactly once: {builds:#?}"
+    );
     let gated = by_builder(&builds, "linux-amd64-gated");
     assert_eq!(gated["state"], "ok", "{gated:#}");
     let failing = by_builder(&builds, &format!("{}-failing", host_builder()));
@@ -296,7 +348,11 @@ async fn gomote_commands_end_to_end() {
     let farm = TestFarm::start(&cfg, &tmp.path().join("data")).await;
     let run = |args: &[&str]| {
         let out = farm.gomote().args(args).output().expect("gomote");
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (code, inst, err) = run(&["create", &host_builder()]);
     assert_eq!(code, Some(0), "{err}");
@@ -307,8 +363,14 @@ async fn gomote_commands_end_to_end() {
     // put + run: output streamed, exit code passed on.
     let local = tmp.path().join("script.sh");
     std::fs::write(&local, "#!/bin/sh\necho out; echo err >&2; exit 7\n").expect("write");
-    std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&local).expect("meta").permissions(), 0o755);
-    assert_eq!(run(&["put", &inst, local.to_str().expect("utf8")]).0, Some(0));
+    std::os::unix::fs::PermissionsExt::set_mode(
+        &mut std::fs::metadata(&local).expect("meta").permissions(),
+        0o755,
+    );
+    assert_eq!(
+        run(&["put", &inst, local.to_str().expect("utf8")]).0,
+        Some(0)
+    );
     let (code, out, err) = run(&["run", &inst, "--", "sh", "script.sh"]);
     assert_eq!(code, Some(7));
     assert_eq!(out, "out\n");
@@ -319,12 +381,24 @@ async fn gomote_commands_end_to_end() {
     std::fs::create_dir_all(tree.join("sub")).expect("mkdir");
     std::fs::write(tree.join("a.txt"), "a").expect("write");
     std::fs::write(tree.join("sub/b.txt"), "b").expect("write");
-    let (code, _, err) = run(&["push", &inst, tree.to_str().expect("utf8"), "--dest", "tree"]);
+    let (code, _, err) = run(&[
+        "push",
+        &inst,
+        tree.to_str().expect("utf8"),
+        "--dest",
+        "tree",
+    ]);
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("pushed 2 changed"), "{err}");
     std::fs::write(tree.join("a.txt"), "a2").expect("write");
     std::fs::remove_file(tree.join("sub/b.txt")).expect("rm");
-    let (code, _, err) = run(&["push", &inst, tree.to_str().expect("utf8"), "--dest", "tree"]);
+    let (code, _, err) = run(&[
+        "push",
+        &inst,
+        tree.to_str().expect("utf8"),
+        "--dest",
+        "tree",
+    ]);
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("pushed 1 changed file(s), removed 1"), "{err}");
     let (_, ls, _) = run(&["ls", &inst, "tree", "-R"]);
@@ -334,11 +408,30 @@ async fn gomote_commands_end_to_end() {
 
     // gettar returns a real tarball of the tree.
     let out_tar = tmp.path().join("out.tar.gz");
-    assert_eq!(run(&["gettar", &inst, "--dir", "tree", "-o", out_tar.to_str().expect("utf8")]).0, Some(0));
+    assert_eq!(
+        run(&[
+            "gettar",
+            &inst,
+            "--dir",
+            "tree",
+            "-o",
+            out_tar.to_str().expect("utf8")
+        ])
+        .0,
+        Some(0)
+    );
     let mut names = vec![];
-    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(std::fs::File::open(&out_tar).expect("open")));
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(
+        std::fs::File::open(&out_tar).expect("open"),
+    ));
     for e in ar.entries().expect("entries") {
-        names.push(e.expect("entry").path().expect("path").display().to_string());
+        names.push(
+            e.expect("entry")
+                .path()
+                .expect("path")
+                .display()
+                .to_string(),
+        );
     }
     assert!(names.iter().any(|n| n.ends_with("a.txt")), "{names:?}");
 
@@ -359,10 +452,20 @@ async fn gomote_commands_end_to_end() {
         .output()
         .expect("issue token");
     let token = String::from_utf8_lossy(&other.stdout).trim().to_owned();
-    let out = farm.gomote().env("BUILDFARM_TOKEN", &token).args(["run", &inst, "--", "true"]).output().expect("gomote");
+    let out = farm
+        .gomote()
+        .env("BUILDFARM_TOKEN", &token)
+        .args(["run", &inst, "--", "true"])
+        .output()
+        .expect("gomote");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("PermissionDenied"));
-    let out = farm.gomote().env("BUILDFARM_TOKEN", "forged.00").args(["list"]).output().expect("gomote");
+    let out = farm
+        .gomote()
+        .env("BUILDFARM_TOKEN", "forged.00")
+        .args(["list"])
+        .output()
+        .expect("gomote");
     assert!(String::from_utf8_lossy(&out.stderr).contains("PermissionDenied"));
 
     assert_eq!(run(&["destroy", &inst]).0, Some(0));

@@ -32,7 +32,16 @@ pub struct Figure {
 pub fn run(root: &Path, filter: Option<&str>) -> Result<()> {
     let mut build = super::cargo();
     build.current_dir(root).args([
-        "build", "--release", "-p", "xtask", "--bin", "xtask", "-p", "buildlet", "--bin", "buildlet",
+        "build",
+        "--release",
+        "-p",
+        "xtask",
+        "--bin",
+        "xtask",
+        "-p",
+        "buildlet",
+        "--bin",
+        "buildlet",
     ]);
     super::run("release build", build)?;
     let bin = super::target_dir(root).join("release");
@@ -59,6 +68,9 @@ pub fn inner(root: &Path, filter: Option<&str>) -> Result<()> {
     if want("buildlet") {
         figures.extend(rt.block_on(buildlet_benches(&release, &out_dir))?);
     }
+    if want("pages") {
+        figures.extend(rt.block_on(super::bench_pages::pages_benches())?);
+    }
     print_table(&figures);
     for f in &figures {
         let path = out_dir.join(format!("{}.json", f.name));
@@ -69,7 +81,10 @@ pub fn inner(root: &Path, filter: Option<&str>) -> Result<()> {
 }
 
 fn print_table(figures: &[Figure]) {
-    println!("{:<28} {:>14} {:>14} {:>10} {:>8}  note", "benchmark", "measured", "baseline", "unit", "ratio");
+    println!(
+        "{:<28} {:>14} {:>14} {:>10} {:>8}  note",
+        "benchmark", "measured", "baseline", "unit", "ratio"
+    );
     for f in figures {
         println!(
             "{:<28} {:>14.3} {:>14.3} {:>10} {:>8.3}  {}",
@@ -93,7 +108,9 @@ struct Buildlet {
 async fn start_buildlet(release: &Path, dir: &Path) -> Result<Buildlet> {
     let ca = revdial::tls::CertificateAuthority::generate("bench ca")?;
     let certs = dir.join("certs");
-    let (server_cert, server_key) = ca.issue_server(&["127.0.0.1"])?.write_files(&certs, "server")?;
+    let (server_cert, server_key) = ca
+        .issue_server(&["127.0.0.1"])?
+        .write_files(&certs, "server")?;
     let (ca_file, _) = ca.identity().write_files(&certs, "ca")?;
     let client_id = ca.issue_client("bench")?;
     let workdir = dir.join("workdir");
@@ -158,7 +175,9 @@ fn make_tree(dir: &Path, total: usize) -> Result<()> {
             }
         } else {
             while data.len() < file_size {
-                data.extend_from_slice(format!("line {i} of a source-like file {}\n", data.len()).as_bytes());
+                data.extend_from_slice(
+                    format!("line {i} of a source-like file {}\n", data.len()).as_bytes(),
+                );
             }
         }
         data.truncate(file_size);
@@ -170,7 +189,10 @@ fn make_tree(dir: &Path, total: usize) -> Result<()> {
 
 fn run_tar(args: &[&str]) -> Result<Duration> {
     let start = Instant::now();
-    let st = std::process::Command::new("tar").args(args).status().context("running tar")?;
+    let st = std::process::Command::new("tar")
+        .args(args)
+        .status()
+        .context("running tar")?;
     if !st.success() {
         bail!("tar {args:?} failed");
     }
@@ -193,7 +215,10 @@ async fn buildlet_benches(release: &Path, out_dir: &Path) -> Result<Vec<Figure>>
         tokio::process::Command::new("true").status().await?;
         local.push(t.elapsed());
         let t = Instant::now();
-        let st = b.client.exec_collect(ExecSpec::new("true"), |_, _| {}).await?;
+        let st = b
+            .client
+            .exec_collect(ExecSpec::new("true"), |_, _| {})
+            .await?;
         remote.push(t.elapsed());
         if !st.success() {
             bail!("true failed through the buildlet");

@@ -7,6 +7,7 @@
 //! - `fuzz`: each `cargo fuzz` target for a bounded time (needs nightly + cargo-fuzz).
 
 mod bench;
+mod bench_pages;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -92,9 +93,14 @@ fn ci(root: &Path) -> Result<()> {
     run("format check", fmt)?;
 
     let mut clippy = cargo();
-    clippy
-        .current_dir(root)
-        .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+    clippy.current_dir(root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
     run("clippy", clippy)?;
 
     // Slow multi-process suites run in CI; developers opt in with BUILDFARM_SLOW_TESTS=1.
@@ -113,12 +119,20 @@ fn target_dir(root: &Path) -> PathBuf {
 
 fn demo(root: &Path, args: &[String]) -> Result<()> {
     if Command::new("go").arg("version").output().is_err() {
-        bail!("the main job builds Go code but `go` was not found; install it with: sudo apt-get install golang-go");
+        bail!(
+            "the main job builds Go code but `go` was not found; install it with: sudo apt-get install golang-go"
+        );
     }
     let mut build = cargo();
-    build
-        .current_dir(root)
-        .args(["build", "--bin", "coordinator", "--bin", "buildlet", "--bin", "gomote"]);
+    build.current_dir(root).args([
+        "build",
+        "--bin",
+        "coordinator",
+        "--bin",
+        "buildlet",
+        "--bin",
+        "gomote",
+    ]);
     run("build", build)?;
     let bin = target_dir(root).join("debug");
     let mut coord = Command::new(bin.join("coordinator"));
@@ -137,7 +151,10 @@ fn certs(out: &Path) -> Result<()> {
     ca.issue_server(&["localhost", "127.0.0.1"])?
         .write_files(out, "server")?;
     ca.issue_client("coordinator")?.write_files(out, "client")?;
-    println!("wrote ca.crt, server.crt/key, client.crt/key to {}", out.display());
+    println!(
+        "wrote ca.crt, server.crt/key, client.crt/key to {}",
+        out.display()
+    );
     Ok(())
 }
 

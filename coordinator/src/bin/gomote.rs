@@ -22,7 +22,11 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 #[derive(Parser)]
-#[command(name = "gomote", version, about = "borrow buildfarm buildlets and run try runs")]
+#[command(
+    name = "gomote",
+    version,
+    about = "borrow buildfarm buildlets and run try runs"
+)]
 struct Cli {
     /// Settings file (default: $BUILDFARM_GOMOTE_CONFIG or ./.buildfarm/gomote.json).
     #[arg(long, global = true)]
@@ -43,7 +47,11 @@ enum Cmd {
     /// Give an instance back.
     Destroy { instance: String },
     /// Write one local file to the instance (default: same base name in the workdir).
-    Put { instance: String, file: PathBuf, dest: Option<String> },
+    Put {
+        instance: String,
+        file: PathBuf,
+        dest: Option<String>,
+    },
     /// Extract a local .tar.gz into a directory of the instance.
     Puttar {
         instance: String,
@@ -147,10 +155,14 @@ async fn connect(cli: &Cli) -> Result<Client> {
             path.display()
         )
     })?;
-    let s: Settings = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let s: Settings =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let token = std::env::var("BUILDFARM_TOKEN").unwrap_or(s.token);
     if token.is_empty() {
-        bail!("no token: set BUILDFARM_TOKEN or `token` in {}", path.display());
+        bail!(
+            "no token: set BUILDFARM_TOKEN or `token` in {}",
+            path.display()
+        );
     }
     let addr = s
         .coordinator
@@ -162,10 +174,18 @@ async fn connect(cli: &Cli) -> Result<Client> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let ca = revdial::tls::load_ca_file(&s.ca_file)?;
     let tls = revdial::tls::client_config(&ca, None, &[revdial::tls::ALPN_H2])?;
-    let channel = revdial::tls::connect_channel(&addr, revdial::tls::server_name(host)?, tls, Duration::from_secs(10))
-        .await
-        .with_context(|| format!("connecting to coordinator {addr}"))?;
-    let auth = Auth(MetadataValue::try_from(format!("Bearer {}", token.trim())).context("token is not valid header text")?);
+    let channel = revdial::tls::connect_channel(
+        &addr,
+        revdial::tls::server_name(host)?,
+        tls,
+        Duration::from_secs(10),
+    )
+    .await
+    .with_context(|| format!("connecting to coordinator {addr}"))?;
+    let auth = Auth(
+        MetadataValue::try_from(format!("Bearer {}", token.trim()))
+            .context("token is not valid header text")?,
+    );
     Ok(CoordinatorClient::with_interceptor(channel, auth)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20))
@@ -193,7 +213,9 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
     match &cli.command {
         Cmd::Create { builder } => {
             let mut s = c
-                .create_instance(cp::CreateInstanceRequest { builder: builder.clone() })
+                .create_instance(cp::CreateInstanceRequest {
+                    builder: builder.clone(),
+                })
                 .await
                 .map_err(|e| status_err("create", e))?
                 .into_inner();
@@ -207,7 +229,10 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                     }
                     return Ok(ExitCode::SUCCESS);
                 }
-                eprintln!("gomote: waiting for a {builder} buildlet ({} ahead)", msg.waiters_ahead);
+                eprintln!(
+                    "gomote: waiting for a {builder} buildlet ({} ahead)",
+                    msg.waiters_ahead
+                );
             }
             bail!("create: the coordinator ended the stream without an instance")
         }
@@ -222,19 +247,29 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 for i in list.instances {
-                    println!("{}\t{}\t{}\texpires {}", i.name, i.builder, i.host_type, i.expires_unix);
+                    println!(
+                        "{}\t{}\t{}\texpires {}",
+                        i.name, i.builder, i.host_type, i.expires_unix
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Destroy { instance } => {
-            c.destroy_instance(cp::DestroyInstanceRequest { name: instance.clone() })
-                .await
-                .map_err(|e| status_err("destroy", e))?;
+            c.destroy_instance(cp::DestroyInstanceRequest {
+                name: instance.clone(),
+            })
+            .await
+            .map_err(|e| status_err("destroy", e))?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Put { instance, file, dest } => {
-            let contents = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        Cmd::Put {
+            instance,
+            file,
+            dest,
+        } => {
+            let contents =
+                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
             let mode = file_mode(file)?;
             let dest = match dest {
                 Some(d) => d.clone(),
@@ -246,23 +281,43 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             };
             c.write_file(cp::InstanceWriteFileRequest {
                 instance: instance.clone(),
-                request: Some(bp::WriteFileRequest { path: dest, mode, contents }),
+                request: Some(bp::WriteFileRequest {
+                    path: dest,
+                    mode,
+                    contents,
+                }),
             })
             .await
             .map_err(|e| status_err("put", e))?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Puttar { instance, file, dir } => {
-            let data = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        Cmd::Puttar {
+            instance,
+            file,
+            dir,
+        } => {
+            let data =
+                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
             let resp = put_tar(&mut c, instance, dir, data).await?;
-            eprintln!("gomote: extracted {} entries ({} bytes)", resp.entries, resp.bytes);
+            eprintln!(
+                "gomote: extracted {} entries ({} bytes)",
+                resp.entries, resp.bytes
+            );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Push { instance, dir, dest } => {
+        Cmd::Push {
+            instance,
+            dir,
+            dest,
+        } => {
             push(&mut c, instance, dir, dest).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Gettar { instance, dir, output } => {
+        Cmd::Gettar {
+            instance,
+            dir,
+            output,
+        } => {
             let mut s = c
                 .get_tar(cp::InstanceGetTarRequest {
                     instance: instance.clone(),
@@ -272,7 +327,10 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                 .map_err(|e| status_err("gettar", e))?
                 .into_inner();
             let mut out: Box<dyn Write> = match output {
-                Some(p) => Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
+                Some(p) => Box::new(
+                    std::fs::File::create(p)
+                        .with_context(|| format!("creating {}", p.display()))?,
+                ),
                 None => {
                     if std::io::stdout().is_terminal() {
                         bail!("refusing to write a tarball to a terminal; use -o FILE or redirect");
@@ -286,7 +344,13 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             out.flush()?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Run { instance, dir, env, timeout, cmd } => {
+        Cmd::Run {
+            instance,
+            dir,
+            env,
+            timeout,
+            cmd,
+        } => {
             let (program, args) = cmd.split_first().context("missing command")?;
             for kv in env {
                 if !kv.contains('=') {
@@ -303,7 +367,9 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                         env: env.clone(),
                         env_mode: bp::EnvMode::Add as i32,
                         path: vec![],
-                        timeout_ms: timeout.map(|t| Duration::from(t).as_millis() as u64).unwrap_or(0),
+                        timeout_ms: timeout
+                            .map(|t| Duration::from(t).as_millis() as u64)
+                            .unwrap_or(0),
                     }),
                 })
                 .await
@@ -341,7 +407,12 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             }
             bail!("run: the stream ended without an exit status (buildlet lost?)")
         }
-        Cmd::Ls { instance, dir, recursive, digest } => {
+        Cmd::Ls {
+            instance,
+            dir,
+            recursive,
+            digest,
+        } => {
             let entries = list(&mut c, instance, dir, *recursive, *digest).await?;
             if cli.json {
                 let v: Vec<_> = entries
@@ -351,7 +422,11 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 for e in entries {
-                    let digest = if e.sha256.is_empty() { String::new() } else { format!("\t{}", e.sha256) };
+                    let digest = if e.sha256.is_empty() {
+                        String::new()
+                    } else {
+                        format!("\t{}", e.sha256)
+                    };
                     println!("{:o}\t{}\t{}{digest}", e.mode, e.size, e.name);
                 }
             }
@@ -360,14 +435,21 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         Cmd::Rm { instance, paths } => {
             c.remove(cp::InstanceRemoveRequest {
                 instance: instance.clone(),
-                request: Some(bp::RemoveRequest { paths: paths.clone() }),
+                request: Some(bp::RemoveRequest {
+                    paths: paths.clone(),
+                }),
             })
             .await
             .map_err(|e| status_err("rm", e))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Ssh { instance } => ssh(&mut c, instance).await,
-        Cmd::Try { repo, rev, builders, patch } => try_run(&mut c, cli.json, repo, rev, builders, patch.as_deref()).await,
+        Cmd::Try {
+            repo,
+            rev,
+            builders,
+            patch,
+        } => try_run(&mut c, cli.json, repo, rev, builders, patch.as_deref()).await,
     }
 }
 
@@ -387,13 +469,20 @@ fn file_mode(path: &Path) -> Result<u32> {
         & 0o777)
 }
 
-async fn put_tar(c: &mut Client, instance: &str, dir: &str, data: Vec<u8>) -> Result<bp::PutTarResponse> {
+async fn put_tar(
+    c: &mut Client,
+    instance: &str,
+    dir: &str,
+    data: Vec<u8>,
+) -> Result<bp::PutTarResponse> {
     let total = data.len() as u64;
     let bar = progress_bar(total);
     let mut msgs = vec![cp::InstancePutTarRequest {
         instance: instance.to_owned(),
         request: Some(bp::PutTarRequest {
-            msg: Some(bp::put_tar_request::Msg::Header(bp::PutTarHeader { dir: dir.to_owned() })),
+            msg: Some(bp::put_tar_request::Msg::Header(bp::PutTarHeader {
+                dir: dir.to_owned(),
+            })),
         }),
     }];
     for chunk in data.chunks(64 << 10) {
@@ -406,11 +495,18 @@ async fn put_tar(c: &mut Client, instance: &str, dir: &str, data: Vec<u8>) -> Re
     }
     let bar2 = bar.clone();
     let stream = futures::stream::iter(msgs).inspect(move |m| {
-        if let Some(bp::PutTarRequest { msg: Some(bp::put_tar_request::Msg::Data(d)) }) = &m.request {
+        if let Some(bp::PutTarRequest {
+            msg: Some(bp::put_tar_request::Msg::Data(d)),
+        }) = &m.request
+        {
             bar2.inc(d.len() as u64);
         }
     });
-    let resp = c.put_tar(stream).await.map_err(|e| status_err("puttar", e))?.into_inner();
+    let resp = c
+        .put_tar(stream)
+        .await
+        .map_err(|e| status_err("puttar", e))?
+        .into_inner();
     bar.finish_and_clear();
     Ok(resp)
 }
@@ -421,17 +517,30 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(total);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec}") {
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
+    {
         bar.set_style(style);
     }
     bar
 }
 
-async fn list(c: &mut Client, instance: &str, dir: &str, recursive: bool, digest: bool) -> Result<Vec<bp::ListEntry>> {
+async fn list(
+    c: &mut Client,
+    instance: &str,
+    dir: &str,
+    recursive: bool,
+    digest: bool,
+) -> Result<Vec<bp::ListEntry>> {
     let mut s = c
         .list(cp::InstanceListRequest {
             instance: instance.to_owned(),
-            request: Some(bp::ListRequest { dir: dir.to_owned(), recursive, digest, skip: vec![] }),
+            request: Some(bp::ListRequest {
+                dir: dir.to_owned(),
+                recursive,
+                digest,
+                skip: vec![],
+            }),
         })
         .await
         .map_err(|e| status_err("ls", e))?
@@ -452,8 +561,12 @@ fn local_digests(dir: &Path) -> Result<BTreeMap<String, String>> {
             continue;
         }
         let rel = entry.path().strip_prefix(dir)?;
-        let rel = rel.to_str().with_context(|| format!("{} is not UTF-8", rel.display()))?.replace('\\', "/");
-        let data = std::fs::read(entry.path()).with_context(|| format!("reading {}", entry.path().display()))?;
+        let rel = rel
+            .to_str()
+            .with_context(|| format!("{} is not UTF-8", rel.display()))?
+            .replace('\\', "/");
+        let data = std::fs::read(entry.path())
+            .with_context(|| format!("reading {}", entry.path().display()))?;
         out.insert(rel, hex::encode(Sha256::digest(&data)));
     }
     Ok(out)
@@ -467,7 +580,11 @@ async fn push(c: &mut Client, instance: &str, dir: &Path, dest: &str) -> Result<
         .await
         .or_else(|e| {
             // A missing destination is an empty one.
-            if format!("{e:#}").contains("NotFound") { Ok(vec![]) } else { Err(e) }
+            if format!("{e:#}").contains("NotFound") {
+                Ok(vec![])
+            } else {
+                Err(e)
+            }
         })?
         .into_iter()
         .filter(|e| !e.is_dir && !e.is_symlink)
@@ -481,10 +598,19 @@ async fn push(c: &mut Client, instance: &str, dir: &Path, dest: &str) -> Result<
     let gone: Vec<String> = remote
         .keys()
         .filter(|name| !local.contains_key(*name))
-        .map(|name| if dest.is_empty() { name.clone() } else { format!("{}/{name}", dest.trim_end_matches('/')) })
+        .map(|name| {
+            if dest.is_empty() {
+                name.clone()
+            } else {
+                format!("{}/{name}", dest.trim_end_matches('/'))
+            }
+        })
         .collect();
     if !changed.is_empty() {
-        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
         for name in &changed {
             builder
                 .append_path_with_name(dir.join(name.as_str()), name.as_str())
@@ -496,7 +622,9 @@ async fn push(c: &mut Client, instance: &str, dir: &Path, dest: &str) -> Result<
     if !gone.is_empty() {
         c.remove(cp::InstanceRemoveRequest {
             instance: instance.to_owned(),
-            request: Some(bp::RemoveRequest { paths: gone.clone() }),
+            request: Some(bp::RemoveRequest {
+                paths: gone.clone(),
+            }),
         })
         .await
         .map_err(|e| status_err("push (remove)", e))?;
@@ -542,7 +670,9 @@ async fn ssh(c: &mut Client, instance: &str) -> Result<ExitCode> {
                 Ok(n) => {
                     let msg = cp::InstanceShellInput {
                         instance: String::new(),
-                        input: Some(bp::ShellInput { msg: Some(bp::shell_input::Msg::Stdin(buf[..n].to_vec())) }),
+                        input: Some(bp::ShellInput {
+                            msg: Some(bp::shell_input::Msg::Stdin(buf[..n].to_vec())),
+                        }),
                     };
                     if tx.send(msg).await.is_err() {
                         break;
@@ -572,7 +702,12 @@ async fn ssh(c: &mut Client, instance: &str) -> Result<ExitCode> {
 }
 
 fn terminal_size() -> Option<(u32, u32)> {
-    let mut ws = nix::libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    let mut ws = nix::libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCGWINSZ writes one winsize struct through the pointer we pass.
     let r = unsafe { nix::libc::ioctl(0, nix::libc::TIOCGWINSZ, &mut ws) };
     (r == 0 && ws.ws_row > 0).then_some((u32::from(ws.ws_row), u32::from(ws.ws_col)))
@@ -601,7 +736,11 @@ impl RawMode {
 impl Drop for RawMode {
     fn drop(&mut self) {
         if let Some(orig) = self.0.take() {
-            let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, &orig);
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                &orig,
+            );
         }
     }
 }
@@ -683,20 +822,40 @@ async fn try_run(
             .iter()
             .map(|b| serde_json::json!({"builder": b.builder, "state": b.state, "log_url": b.log_url}))
             .collect();
-        println!("{}", serde_json::json!({"try_id": state.try_id, "verdict": state.verdict, "builders": builders}));
+        println!(
+            "{}",
+            serde_json::json!({"try_id": state.try_id, "verdict": state.verdict, "builders": builders})
+        );
     } else {
         println!("verdict: {}", state.verdict);
     }
-    Ok(if state.verdict == "ok" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if state.verdict == "ok" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn render_try(state: &cp::TryState) -> String {
     let mut out = String::new();
-    let width = state.builders.iter().map(|b| b.builder.len()).max().unwrap_or(7).max(7);
+    let width = state
+        .builders
+        .iter()
+        .map(|b| b.builder.len())
+        .max()
+        .unwrap_or(7)
+        .max(7);
     for b in &state.builders {
         let secs = b.elapsed_ms / 1000;
-        let link = if matches!(b.state.as_str(), "failed" | "infra-failure") { b.log_url.as_str() } else { "" };
-        out.push_str(&format!("{:<width$}  {:<13} {:>4}s  {link}\n", b.builder, b.state, secs));
+        let link = if matches!(b.state.as_str(), "failed" | "infra-failure") {
+            b.log_url.as_str()
+        } else {
+            ""
+        };
+        out.push_str(&format!(
+            "{:<width$}  {:<13} {:>4}s  {link}\n",
+            b.builder, b.state, secs
+        ));
     }
     out
 }

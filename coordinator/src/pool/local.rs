@@ -118,7 +118,7 @@ impl LocalPool {
         connect.client_identity = Some(o.client_identity.clone());
         let client = BuildletClient::connect(connect)
             .await
-        .map_err(|e| start_err(format!("connecting to {addr}: {e}")))?;
+            .map_err(|e| start_err(format!("connecting to {addr}: {e}")))?;
 
         let lost = CancellationToken::new();
         let stop = CancellationToken::new();
@@ -147,10 +147,16 @@ impl LocalPool {
         }
         info!(buildlet = %name, %addr, "local buildlet started");
         let in_use = self.in_use.clone();
-        Ok(Lease::new(client, name, o.host_type.clone(), lost, move || {
-            stop.cancel();
-            in_use.fetch_sub(1, Ordering::SeqCst);
-        }))
+        Ok(Lease::new(
+            client,
+            name,
+            o.host_type.clone(),
+            lost,
+            move || {
+                stop.cancel();
+                in_use.fetch_sub(1, Ordering::SeqCst);
+            },
+        ))
     }
 }
 

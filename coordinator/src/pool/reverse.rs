@@ -58,7 +58,10 @@ impl ReversePool {
     }
 
     fn unclaim(&self, id: HostId) {
-        self.busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
         self.released.notify_waiters();
     }
 }
@@ -107,7 +110,10 @@ impl Pool for ReversePool {
                     Ok(c) => c,
                     Err(e) => {
                         self.unclaim(id);
-                        return Err(PoolError::Start { host_type: self.host_type.clone(), message: e.to_string() });
+                        return Err(PoolError::Start {
+                            host_type: self.host_type.clone(),
+                            message: e.to_string(),
+                        });
                     }
                 };
                 // Start every lease from an empty workdir, as the Go farm did.
