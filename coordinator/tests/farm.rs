@@ -473,3 +473,137 @@ async fn gomote_commands_end_to_end() {
     assert!(!list.contains(&inst), "{list}");
     farm.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_push_webhook_triggers_a_poll_and_a_bad_signature_is_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let repo = tmp.path().join("repo");
+    let data = tmp.path().join("data");
+    make_go_repo(&repo);
+    // Polls only hourly: only the webhook can make the second commit show up in time.
+    let cfg_text = config(&data, &repo, "")
+        .replace("repo_poll_interval = \"1s\"", "repo_poll_interval = \"1h\"")
+        .replace(
+            "branches = [\"main\"]\n",
+            "branches = [\"main\"]\nwebhook_secret = \"s3cret\"\n",
+        );
+    let cfg = tmp.path().join("coordinator.toml");
+    std::fs::write(&cfg, cfg_text).expect("write config");
+    let farm = TestFarm::start(&cfg, &data).await;
+
+    std::fs::write(
+        repo.join("more.go"),
+        "package t\n\n// More is new.\nconst More = 2\n",
+    )
+    .expect("write");
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "--quiet", "-m", "pushed commit"]);
+    let rev = git(&repo, &["rev-parse", "HEAD"]);
+    let url = format!("http://{}/webhook/t", farm.addr);
+    let body = br#"{"ref":"refs/heads/main"}"#.to_vec();
+
+    let resp = farm
+        .http
+        .post(&url)
+        .body(body.clone())
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status().as_u16(), 401, "no signature");
+    let resp = farm
+        .http
+        .post(&url)
+        .header("X-Hub-Signature-256", "sha256=00")
+        .body(body.clone())
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status().as_u16(), 403, "wrong signature");
+    let resp = farm
+        .http
+        .post(format!("http://{}/webhook/nope", farm.addr))
+        .body(body.clone())
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status().as_u16(), 404, "unknown repo");
+
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"s3cret").expect("hmac");
+    mac.update(&body);
+    let sig = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    let resp = farm
+        .http
+        .post(&url)
+        .header("X-Hub-Signature-256", sig)
+        .body(body)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status().as_u16(), 202);
+    let builds = farm.wait_final_builds("t", &rev, 3).await;
+    assert_eq!(by_builder(&builds, &host_builder())["state"], "ok");
+    farm.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_gomote_instances_expire_and_ssh_runs_a_shell() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let repo = tmp.path().join("repo");
+    let data = tmp.path().join("data");
+    make_go_repo(&repo);
+    let cfg_text = config(&data, &repo, "").replace(
+        "max_attempts = 3\n",
+        "max_attempts = 3\ngomote_idle_timeout = \"3s\"\n",
+    );
+    let cfg = tmp.path().join("coordinator.toml");
+    std::fs::write(&cfg, cfg_text).expect("write config");
+    let farm = TestFarm::start(&cfg, &data).await;
+
+    let out = farm
+        .gomote()
+        .args(["create", &host_builder()])
+        .output()
+        .expect("gomote");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inst = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+
+    // ssh with a piped stdin: the remote shell reads our commands and its exit code
+    // becomes gomote's.
+    let mut child = farm
+        .gomote()
+        .args(["ssh", &inst])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("gomote ssh");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"echo hello-from-$((6*7))\nexit 5\n")
+            .expect("write");
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hello-from-42"));
+
+    // Unused for longer than the idle timeout: gone.
+    eventually("the instance to expire", || {
+        let out = farm.gomote().arg("list").output().ok()?;
+        (!String::from_utf8_lossy(&out.stdout).contains(&inst)).then_some(())
+    })
+    .await;
+    let out = farm
+        .gomote()
+        .args(["run", &inst, "--", "true"])
+        .output()
+        .expect("gomote");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
+    farm.kill().await;
+}
