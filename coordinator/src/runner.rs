@@ -166,6 +166,9 @@ async fn run_attempts(
                 farm.finish(build, state, &summary, &log.contents()).await;
                 return;
             }
+            // The build's token is a child of the coordinator's: on shutdown the build
+            // stays unfinished in the store, and the next coordinator resumes it.
+            Outcome::Cancelled if farm.shutdown.is_cancelled() => return,
             Outcome::Cancelled => {
                 log.note("cancelled");
                 farm.finish(build, BuildState::Cancelled, "cancelled", &log.contents())
