@@ -269,7 +269,17 @@ fn process_tree_contains(pid: i32, needle: &str) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_restarted_coordinator_resumes_queued_and_running_work() {
+async fn a_killed_coordinator_resumes_queued_and_running_work_on_restart() {
+    restart_resumes(nix::sys::signal::Signal::SIGKILL).await;
+}
+
+/// SIGTERM is an orderly stop: running builds must stay resumable, not be cancelled.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_coordinator_resumes_queued_and_running_work_on_restart() {
+    restart_resumes(nix::sys::signal::Signal::SIGTERM).await;
+}
+
+async fn restart_resumes(signal: nix::sys::signal::Signal) {
     let tmp0 = tempfile::tempdir().expect("tempdir");
     let gate = tmp0.path().join("gate");
     // Steps wait for the gate file, so work is running (2 slots) and queued when the
@@ -288,8 +298,16 @@ steps = [{{ name = "wait", command = ["sh", "-c", "while [ ! -e {g} ]; do sleep 
     let farm = TestFarm::start(&cfg, &data).await;
     let running = farm.wait_running("t", &rev, "linux-amd64-gated").await;
     assert!(running["id"].is_string());
-    // kill -9: no chance to record anything.
-    farm.kill().await;
+    let pid = farm.child.id().expect("coordinator pid") as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal coordinator");
+    let mut farm = farm;
+    let status = tokio::time::timeout(WAIT, farm.child.wait())
+        .await
+        .expect("coordinator exits")
+        .expect("wait");
+    if signal == nix::sys::signal::Signal::SIGTERM {
+        assert!(status.success(), "an orderly stop exits 0: {status}");
+    }
     // Its buildlets die with it (kill_on_drop does not reach them on SIGKILL, so reap).
     for pid in buildlet_pids(&data.display().to_string()) {
         let _ = nix::sys::signal::kill(

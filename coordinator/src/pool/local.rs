@@ -73,7 +73,17 @@ impl LocalPool {
         let stderr = std::fs::File::create(&stderr_path)
             .map_err(|e| start_err(format!("creating {}: {e}", stderr_path.display())))?;
 
-        let mut child = Command::new(&o.buildlet_bin)
+        let mut cmd = Command::new(&o.buildlet_bin);
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // prctl(2), which is async-signal-safe. A buildlet must not outlive a
+        // coordinator that crashed (kill_on_drop only covers orderly exits).
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let mut child = cmd
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--workdir")
