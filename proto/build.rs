@@ -1,7 +1,11 @@
 //! Compiles the `.proto` files with `protox` (pure Rust), so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/buildlet.proto", "proto/coordinator.proto", "proto/revdial.proto"];
+    let files = [
+        "proto/buildlet.proto",
+        "proto/coordinator.proto",
+        "proto/revdial.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
