@@ -1,11 +1,17 @@
-//! The `buildlet` binary. Listen mode: `buildlet --listen ADDR --workdir DIR
-//! --tls-cert F --tls-key F [--client-ca F] [--auth-key-file F]` serves the buildlet
-//! service over TLS; `buildlet version` prints the version.
+//! The `buildlet` binary.
+//!
+//! - Listen mode: `buildlet --listen ADDR --workdir DIR --tls-cert F --tls-key F
+//!   [--client-ca F] [--auth-key-file F]` serves the buildlet service over TLS.
+//! - Reverse mode: `buildlet --reverse https://HOST:PORT --host-type H --workdir DIR
+//!   --ca-file F (--builder-key-file F | --host-token-id ID --host-token-file F)` dials
+//!   the coordinator and serves the same service over the tunnel (see `reverse.rs`).
+//! - `buildlet keygen --master-key-file F --host-type H` prints a builder key;
+//!   `buildlet version` prints the version.
 //!
 //! Order (thin main): tracing to stderr, crypto provider, parse and validate (bad
-//! arguments: message on stderr, exit 64), bind, print exactly one line
-//! `buildlet listening on <addr>` to stdout, serve until SIGTERM/SIGINT or Halt, kill
-//! running commands, exit 0.
+//! arguments: message on stderr, exit 64), bind (listen mode: print exactly one line
+//! `buildlet listening on <addr>` to stdout) or dial, serve until SIGTERM/SIGINT or
+//! Halt, kill running commands, exit 0.
 //!
 //! The workdir is created if missing; tarballs are staged in `<workdir>.staging`,
 //! beside it (same filesystem, so moving into place is a rename).
@@ -23,6 +29,8 @@ use bytesize::ByteSize;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+mod reverse;
+
 /// Exit code for bad command-line arguments (EX_USAGE).
 const EXIT_USAGE: u8 = 64;
 /// How long running calls get to finish after shutdown starts.
@@ -38,12 +46,23 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     listen: ListenArgs,
+    #[command(flatten)]
+    reverse: reverse::ReverseArgs,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Print the version and exit.
     Version,
+    /// Print the builder key of a host type, derived from the coordinator's master key.
+    Keygen {
+        /// The coordinator's master key file (hex, as the coordinator writes it).
+        #[arg(long)]
+        master_key_file: PathBuf,
+        /// Host type the key is for.
+        #[arg(long)]
+        host_type: String,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -66,7 +85,7 @@ struct ListenArgs {
     /// File holding the bearer key callers may present instead of a certificate.
     #[arg(long)]
     auth_key_file: Option<PathBuf>,
-    /// Host type reported by Status.
+    /// Host type reported by Status (required in reverse mode).
     #[arg(long, default_value = "")]
     host_type: String,
     /// Largest uncompressed tarball accepted.
@@ -77,10 +96,13 @@ struct ListenArgs {
     max_tar_entries: u64,
 }
 
-/// What the process does; reverse mode (dialling the coordinator) joins `Listen` here.
+/// What the process does.
 enum Mode {
     Version,
+    /// Print this (a builder key) and exit.
+    Print(String),
     Listen(Box<ListenConfig>),
+    Reverse(Box<reverse::ReverseConfig>),
 }
 
 struct ListenConfig {
@@ -93,13 +115,21 @@ struct ListenConfig {
 
 /// Turns arguments into a mode, reading the files they name; binds nothing.
 fn validate(cli: Cli) -> anyhow::Result<Mode> {
-    if let Some(Command::Version) = cli.command {
-        return Ok(Mode::Version);
+    match cli.command {
+        Some(Command::Version) => return Ok(Mode::Version),
+        Some(Command::Keygen {
+            master_key_file,
+            host_type,
+        }) => return reverse::keygen(&master_key_file, &host_type).map(Mode::Print),
+        None => {}
     }
     let a = cli.listen;
+    if cli.reverse.reverse.is_some() {
+        return reverse::validate(cli.reverse, a).map(|c| Mode::Reverse(Box::new(c)));
+    }
     let mut missing = Vec::new();
     if a.listen.is_none() {
-        missing.push("--listen");
+        missing.push("--listen (or --reverse)");
     }
     if a.workdir.is_none() {
         missing.push("--workdir");
@@ -110,6 +140,7 @@ fn validate(cli: Cli) -> anyhow::Result<Mode> {
     if a.tls_key.is_none() {
         missing.push("--tls-key");
     }
+    let limits = tar_limits(&a);
     let (Some(listen), Some(workdir), Some(cert), Some(key)) =
         (a.listen, a.workdir, a.tls_cert, a.tls_key)
     else {
@@ -140,12 +171,8 @@ fn validate(cli: Cli) -> anyhow::Result<Mode> {
         );
     }
     let mut server = ServerConfig::new(workdir);
+    server.tar_limits = limits;
     server.host_type = a.host_type;
-    server.tar_limits = Limits {
-        max_bytes: a.max_tar_bytes.as_u64(),
-        max_entries: a.max_tar_entries,
-        ..Limits::default()
-    };
     // Make sure the config is usable before binding.
     let _ = revdial::tls::server_config(&identity, client_ca.as_deref(), &[revdial::tls::ALPN_H2])
         .context("building the tls config")?;
@@ -156,6 +183,14 @@ fn validate(cli: Cli) -> anyhow::Result<Mode> {
         client_ca,
         policy: AuthPolicy::new(bearer.as_deref()),
     })))
+}
+
+fn tar_limits(a: &ListenArgs) -> Limits {
+    Limits {
+        max_bytes: a.max_tar_bytes.as_u64(),
+        max_entries: a.max_tar_entries,
+        ..Limits::default()
+    }
 }
 
 async fn run_listen(cfg: Box<ListenConfig>) -> anyhow::Result<()> {
@@ -241,26 +276,35 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    match mode {
+    let run = match mode {
         Mode::Version => {
             println!("buildlet {}", server::VERSION);
-            ExitCode::SUCCESS
+            return ExitCode::SUCCESS;
         }
-        Mode::Listen(cfg) => {
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("buildlet: starting the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match rt.block_on(run_listen(cfg)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "buildlet failed");
-                    ExitCode::FAILURE
-                }
-            }
+        Mode::Print(line) => {
+            println!("{line}");
+            return ExitCode::SUCCESS;
+        }
+        Mode::Listen(cfg) => run_in_runtime(run_listen(cfg)),
+        Mode::Reverse(cfg) => run_in_runtime(reverse::run(*cfg)),
+    };
+    match run {
+        Ok(()) => ExitCode::SUCCESS,
+        // A config the dialer refuses to start with is bad usage, like a bad flag.
+        Err(e) if e.downcast_ref::<revdial::DialerError>().is_some() => {
+            eprintln!("buildlet: {e:#}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "buildlet failed");
+            ExitCode::FAILURE
         }
     }
+}
+
+fn run_in_runtime(
+    fut: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    rt.block_on(fut)
 }
