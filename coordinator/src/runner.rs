@@ -334,8 +334,7 @@ async fn steps(
             }
         }
     }
-    Outcome::Done(
-        BuildState::Ok,
-        format!("{} steps passed", builder.steps.len()),
-    )
+    let n = builder.steps.len();
+    let plural = if n == 1 { "" } else { "s" };
+    Outcome::Done(BuildState::Ok, format!("{n} step{plural} passed"))
 }
