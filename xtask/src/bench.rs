@@ -55,6 +55,10 @@ pub fn run(root: &Path, filter: Option<&str>) -> Result<()> {
 
 /// Runs the benchmarks in this (release) process.
 pub fn inner(root: &Path, filter: Option<&str>) -> Result<()> {
+    if filter == Some(super::bench_revdial::FLEET_CHILD) {
+        // Not a bench: the dialer process of the revdial fleet bench.
+        return super::bench_revdial::fleet_child();
+    }
     revdial::tls::install_crypto_provider();
     let rt = tokio::runtime::Runtime::new()?;
     let out_dir = super::target_dir(root).join("bench");
@@ -67,6 +71,12 @@ pub fn inner(root: &Path, filter: Option<&str>) -> Result<()> {
     let want = |name: &str| filter.is_none_or(|f| name.contains(f));
     if want("buildlet") {
         figures.extend(rt.block_on(buildlet_benches(&release, &out_dir))?);
+    }
+    if want("revdial") {
+        figures.extend(rt.block_on(super::bench_revdial::revdial_benches())?);
+    }
+    if want("farm") {
+        figures.extend(rt.block_on(super::bench_farm::farm_benches(&release, &out_dir))?);
     }
     if want("pages") {
         figures.extend(rt.block_on(super::bench_pages::pages_benches())?);

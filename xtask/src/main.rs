@@ -7,7 +7,9 @@
 //! - `fuzz`: each `cargo fuzz` target for a bounded time (needs nightly + cargo-fuzz).
 
 mod bench;
+mod bench_farm;
 mod bench_pages;
+mod bench_revdial;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

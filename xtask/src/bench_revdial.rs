@@ -1,0 +1,762 @@
+//! Benches of reverse tunnels (`revdial`), each against a plain-socket or forward-gRPC
+//! reference measured in the same run, all on loopback:
+//!
+//! - throughput of a server-streaming gRPC call through a tunnel vs writing the same
+//!   bytes over raw TCP and over raw TLS (tokio-rustls);
+//! - latency of a small unary call (`Tunnel.Ping`) through a tunnel vs a forward gRPC
+//!   connection over TLS to the same service;
+//! - an idle fleet: N tunnels held by one listener in this process, the dialers in a
+//!   child process (this binary again, see [`FLEET_CHILD`]), so memory and CPU are the
+//!   listener's alone; the memory reference is N idle raw TLS connections.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use buildfarm_proto::buildlet::buildlet_client::BuildletClient;
+use buildfarm_proto::buildlet::buildlet_server::{Buildlet, BuildletServer};
+use buildfarm_proto::buildlet::*;
+use buildfarm_proto::revdial::PingRequest;
+use buildfarm_proto::revdial::tunnel_client::TunnelClient;
+use futures::Stream;
+use revdial::tls::{self, CertificateAuthority};
+use revdial::{
+    Authenticator, Credential, DialerConfig, HostEvent, Listener, ListenerConfig, TunnelService,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::bench::Figure;
+
+const MASTER: &[u8] = b"bench master key";
+const HOST_TYPE: &str = "linux-amd64";
+/// Bytes streamed by the throughput bench.
+const STREAM_BYTES: usize = 256 << 20;
+/// Write and message size: the real buildlet's GetTar chunk.
+const CHUNK: usize = 64 << 10;
+const PINGS: usize = 1000;
+/// The bench filter under which `bench-inner` runs as the fleet's dialer process.
+pub const FLEET_CHILD: &str = "__revdial_fleet_child";
+/// How long the idle fleet is watched.
+const IDLE: Duration = Duration::from_secs(10);
+
+pub async fn revdial_benches() -> Result<Vec<Figure>> {
+    let mut figures = throughput_and_latency().await?;
+    figures.extend(fleet().await?);
+    Ok(figures)
+}
+
+/// A listener behind `revdial::serve` on loopback, with its own CA.
+struct TunnelFarm {
+    ca: CertificateAuthority,
+    listener: Listener,
+    addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl TunnelFarm {
+    async fn start(cfg: ListenerConfig) -> Result<TunnelFarm> {
+        let ca = CertificateAuthority::generate("bench ca")?;
+        let server = ca.issue_server(&["localhost", "127.0.0.1"])?;
+        let tls_cfg = tls::server_config(&server, None, &[tls::ALPN_REVDIAL])?;
+        let tcp = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = tcp.local_addr()?;
+        let listener = Listener::new(Authenticator::new(MASTER.to_vec()), cfg);
+        let stop = CancellationToken::new();
+        tokio::spawn(revdial::serve(tcp, tls_cfg, listener.clone(), stop.clone()));
+        Ok(TunnelFarm {
+            ca,
+            listener,
+            addr,
+            stop,
+        })
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.listener.shutdown().await;
+    }
+}
+
+fn dialer_config(addr: &str, ca_pem: &str, hostname: &str, keepalive: Duration) -> DialerConfig {
+    let mut cfg = DialerConfig::new(
+        addr,
+        ca_pem,
+        HOST_TYPE,
+        hostname,
+        "bench-1",
+        Credential::BuilderKey(revdial::builder_key(MASTER, HOST_TYPE)),
+    );
+    cfg.server_name = Some("localhost".into());
+    cfg.keepalive_interval = keepalive;
+    cfg
+}
+
+fn bench_routes() -> Routes {
+    Routes::new(BuildletServer::new(StreamBuildlet))
+}
+
+async fn throughput_and_latency() -> Result<Vec<Figure>> {
+    let farm = TunnelFarm::start(ListenerConfig::default()).await?;
+    let mut events = farm.listener.registry().subscribe();
+    let dialer_stop = CancellationToken::new();
+    let cfg = dialer_config(
+        &farm.addr.to_string(),
+        farm.ca.cert_pem(),
+        "bench-1",
+        Duration::from_secs(5),
+    );
+    let dialer = tokio::spawn(revdial::run_dialer(
+        cfg,
+        bench_routes(),
+        dialer_stop.clone(),
+    ));
+    let id = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.recv().await {
+                Ok(HostEvent::Connected(info)) => return Ok(info.id),
+                Ok(_) => {}
+                Err(e) => bail!("registry events: {e}"),
+            }
+        }
+    })
+    .await
+    .context("the dialer did not connect within 10 s")??;
+    let host = farm.listener.registry().get(id).context("host vanished")?;
+
+    // 1. Throughput.
+    let mut client = BuildletClient::new(host.channel.clone());
+    let tunnel = time_stream(&mut client).await?;
+    let tcp = raw_tcp_stream().await?;
+    let tls_time = raw_tls_stream().await?;
+    let mb = STREAM_BYTES as f64 / 1e6;
+    let rate = |d: Duration| mb / d.as_secs_f64();
+    let mut figures = vec![
+        Figure {
+            name: "revdial_stream_vs_tls".into(),
+            measured: rate(tunnel),
+            baseline: rate(tls_time),
+            unit: "MB/s".into(),
+            ratio: tls_time.as_secs_f64() / tunnel.as_secs_f64(),
+            note: format!(
+                "{mb:.0} MB gRPC GetTar stream through a tunnel; baseline: raw tokio-rustls write; target >= 0.8"
+            ),
+        },
+        Figure {
+            name: "revdial_stream_vs_tcp".into(),
+            measured: rate(tunnel),
+            baseline: rate(tcp),
+            unit: "MB/s".into(),
+            ratio: tcp.as_secs_f64() / tunnel.as_secs_f64(),
+            note: format!("{mb:.0} MB; baseline: raw TCP write of 64 KiB chunks"),
+        },
+    ];
+
+    // The same stream over a forward gRPC connection: is the cost the tunnel's or gRPC's?
+    let fwd = ForwardServer::start().await?;
+    let forward_stream = time_stream(&mut BuildletClient::new(fwd.channel.clone())).await?;
+    figures.push(Figure {
+        name: "revdial_stream_vs_grpc".into(),
+        measured: rate(tunnel),
+        baseline: rate(forward_stream),
+        unit: "MB/s".into(),
+        ratio: forward_stream.as_secs_f64() / tunnel.as_secs_f64(),
+        note: format!(
+            "{mb:.0} MB; baseline: the same GetTar over a forward gRPC/TLS connection (default windows)"
+        ),
+    });
+
+    // 2. Small-call latency: the same Ping service, through the tunnel and forward.
+    let mut via_tunnel = TunnelClient::new(host.channel.clone());
+    let mut forward = TunnelClient::new(fwd.channel.clone());
+    let mut t_tunnel = Vec::with_capacity(PINGS);
+    let mut t_forward = Vec::with_capacity(PINGS);
+    for i in 0..PINGS + 50 {
+        let t = Instant::now();
+        via_tunnel.ping(PingRequest {}).await?;
+        let a = t.elapsed();
+        let t = Instant::now();
+        forward.ping(PingRequest {}).await?;
+        let b = t.elapsed();
+        // The first calls warm up both connections.
+        if i >= 50 {
+            t_tunnel.push(a);
+            t_forward.push(b);
+        }
+    }
+    let (tun, fw) = (median(t_tunnel), median(t_forward));
+    figures.push(Figure {
+        name: "revdial_ping_latency".into(),
+        measured: tun.as_secs_f64() * 1e6,
+        baseline: fw.as_secs_f64() * 1e6,
+        unit: "us".into(),
+        ratio: fw.as_secs_f64() / tun.as_secs_f64(),
+        note: format!(
+            "median of {PINGS} unary Tunnel.Ping; baseline: forward gRPC over TLS to the same service"
+        ),
+    });
+    fwd.stop.cancel();
+
+    dialer_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), dialer).await;
+    farm.stop().await;
+    Ok(figures)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+async fn time_stream<C>(client: &mut BuildletClient<C>) -> Result<Duration>
+where
+    C: tonic::client::GrpcService<tonic::body::Body>,
+    C::Error: Into<tonic::codegen::StdError>,
+    C::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <C::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let t = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(300), async {
+        let mut stream = client
+            .get_tar(GetTarRequest {
+                dir: STREAM_BYTES.to_string(),
+            })
+            .await?
+            .into_inner();
+        let mut got = 0usize;
+        while let Some(chunk) = stream.message().await? {
+            got += chunk.data.len();
+        }
+        Ok::<_, Status>(got)
+    })
+    .await
+    .context("tunnel stream took over 300 s")??;
+    let elapsed = t.elapsed();
+    if got != STREAM_BYTES {
+        bail!("tunnel stream delivered {got} of {STREAM_BYTES} bytes");
+    }
+    Ok(elapsed)
+}
+
+async fn write_all_chunks(w: &mut (impl tokio::io::AsyncWrite + Unpin)) -> std::io::Result<()> {
+    let chunk = vec![0x5a_u8; CHUNK];
+    let mut left = STREAM_BYTES;
+    while left > 0 {
+        let n = left.min(CHUNK);
+        w.write_all(&chunk[..n]).await?;
+        left -= n;
+    }
+    w.shutdown().await
+}
+
+async fn read_count(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<usize> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut got = 0;
+    // Bounded: the writer sends exactly STREAM_BYTES, and the caller has a timeout.
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(got);
+        }
+        got += n;
+    }
+}
+
+async fn raw_tcp_stream() -> Result<Duration> {
+    let tcp = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = tcp.local_addr()?;
+    let writer = tokio::spawn(async move {
+        let (mut s, _) = tcp.accept().await?;
+        s.set_nodelay(true)?;
+        write_all_chunks(&mut s).await
+    });
+    let t = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(300), async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        read_count(&mut s).await
+    })
+    .await
+    .context("raw tcp stream took over 300 s")??;
+    let elapsed = t.elapsed();
+    writer.await??;
+    if got != STREAM_BYTES {
+        bail!("raw tcp delivered {got} of {STREAM_BYTES} bytes");
+    }
+    Ok(elapsed)
+}
+
+async fn raw_tls_stream() -> Result<Duration> {
+    let ca = CertificateAuthority::generate("bench raw tls")?;
+    let server = ca.issue_server(&["localhost"])?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&server, None, &[])?);
+    let connector = tokio_rustls::TlsConnector::from(tls::client_config(ca.cert_pem(), None, &[])?);
+    let tcp = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = tcp.local_addr()?;
+    let writer = tokio::spawn(async move {
+        let (s, _) = tcp.accept().await?;
+        s.set_nodelay(true)?;
+        let mut s = acceptor.accept(s).await?;
+        write_all_chunks(&mut s).await
+    });
+    let t = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(300), async {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        let mut s = connector.connect(tls::server_name("localhost")?, s).await?;
+        read_count(&mut s).await
+    })
+    .await
+    .context("raw tls stream took over 300 s")??;
+    let elapsed = t.elapsed();
+    writer.await??;
+    if got != STREAM_BYTES {
+        bail!("raw tls delivered {got} of {STREAM_BYTES} bytes");
+    }
+    Ok(elapsed)
+}
+
+/// The bench service served forward: a TLS gRPC server (the buildlet's own accept
+/// loop) and a channel to it.
+struct ForwardServer {
+    channel: tonic::transport::Channel,
+    stop: CancellationToken,
+}
+
+impl ForwardServer {
+    async fn start() -> Result<ForwardServer> {
+        let ca = CertificateAuthority::generate("bench forward")?;
+        let server = ca.issue_server(&["localhost"])?;
+        let server_tls = tls::server_config(&server, None, &[tls::ALPN_H2])?;
+        let tcp = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = tcp.local_addr()?;
+        let stop = CancellationToken::new();
+        let routes = bench_routes().add_service(TunnelService::server());
+        tokio::spawn(buildlet::server::serve_tls(
+            tcp,
+            server_tls,
+            routes,
+            stop.clone(),
+        ));
+        let channel = tls::connect_channel(
+            &addr.to_string(),
+            tls::server_name("localhost")?,
+            tls::client_config(ca.cert_pem(), None, &[tls::ALPN_H2])?,
+            Duration::from_secs(10),
+        )
+        .await?;
+        Ok(ForwardServer { channel, stop })
+    }
+}
+
+// ---- the idle fleet ----
+
+fn fleet_size() -> Result<usize> {
+    match std::env::var("BUILDFARM_BENCH_FLEET") {
+        Ok(s) => {
+            let n: usize = s
+                .parse()
+                .with_context(|| format!("BUILDFARM_BENCH_FLEET={s:?} is not a count"))?;
+            if !(1..=15_000).contains(&n) {
+                bail!("BUILDFARM_BENCH_FLEET must be in 1..=15000 (file descriptors)");
+            }
+            Ok(n)
+        }
+        Err(_) => Ok(1000),
+    }
+}
+
+/// Raises the soft open-file limit to the hard one.
+fn raise_nofile() -> Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain libc calls on a valid, owned struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            bail!("getrlimit: {}", std::io::Error::last_os_error());
+        }
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            bail!("setrlimit: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+fn rss_kib() -> Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc/self/status")
+}
+
+/// User plus system CPU time of this process.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage fills the struct we own.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// CPU time of another process from /proc/<pid>/stat (utime + stime).
+fn child_cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the ")" that ends the command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_millis(ticks * 1000 / hz))
+}
+
+fn trim_heap() {
+    // SAFETY: malloc_trim only returns free memory to the OS.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Spawns this binary as the fleet's dialer process.
+fn spawn_fleet_child(
+    mode: &str,
+    addr: SocketAddr,
+    ca_pem: &str,
+    n: usize,
+) -> Result<tokio::process::Child> {
+    let exe = std::env::current_exe()?;
+    tokio::process::Command::new(exe)
+        .arg("bench-inner")
+        .arg(FLEET_CHILD)
+        .env("BENCH_FLEET_MODE", mode)
+        .env("BENCH_FLEET_ADDR", addr.to_string())
+        .env("BENCH_FLEET_CA", ca_pem)
+        .env("BENCH_FLEET_N", n.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawning the fleet's dialer process")
+}
+
+/// Waits until `count()` reaches `n`, bounded by `within`.
+async fn wait_count(
+    what: &str,
+    n: usize,
+    within: Duration,
+    count: impl Fn() -> usize,
+) -> Result<Duration> {
+    let start = Instant::now();
+    while count() < n {
+        if start.elapsed() > within {
+            bail!("only {} of {n} {what} after {within:?}", count());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(start.elapsed())
+}
+
+async fn fleet() -> Result<Vec<Figure>> {
+    let n = fleet_size()?;
+    let limit = raise_nofile()?;
+    if limit < n as u64 + 256 {
+        bail!("open-file limit {limit} is too low for a fleet of {n}");
+    }
+    let connect_bound = Duration::from_secs(60) + Duration::from_millis(20) * n as u32;
+
+    // Reference: n idle raw TLS connections held by this process.
+    let raw_kib_per_conn = {
+        let ca = CertificateAuthority::generate("bench fleet raw")?;
+        let server = ca.issue_server(&["localhost", "127.0.0.1"])?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&server, None, &[])?);
+        let tcp = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = tcp.local_addr()?;
+        let held = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
+        let count = Arc::new(AtomicUsize::new(0));
+        trim_heap();
+        let before = rss_kib()?;
+        let accept = {
+            let (held, count) = (held.clone(), count.clone());
+            tokio::spawn(async move {
+                let mut handshakes = tokio::task::JoinSet::new();
+                // Bounded: one accept per expected connection (plus failures).
+                for _ in 0..n * 2 {
+                    let Ok((s, _)) = tcp.accept().await else {
+                        continue;
+                    };
+                    let acceptor = acceptor.clone();
+                    let (held, count) = (held.clone(), count.clone());
+                    handshakes.spawn(async move {
+                        if let Ok(Ok(tls)) =
+                            tokio::time::timeout(Duration::from_secs(30), acceptor.accept(s)).await
+                        {
+                            held.lock().unwrap_or_else(|e| e.into_inner()).push(tls);
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                    while handshakes.try_join_next().is_some() {}
+                }
+            })
+        };
+        let child = spawn_fleet_child("tls", addr, ca.cert_pem(), n)?;
+        wait_count("raw tls connections", n, connect_bound, || {
+            count.load(Ordering::Relaxed)
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = rss_kib()?;
+        accept.abort();
+        drop(child);
+        held.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        after.saturating_sub(before) as f64 / n as f64
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The fleet: n tunnels with the production keep-alive and ping intervals.
+    let cfg = ListenerConfig::default();
+    let (keepalive, ping) = (cfg.keepalive_interval, cfg.ping_interval);
+    let farm = TunnelFarm::start(cfg).await?;
+    trim_heap();
+    let before = rss_kib()?;
+    let mut child = spawn_fleet_child("tunnel", farm.addr, farm.ca.cert_pem(), n)?;
+    let registry = farm.listener.registry();
+    let took = wait_count("tunnels", n, connect_bound, || registry.len()).await?;
+    // Let the connect burst's buffers settle before measuring.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib()?;
+    let pid = child.id().context("fleet child pid")?;
+    let (cpu0, child0, t0) = (cpu_time(), child_cpu_time(pid), Instant::now());
+    tokio::time::sleep(IDLE).await;
+    let (cpu1, child1, wall) = (cpu_time(), child_cpu_time(pid), t0.elapsed());
+    let still = registry.len();
+    let lost = farm.listener.metrics().lost_total;
+    let cpu_pct = (cpu1 - cpu0).as_secs_f64() / wall.as_secs_f64() * 100.0;
+    let child_pct = match (child0, child1) {
+        (Some(a), Some(b)) => format!("{:.2}%", (b - a).as_secs_f64() / wall.as_secs_f64() * 100.0),
+        _ => "?".into(),
+    };
+    let kib_per_conn = after.saturating_sub(before) as f64 / n as f64;
+    if let Some(stdin) = child.stdin.take() {
+        drop(stdin);
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    drop(child);
+    farm.stop().await;
+
+    // Budget, not a measurement: 1% of one core per 1,000 idle hosts.
+    let cpu_budget = n as f64 / 1000.0;
+    Ok(vec![
+        Figure {
+            name: "revdial_fleet_rss_per_conn".into(),
+            measured: kib_per_conn,
+            baseline: raw_kib_per_conn,
+            unit: "KiB/conn".into(),
+            ratio: raw_kib_per_conn / kib_per_conn.max(0.001),
+            note: format!(
+                "listener side only (dialers in a child process), {n} tunnels connected in {:.1} s; baseline: {n} idle raw TLS conns held",
+                took.as_secs_f64()
+            ),
+        },
+        Figure {
+            name: "revdial_fleet_idle_cpu".into(),
+            measured: cpu_pct,
+            baseline: cpu_budget,
+            unit: "% core".into(),
+            ratio: cpu_budget / cpu_pct.max(0.001),
+            note: format!(
+                "listener over {}s idle, {n} tunnels, h2 keepalive {keepalive:?}, Tunnel.Ping every {ping:?}; {still} still up, {lost} lost; dialer process {child_pct}; baseline is a budget (1%/1000 hosts)",
+                IDLE.as_secs()
+            ),
+        },
+    ])
+}
+
+/// The fleet's dialer process: `BENCH_FLEET_N` dialers (mode `tunnel`) or raw TLS
+/// connections (mode `tls`) to `BENCH_FLEET_ADDR`, held until stdin closes (at most
+/// 15 minutes).
+pub fn fleet_child() -> Result<()> {
+    let var = |k: &str| std::env::var(k).with_context(|| format!("{k} not set"));
+    let mode = var("BENCH_FLEET_MODE")?;
+    let addr = var("BENCH_FLEET_ADDR")?;
+    let ca_pem = var("BENCH_FLEET_CA")?;
+    let n: usize = var("BENCH_FLEET_N")?.parse().context("BENCH_FLEET_N")?;
+    raise_nofile()?;
+    revdial::tls::install_crypto_provider();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let stop = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let client_tls = tls::client_config(&ca_pem, None, &[])?;
+        let defaults = ListenerConfig::default();
+        for i in 0..n {
+            if mode == "tunnel" {
+                let cfg = dialer_config(
+                    &addr,
+                    &ca_pem,
+                    &format!("host-{i:05}"),
+                    defaults.keepalive_interval,
+                );
+                let stop = stop.clone();
+                tasks.spawn(async move {
+                    revdial::run_dialer(cfg, bench_routes(), stop)
+                        .await
+                        .map_err(anyhow::Error::from)
+                });
+            } else {
+                let (connector, addr, stop) = (
+                    tokio_rustls::TlsConnector::from(client_tls.clone()),
+                    addr.clone(),
+                    stop.clone(),
+                );
+                tasks.spawn(async move {
+                    // A few tries: the listener's backlog can overflow in the burst.
+                    for _ in 0..5 {
+                        let conn = async {
+                            let s = TcpStream::connect(&addr).await?;
+                            connector
+                                .connect(tls::server_name("localhost")?, s)
+                                .await
+                                .map_err(anyhow::Error::from)
+                        };
+                        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(30), conn).await
+                        {
+                            stop.cancelled().await;
+                            drop(s);
+                            return Ok(());
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    bail!("raw tls connection failed 5 times")
+                });
+            }
+            // Stagger the burst a little: 100 connections per 20 ms.
+            if i % 100 == 99 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 16];
+        let _ = tokio::time::timeout(Duration::from_secs(900), async {
+            // Bounded: ends at EOF or error, and by the timeout.
+            while let Ok(k) = stdin.read(&mut buf).await {
+                if k == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        stop.cancel();
+        tasks.abort_all();
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+// ---- the bench service ----
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// GetTar streams `dir` (a byte count) of filler bytes in 64 KiB messages; everything
+/// else is unimplemented.
+#[derive(Clone, Copy)]
+struct StreamBuildlet;
+
+fn unimplemented<T>() -> Result<T, Status> {
+    Err(Status::unimplemented("bench service"))
+}
+
+#[tonic::async_trait]
+impl Buildlet for StreamBuildlet {
+    async fn put_tar(
+        &self,
+        _: Request<Streaming<PutTarRequest>>,
+    ) -> Result<Response<PutTarResponse>, Status> {
+        unimplemented()
+    }
+    async fn put_tar_from_url(
+        &self,
+        _: Request<PutTarFromUrlRequest>,
+    ) -> Result<Response<PutTarResponse>, Status> {
+        unimplemented()
+    }
+    async fn write_file(
+        &self,
+        _: Request<WriteFileRequest>,
+    ) -> Result<Response<WriteFileResponse>, Status> {
+        unimplemented()
+    }
+
+    type ExecStream = BoxStream<ExecEvent>;
+    async fn exec(&self, _: Request<ExecRequest>) -> Result<Response<Self::ExecStream>, Status> {
+        unimplemented()
+    }
+
+    type GetTarStream = BoxStream<DataChunk>;
+    async fn get_tar(
+        &self,
+        req: Request<GetTarRequest>,
+    ) -> Result<Response<Self::GetTarStream>, Status> {
+        let total: usize = req
+            .into_inner()
+            .dir
+            .parse()
+            .map_err(|_| Status::invalid_argument("dir must be a byte count"))?;
+        let chunk = vec![0x5a_u8; CHUNK];
+        let s = futures::stream::unfold(total, move |left| {
+            let chunk = chunk.clone();
+            async move {
+                if left == 0 {
+                    return None;
+                }
+                let n = left.min(CHUNK);
+                let mut data = chunk;
+                data.truncate(n);
+                Some((Ok(DataChunk { data }), left - n))
+            }
+        });
+        Ok(Response::new(Box::pin(s)))
+    }
+
+    async fn remove(&self, _: Request<RemoveRequest>) -> Result<Response<RemoveResponse>, Status> {
+        unimplemented()
+    }
+
+    type ListStream = BoxStream<ListResponse>;
+    async fn list(&self, _: Request<ListRequest>) -> Result<Response<Self::ListStream>, Status> {
+        unimplemented()
+    }
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        unimplemented()
+    }
+    async fn workdir(
+        &self,
+        _: Request<WorkdirRequest>,
+    ) -> Result<Response<WorkdirResponse>, Status> {
+        unimplemented()
+    }
+    async fn halt(&self, _: Request<HaltRequest>) -> Result<Response<HaltResponse>, Status> {
+        unimplemented()
+    }
+
+    type ShellStream = BoxStream<ShellOutput>;
+    async fn shell(
+        &self,
+        _: Request<Streaming<ShellInput>>,
+    ) -> Result<Response<Self::ShellStream>, Status> {
+        unimplemented()
+    }
+}
