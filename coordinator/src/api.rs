@@ -145,6 +145,46 @@ impl Api {
     }
 }
 
+/// A unary request aimed at one instance: its name and the buildlet request inside.
+trait InstanceRequest {
+    type Inner;
+    fn split(self) -> (String, Option<Self::Inner>);
+}
+
+macro_rules! instance_request {
+    ($($outer:ty => $inner:ty),* $(,)?) => {$(
+        impl InstanceRequest for $outer {
+            type Inner = $inner;
+            fn split(self) -> (String, Option<$inner>) {
+                (self.instance, self.request)
+            }
+        }
+    )*};
+}
+
+instance_request! {
+    cp::InstanceWriteFileRequest => bp::WriteFileRequest,
+    cp::InstanceExecRequest => bp::ExecRequest,
+    cp::InstanceGetTarRequest => bp::GetTarRequest,
+    cp::InstanceRemoveRequest => bp::RemoveRequest,
+    cp::InstanceListRequest => bp::ListRequest,
+}
+
+impl Api {
+    /// Checks the caller may use the named instance and returns its buildlet client
+    /// and the request to forward.
+    fn target<R: InstanceRequest>(
+        &self,
+        req: Request<R>,
+    ) -> Result<(buildlet::client::RawClient, R::Inner), Status> {
+        let user = self.user(&req)?;
+        let (name, inner) = req.into_inner().split();
+        let inst = self.instance(&user, &name)?;
+        let inner = inner.ok_or_else(|| Status::invalid_argument("missing request"))?;
+        Ok((inst.raw.clone(), inner))
+    }
+}
+
 fn proxy_status(e: Status) -> Status {
     // Keep the buildlet's code (Unavailable for a lost buildlet, InvalidArgument for bad
     // paths) and say where it came from.
@@ -311,17 +351,8 @@ impl Coordinator for Api {
         &self,
         req: Request<cp::InstanceWriteFileRequest>,
     ) -> Result<Response<bp::WriteFileResponse>, Status> {
-        let user = self.user(&req)?;
-        let r = req.into_inner();
-        let inst = self.instance(&user, &r.instance)?;
-        let inner = r
-            .request
-            .ok_or_else(|| Status::invalid_argument("missing request"))?;
-        inst.raw
-            .clone()
-            .write_file(inner)
-            .await
-            .map_err(proxy_status)
+        let (mut raw, inner) = self.target(req)?;
+        raw.write_file(inner).await.map_err(proxy_status)
     }
 
     type ExecStream = BoxStream<bp::ExecEvent>;
@@ -330,20 +361,9 @@ impl Coordinator for Api {
         &self,
         req: Request<cp::InstanceExecRequest>,
     ) -> Result<Response<Self::ExecStream>, Status> {
-        let user = self.user(&req)?;
-        let r = req.into_inner();
-        let inst = self.instance(&user, &r.instance)?;
-        let inner = r
-            .request
-            .ok_or_else(|| Status::invalid_argument("missing request"))?;
-        let s = inst
-            .raw
-            .clone()
-            .exec(inner)
-            .await
-            .map_err(proxy_status)?
-            .into_inner();
-        Ok(Response::new(forward(s)))
+        let (mut raw, inner) = self.target(req)?;
+        let s = raw.exec(inner).await.map_err(proxy_status)?;
+        Ok(Response::new(forward(s.into_inner())))
     }
 
     type GetTarStream = BoxStream<bp::DataChunk>;
@@ -352,33 +372,17 @@ impl Coordinator for Api {
         &self,
         req: Request<cp::InstanceGetTarRequest>,
     ) -> Result<Response<Self::GetTarStream>, Status> {
-        let user = self.user(&req)?;
-        let r = req.into_inner();
-        let inst = self.instance(&user, &r.instance)?;
-        let inner = r
-            .request
-            .ok_or_else(|| Status::invalid_argument("missing request"))?;
-        let s = inst
-            .raw
-            .clone()
-            .get_tar(inner)
-            .await
-            .map_err(proxy_status)?
-            .into_inner();
-        Ok(Response::new(forward(s)))
+        let (mut raw, inner) = self.target(req)?;
+        let s = raw.get_tar(inner).await.map_err(proxy_status)?;
+        Ok(Response::new(forward(s.into_inner())))
     }
 
     async fn remove(
         &self,
         req: Request<cp::InstanceRemoveRequest>,
     ) -> Result<Response<bp::RemoveResponse>, Status> {
-        let user = self.user(&req)?;
-        let r = req.into_inner();
-        let inst = self.instance(&user, &r.instance)?;
-        let inner = r
-            .request
-            .ok_or_else(|| Status::invalid_argument("missing request"))?;
-        inst.raw.clone().remove(inner).await.map_err(proxy_status)
+        let (mut raw, inner) = self.target(req)?;
+        raw.remove(inner).await.map_err(proxy_status)
     }
 
     type ListStream = BoxStream<bp::ListResponse>;
@@ -387,20 +391,9 @@ impl Coordinator for Api {
         &self,
         req: Request<cp::InstanceListRequest>,
     ) -> Result<Response<Self::ListStream>, Status> {
-        let user = self.user(&req)?;
-        let r = req.into_inner();
-        let inst = self.instance(&user, &r.instance)?;
-        let inner = r
-            .request
-            .ok_or_else(|| Status::invalid_argument("missing request"))?;
-        let s = inst
-            .raw
-            .clone()
-            .list(inner)
-            .await
-            .map_err(proxy_status)?
-            .into_inner();
-        Ok(Response::new(forward(s)))
+        let (mut raw, inner) = self.target(req)?;
+        let s = raw.list(inner).await.map_err(proxy_status)?;
+        Ok(Response::new(forward(s.into_inner())))
     }
 
     type ShellStream = BoxStream<bp::ShellOutput>;
