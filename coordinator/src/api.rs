@@ -497,6 +497,42 @@ impl Coordinator for Api {
         Ok(Response::new(cp::SubmitTryResponse { try_id: run.id }))
     }
 
+    async fn cancel_try(
+        &self,
+        req: Request<cp::CancelTryRequest>,
+    ) -> Result<Response<cp::CancelTryResponse>, Status> {
+        let user = self.user(&req)?;
+        let try_id = req.into_inner().try_id;
+        let run = self
+            .farm
+            .store
+            .get_try(&try_id)
+            .await
+            .map_err(|e| Status::not_found(format!("try run {try_id:?}: {e}")))?;
+        if run.user != user {
+            return Err(Status::permission_denied(format!(
+                "try run {try_id} belongs to {}",
+                run.user
+            )));
+        }
+        let builds = self
+            .farm
+            .store
+            .builds_for_try(&try_id)
+            .await
+            .map_err(|e| Status::unavailable(format!("store: {e}")))?;
+        let mut cancelled = 0;
+        for b in builds.iter().filter(|b| !b.state.is_final()) {
+            match self.farm.cancel_build(&b.id).await {
+                Ok(true) => cancelled += 1,
+                Ok(false) => {}
+                Err(e) => return Err(Status::unavailable(format!("cancelling {}: {e:#}", b.id))),
+            }
+        }
+        info!(try_id = %try_id, user = %user, cancelled, "try run cancelled");
+        Ok(Response::new(cp::CancelTryResponse { cancelled }))
+    }
+
     type WatchTryStream = BoxStream<cp::TryState>;
 
     async fn watch_try(

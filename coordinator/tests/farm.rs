@@ -625,3 +625,99 @@ async fn idle_gomote_instances_expire_and_ssh_runs_a_shell() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
     farm.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_try_run_can_be_cancelled_by_its_owner_only() {
+    let extra = r#"
+[[builders]]
+name = "linux-amd64-sleepy"
+host_type = "local"
+steps = [{ name = "sleep", command = ["sleep", "297"] }]
+"#;
+    let (tmp, _repo, cfg, rev) = setup(extra);
+    let farm = TestFarm::start(&cfg, &tmp.path().join("data")).await;
+    let mut watcher = farm
+        .gomote()
+        .args(["try", "t", &rev, "--builders", "linux-amd64-sleepy"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("gomote try");
+    let stderr = watcher.stderr.take().expect("stderr");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let first = lines.next().expect("a line").expect("read");
+    let try_id = first
+        .strip_prefix("gomote: try run ")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .to_owned();
+    // Keep draining so gomote never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let v = farm.get_json(&format!("/api/try/{try_id}")).await;
+        if v["builds"][0]["state"] == "running" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never running: {v:#}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    // Someone else may not cancel it.
+    let other = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .arg("--config")
+        .arg(&farm.config_path)
+        .args(["issue-token", "mallory"])
+        .output()
+        .expect("issue token");
+    let token = String::from_utf8_lossy(&other.stdout).trim().to_owned();
+    let out = farm
+        .gomote()
+        .env("BUILDFARM_TOKEN", &token)
+        .args(["cancel", &try_id])
+        .output()
+        .expect("gomote cancel");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PermissionDenied"));
+
+    let out = farm
+        .gomote()
+        .args(["cancel", &try_id])
+        .output()
+        .expect("gomote cancel");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled 1 build"));
+
+    // The watcher sees the end and fails; the build is cancelled, not left running.
+    let status = tokio::task::spawn_blocking(move || watcher.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(!status.success());
+    let v = farm.get_json(&format!("/api/try/{try_id}")).await;
+    assert_eq!(v["builds"][0]["state"], "cancelled", "{v:#}");
+    assert_eq!(v["verdict"], "failed");
+    // The step's process is gone too (only this test sleeps 297 s).
+    eventually("the cancelled step's process to die", || {
+        (!process_running("sleep 297")).then_some(())
+    })
+    .await;
+    farm.kill().await;
+}
+
+/// Is some process's command line exactly `cmdline` (arguments joined by spaces)?
+fn process_running(cmdline: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").trim() == cmdline)
+                .unwrap_or(false)
+        })
+}

@@ -107,6 +107,8 @@ enum Cmd {
     },
     /// Interactive shell on the instance.
     Ssh { instance: String },
+    /// Cancel the unfinished builds of one of your try runs.
+    Cancel { try_id: String },
     /// Submit a try run and watch it; exits non-zero unless every builder passes.
     Try {
         repo: String,
@@ -444,6 +446,17 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Ssh { instance } => ssh(&mut c, instance).await,
+        Cmd::Cancel { try_id } => {
+            let r = c
+                .cancel_try(cp::CancelTryRequest {
+                    try_id: try_id.clone(),
+                })
+                .await
+                .map_err(|e| status_err("cancel", e))?
+                .into_inner();
+            eprintln!("gomote: cancelled {} build(s)", r.cancelled);
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Try {
             repo,
             rev,

@@ -19,6 +19,9 @@ use tracing::{info, warn};
 
 use super::{Lease, Pool, PoolError, PoolStatus};
 
+/// How long a released buildlet has to stop (and kill its commands) before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
 /// Everything a local pool needs to start buildlets.
 #[derive(Clone)]
 pub struct LocalPoolOptions {
@@ -144,8 +147,18 @@ impl LocalPool {
                         lost.cancel();
                     }
                     _ = stop.cancelled() => {
-                        let _ = child.start_kill();
-                        let _ = child.wait().await;
+                        // SIGTERM first: the buildlet then kills its commands' process
+                        // groups itself. SIGKILL only if it does not exit in time.
+                        if let Some(pid) = child.id() {
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(pid as i32),
+                                nix::sys::signal::Signal::SIGTERM,
+                            );
+                        }
+                        if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+                            let _ = child.start_kill();
+                            let _ = child.wait().await;
+                        }
                     }
                     _ = async { drain.await; std::future::pending::<()>().await } => {}
                 }
