@@ -13,17 +13,15 @@ use std::time::Duration;
 use buildfarm_proto::buildlet as pb;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use hyper_util::rt::TokioIo;
 use revdial::tls::{ALPN_H2, Identity};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::io::ReaderStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 pub use crate::exec::EnvMode;
 pub use crate::fsops::{Entry as ListEntry, ListOptions};
@@ -463,39 +461,18 @@ impl BuildletClient {
             None => host_of(&opts.addr).to_owned(),
         };
         let server_name = revdial::tls::server_name(&host).map_err(|e| bad(e.to_string()))?;
-        let endpoint = Endpoint::from_shared(format!("http://{}", opts.addr))
-            .map_err(|e| bad(format!("bad address: {e}")))?
-            .connect_timeout(opts.connect_timeout)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
-            .tcp_nodelay(true);
-        let connector = tokio_rustls::TlsConnector::from(tls);
-        let addr = opts.addr.clone();
-        // Called again by tonic on reconnect: each call makes a fresh connection.
-        let connect = tower::service_fn(move |_: Uri| {
-            let connector = connector.clone();
-            let server_name = server_name.clone();
-            let addr = addr.clone();
-            async move {
-                let tcp = TcpStream::connect(&addr).await?;
-                tcp.set_nodelay(true)?;
-                let tls = connector.connect(server_name, tcp).await?;
-                Ok::<_, io::Error>(TokioIo::new(tls))
-            }
-        });
-        let channel = endpoint
-            .connect_with_connector(connect)
-            .await
-            .map_err(|e| {
-                let mut message = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    message = format!("{message}: {s}");
-                    source = s.source();
-                }
-                ClientError::new(op.clone(), ErrorCode::Unavailable, message)
-            })?;
+        let channel =
+            revdial::tls::connect_channel(&opts.addr, server_name, tls, opts.connect_timeout)
+                .await
+                .map_err(|e| {
+                    let mut message = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(s) = source {
+                        message = format!("{message}: {s}");
+                        source = s.source();
+                    }
+                    ClientError::new(op.clone(), ErrorCode::Unavailable, message)
+                })?;
         let mut client = Self::from_channel(channel, opts.bearer_key.as_deref())?;
         client.call_timeout = Some(opts.call_timeout);
         Ok(client)

@@ -463,13 +463,7 @@ async fn gomote_commands_end_to_end() {
     assert!(err.contains("InvalidArgument"), "{err}");
 
     // Another user's token cannot touch the instance.
-    let other = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
-        .arg("--config")
-        .arg(&farm.config_path)
-        .args(["issue-token", "mallory"])
-        .output()
-        .expect("issue token");
-    let token = String::from_utf8_lossy(&other.stdout).trim().to_owned();
+    let token = farm.issue_token("mallory");
     let out = farm
         .gomote()
         .env("BUILDFARM_TOKEN", &token)
@@ -664,13 +658,7 @@ steps = [{ name = "sleep", command = ["sleep", "297"] }]
     }
 
     // Someone else may not cancel it.
-    let other = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
-        .arg("--config")
-        .arg(&farm.config_path)
-        .args(["issue-token", "mallory"])
-        .output()
-        .expect("issue token");
-    let token = String::from_utf8_lossy(&other.stdout).trim().to_owned();
+    let token = farm.issue_token("mallory");
     let out = farm
         .gomote()
         .env("BUILDFARM_TOKEN", &token)

@@ -198,6 +198,22 @@ impl TestFarm {
         }
     }
 
+    /// A user token for `user`, issued by the coordinator's CLI from this farm's key.
+    pub fn issue_token(&self, user: &str) -> String {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(["issue-token", user])
+            .output()
+            .expect("issue token");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     pub fn gomote(&self) -> std::process::Command {
         let mut c = std::process::Command::new(gomote_bin());
         c.env("BUILDFARM_GOMOTE_CONFIG", self.data_dir.join("gomote.json"));
