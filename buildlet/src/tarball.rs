@@ -685,6 +685,169 @@ pub fn write_tar_gz<W: Write>(src: &Path, writer: W) -> Result<u64, TarError> {
     Ok(count)
 }
 
+/// What [`fuzz_extract`] saw: the input extracted as given, and wrapped in gzip.
+#[derive(Debug)]
+pub struct FuzzExtractOutcome {
+    /// The input read as a tar.gz stream (mostly exercises the gzip layer).
+    pub as_given: Result<ExtractStats, TarError>,
+    /// The input gzip-compressed first, so raw tar bytes reach the tar layer.
+    pub wrapped: Result<ExtractStats, TarError>,
+}
+
+/// Fuzz body of the extraction policy (the `tar_extract` cargo-fuzz target, and
+/// `buildlet/tests/fuzz_bodies.rs` on stable). Extracts `data` as given and gzip-wrapped,
+/// each into a fresh sandbox under the system temp dir, and panics when the policy broke:
+/// anything outside the destination changed, a refused tarball changed anything, the
+/// staging dir was left behind, or an accepted tarball left a symlink that resolves
+/// outside the destination or a special file in it.
+pub fn fuzz_extract(data: &[u8]) -> FuzzExtractOutcome {
+    let as_given = fuzz_extract_one(data);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    // Writing to a Vec cannot fail.
+    let wrapped_bytes = gz
+        .write_all(data)
+        .and_then(|()| gz.finish())
+        .expect("gzip into memory");
+    let wrapped = fuzz_extract_one(&wrapped_bytes);
+    FuzzExtractOutcome { as_given, wrapped }
+}
+
+/// Limits small enough that a fuzzer input cannot fill the disk.
+fn fuzz_limits() -> Limits {
+    Limits {
+        max_bytes: 8 << 20,
+        max_entries: 10_000,
+        max_ratio: 1000,
+    }
+}
+
+fn fuzz_extract_one(input: &[u8]) -> Result<ExtractStats, TarError> {
+    static SANDBOXES: AtomicU64 = AtomicU64::new(0);
+    let root = std::env::temp_dir().join(format!(
+        "buildlet-fuzz-{}-{}",
+        std::process::id(),
+        SANDBOXES.fetch_add(1, Ordering::Relaxed)
+    ));
+    // A leftover from an aborted run with the same pid would make snapshots differ.
+    let _ = fs::remove_dir_all(&root);
+    let dest = root.join("work/dest");
+    let staging = root.join("work/staging");
+    let sentinel = root.join("sentinel");
+    for dir in [dest.join("sub"), staging.clone(), sentinel.clone()] {
+        fs::create_dir_all(&dir).expect("creating fuzz sandbox");
+    }
+    fs::write(sentinel.join("secret"), b"secret").expect("writing fuzz sandbox");
+    fs::write(dest.join("existing"), b"existing").expect("writing fuzz sandbox");
+    fs::write(dest.join("sub/keep"), b"keep").expect("writing fuzz sandbox");
+
+    let before = fuzz_snapshot(&root);
+    let result = extract_tar_gz(input, &dest, &staging, &fuzz_limits());
+    let after = fuzz_snapshot(&root);
+    let outside = |snap: &[(PathBuf, Vec<u8>)]| -> Vec<(PathBuf, Vec<u8>)> {
+        snap.iter()
+            .filter(|(p, _)| !p.starts_with(&dest))
+            .cloned()
+            .collect()
+    };
+    match &result {
+        Err(e) => assert!(before == after, "refused tarball ({e}) changed the sandbox"),
+        Ok(_) => {
+            assert!(
+                outside(&before) == outside(&after),
+                "accepted tarball changed something outside the destination"
+            );
+            fuzz_check_dest(&dest);
+        }
+    }
+    let left = fs::read_dir(&staging)
+        .expect("reading staging root")
+        .count();
+    assert_eq!(left, 0, "staging dir left behind");
+    fs::remove_dir_all(&root).expect("removing fuzz sandbox");
+    result
+}
+
+/// Every path under `root` with its content (file bytes, link target, or a dir marker and
+/// mode), without following links, sorted.
+fn fuzz_snapshot(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for item in walkdir::WalkDir::new(root).follow_links(false) {
+        let item = item.expect("walking fuzz sandbox");
+        let meta = item
+            .path()
+            .symlink_metadata()
+            .expect("stat in fuzz sandbox");
+        let content = if meta.file_type().is_symlink() {
+            let target = fs::read_link(item.path()).expect("reading link in fuzz sandbox");
+            [b"link:".as_slice(), target.as_os_str().as_encoded_bytes()].concat()
+        } else if meta.is_dir() {
+            format!("dir:{:o}", meta.permissions().mode()).into_bytes()
+        } else if meta.is_file() {
+            let mut data = format!("file:{:o}:", meta.permissions().mode()).into_bytes();
+            data.extend(fs::read(item.path()).expect("reading file in fuzz sandbox"));
+            data
+        } else {
+            b"special".to_vec()
+        };
+        out.push((item.path().to_path_buf(), content));
+    }
+    out.sort();
+    out
+}
+
+/// After an accepted extraction: only dirs, files and symlinks that stay inside `dest`.
+fn fuzz_check_dest(dest: &Path) {
+    for item in walkdir::WalkDir::new(dest).follow_links(false) {
+        let item = item.expect("walking fuzz destination");
+        let path = item.path();
+        let ft = item.file_type();
+        assert!(
+            ft.is_dir() || ft.is_file() || ft.is_symlink(),
+            "special file {} extracted",
+            path.display()
+        );
+        if !ft.is_symlink() {
+            continue;
+        }
+        let target = fs::read_link(path).expect("reading extracted link");
+        assert!(
+            !target.is_absolute(),
+            "symlink {} -> {} is absolute",
+            path.display(),
+            target.display()
+        );
+        if let Ok(resolved) = fs::canonicalize(path) {
+            let dest = fs::canonicalize(dest).expect("resolving fuzz destination");
+            assert!(
+                resolved.starts_with(&dest),
+                "symlink {} resolves to {} outside the destination",
+                path.display(),
+                resolved.display()
+            );
+        }
+        // Dangling links too: resolved lexically from the link's dir, the target must never
+        // climb above `dest`.
+        let rel_dir = path
+            .parent()
+            .and_then(|p| p.strip_prefix(dest).ok())
+            .unwrap_or(Path::new(""));
+        let mut depth: i64 = rel_dir.components().count() as i64;
+        for c in target.components() {
+            match c {
+                std::path::Component::ParentDir => depth -= 1,
+                std::path::Component::Normal(_) => depth += 1,
+                _ => {}
+            }
+            assert!(
+                depth >= 0,
+                "symlink {} -> {} leaves the destination",
+                path.display(),
+                target.display()
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -392,6 +392,93 @@ pub fn verdict(result: &Result<(), Refusal>) -> Verdict {
     }
 }
 
+/// What [`fuzz_handshake`] decoded from its input.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FuzzHandshakeOutcome {
+    /// Hello frames decoded from the front of the input, one after another.
+    pub hellos: usize,
+    /// Of those, how many passed [`validate_hello`].
+    pub valid_hellos: usize,
+    /// Of those, how many the fuzz authenticator accepted.
+    pub authenticated: usize,
+}
+
+/// Fuzz body of the listener's side of the handshake (the `revdial_handshake` cargo-fuzz
+/// target, and `revdial/tests/fuzz_bodies.rs` on stable). Decodes `data` as a stream of
+/// Hello frames, validates and authenticates each one (master key `fuzz master`, host
+/// token `t1` for host type `linux` with secret `secret`, nonce of 7s), and decodes the
+/// input as a Challenge and a Verdict as the dialer would. Panics when a decoded frame
+/// claims more bytes than it had, a valid Hello does not survive re-encoding, a proof is
+/// accepted that is not the HMAC it should be, or a verdict's reason is over
+/// [`MAX_REASON_LEN`].
+pub fn fuzz_handshake(data: &[u8]) -> FuzzHandshakeOutcome {
+    const MASTER: &[u8] = b"fuzz master";
+    let auth = crate::Authenticator::new(MASTER.to_vec()).with_token("t1", "linux", "secret");
+    let nonce = [7u8; NONCE_LEN];
+    let mut outcome = FuzzHandshakeOutcome::default();
+
+    let mut rest = data;
+    while let Ok(Some((hello, used))) = decode_frame::<Hello>("hello", rest) {
+        outcome.hellos += 1;
+        assert!(
+            used >= HEADER_LEN && used <= HEADER_LEN + MAX_FRAME_LEN && used <= rest.len(),
+            "decode_frame consumed {used} of {} bytes",
+            rest.len()
+        );
+        match validate_hello(&hello) {
+            Ok(valid) => {
+                outcome.valid_hellos += 1;
+                let again = encode_frame(&hello);
+                let (decoded, n) = decode_frame::<Hello>("hello", &again)
+                    .expect("a re-encoded hello decodes")
+                    .expect("a re-encoded hello is complete");
+                assert_eq!(n, again.len(), "re-encoded hello length");
+                assert_eq!(validate_hello(&decoded).ok(), Some(valid.clone()));
+
+                let verified = auth.verify(&nonce, &valid);
+                let expected_key = match &valid.credential {
+                    PresentedCredential::BuilderKey { proof } => {
+                        Some((builder_key_bytes(MASTER, &valid.host_type).to_vec(), *proof))
+                    }
+                    PresentedCredential::HostToken { token_id, proof } => (token_id == "t1"
+                        && valid.host_type == "linux")
+                        .then(|| (b"secret".to_vec(), *proof)),
+                };
+                let should_pass = expected_key.is_some_and(|(key, proof)| {
+                    compute_proof(&key, &nonce, &valid.host_type, &valid.hostname) == proof
+                });
+                assert_eq!(
+                    verified.is_ok(),
+                    should_pass,
+                    "authenticator disagrees with the proof for {valid:?}"
+                );
+                if verified.is_ok() {
+                    outcome.authenticated += 1;
+                }
+                let answer = verdict(&verified);
+                assert_eq!(answer.accepted, verified.is_ok());
+                assert!(answer.reason.chars().count() <= MAX_REASON_LEN);
+            }
+            Err(refusal) => {
+                assert!(verdict(&Err(refusal)).reason.chars().count() <= MAX_REASON_LEN);
+            }
+        }
+        rest = &rest[used..];
+    }
+
+    if let Ok(Some((challenge, used))) = decode_frame::<Challenge>("challenge", data) {
+        assert!(used <= data.len());
+        if let Ok(nonce) = validate_challenge(&challenge) {
+            assert_eq!(challenge.nonce, nonce);
+        }
+    }
+    if let Ok(Some((v, _))) = decode_frame::<Verdict>("verdict", data) {
+        // The dialer prints a refusal's reason: it must be printable whatever it holds.
+        let _ = format!("{:?}", v.reason);
+    }
+    outcome
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
