@@ -436,11 +436,9 @@ impl Coordinator for Api {
         let mirror = self.farm.mirrors.get(&repo.name).ok_or_else(|| {
             Status::failed_precondition(format!("repo {} has no mirror", repo.name))
         })?;
-        if r.patch.len() > MAX_PATCH_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "patch is {} bytes; the limit is {MAX_PATCH_BYTES}",
-                r.patch.len()
-            )));
+        if !r.patch.is_empty() {
+            crate::try_patch::check(&r.patch, MAX_PATCH_BYTES)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
         if let Err(e) = mirror.fetch().await {
             warn!(repo = %repo.name, error = %format!("{e:#}"), "fetch before try failed");

@@ -350,35 +350,21 @@ async fn builds_json(State(state): State<AppState>, Query(q): Query<BuildsQuery>
     }
 }
 
-/// A push webhook: any POST for a known repo triggers an immediate poll. With a
-/// configured secret, the body must carry a valid `X-Hub-Signature-256` (GitHub style).
+/// A push webhook: a POST for a repo with a `webhook_secret`, whose body carries a valid
+/// `X-Hub-Signature-256` (GitHub style), triggers an immediate poll (`crate::webhook`).
 async fn webhook(
     State(state): State<AppState>,
     Path(repo): Path<String>,
     headers: HeaderMap,
     body: bytes::Bytes,
 ) -> Response {
-    let Some(cfg) = state.farm.config.repo(&repo) else {
-        return (StatusCode::NOT_FOUND, format!("unknown repo {repo:?}\n")).into_response();
-    };
-    if let Some(secret) = &cfg.webhook_secret {
-        let sig = headers
-            .get("x-hub-signature-256")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("sha256="))
-            .and_then(|v| hex::decode(v).ok());
-        let Some(sig) = sig else {
-            return (StatusCode::UNAUTHORIZED, "missing X-Hub-Signature-256\n").into_response();
-        };
-        use hmac::Mac;
-        let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.expose().as_bytes())
-        else {
-            return (StatusCode::INTERNAL_SERVER_ERROR, "bad secret\n").into_response();
-        };
-        mac.update(&body);
-        if mac.verify_slice(&sig).is_err() {
-            return (StatusCode::FORBIDDEN, "signature mismatch\n").into_response();
-        }
+    let signature = headers
+        .get(crate::webhook::SIGNATURE_HEADER)
+        .map(|v| v.as_bytes());
+    if let Err(e) = crate::webhook::check_push(&state.farm.config, &repo, signature, &body) {
+        warn!(repo, error = %e, "webhook refused");
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::FORBIDDEN);
+        return (status, format!("{e}\n")).into_response();
     }
     state.poll_kick.notify_one();
     (StatusCode::ACCEPTED, "poll scheduled\n").into_response()

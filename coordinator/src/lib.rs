@@ -13,3 +13,5 @@ pub mod pool;
 pub mod runner;
 pub mod server;
 pub mod tokens;
+pub mod try_patch;
+pub mod webhook;

@@ -106,3 +106,55 @@ impl Config {
         self.repos.iter().find(|r| r.name == name)
     }
 }
+
+/// Fuzz body of config loading (the `config_parse` cargo-fuzz target, and
+/// `coordinator/config/tests/fuzz_bodies.rs` on stable): parses and validates `data` as the
+/// text of `fuzz.toml` (lossily decoded, as a file read would refuse non-UTF-8 outright).
+/// Panics when parsing panics, or when the result breaks the contract: a refused config
+/// has at least one error and every error names a line and column inside the text and
+/// says what is wrong; an accepted config also passes [`Config::validate`] and all its
+/// references resolve.
+pub fn fuzz_parse(data: &[u8]) -> Result<Config, ConfigErrors> {
+    let text = String::from_utf8_lossy(data);
+    let result = Config::from_toml_str(&text, "fuzz.toml");
+    match &result {
+        Err(errors) => {
+            assert!(!errors.errors.is_empty(), "refused with no error");
+            let lines = text.matches('\n').count() + 1;
+            for e in &errors.errors {
+                let Some(loc) = e.location else {
+                    panic!("error without a line: {e}");
+                };
+                assert!(
+                    (1..=lines).contains(&loc.line) && loc.column >= 1,
+                    "error at {}:{} outside a text of {lines} lines: {e}",
+                    loc.line,
+                    loc.column
+                );
+                let shown = e.to_string();
+                assert!(
+                    shown.starts_with(&format!("fuzz.toml:{}:{}", loc.line, loc.column)),
+                    "error does not start with its location: {shown}"
+                );
+                assert!(
+                    !e.kind.to_string().is_empty(),
+                    "error says nothing: {shown}"
+                );
+            }
+        }
+        Ok(config) => {
+            if let Err(errors) = config.validate("fuzz.toml") {
+                panic!("parsed config fails validation: {errors}");
+            }
+            for b in &config.builders {
+                assert!(
+                    config.host_type(&b.host_type).is_some(),
+                    "builder {} names unknown host type {}",
+                    b.name,
+                    b.host_type
+                );
+            }
+        }
+    }
+    result
+}
