@@ -4,12 +4,14 @@
 //!   `cargo fmt --check`, `cargo clippy --all-targets -D warnings`, the whole test suite.
 //! - `bench`: benchmarks that print ratios against a limit measured in the same run.
 //! - `certs`: a CA plus server and client certificates for trying things by hand.
-//! - `fuzz`: each `cargo fuzz` target for a bounded time (needs nightly + cargo-fuzz).
+//! - `fuzz`: each `cargo fuzz` target for a bounded time (needs nightly + cargo-fuzz); the
+//!   same fuzz bodies also run on stable in `cargo test` (the `tests/fuzz_bodies.rs` files).
 
 mod bench;
 mod bench_farm;
 mod bench_pages;
 mod bench_revdial;
+mod fuzz;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -48,10 +50,13 @@ enum Task {
         #[arg(long, default_value = "target/certs")]
         out: PathBuf,
     },
-    /// Run every fuzz target for a bounded time each.
+    /// Run every fuzz target for a bounded time each (needs nightly and cargo-fuzz).
     Fuzz {
+        /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// Only the targets whose name contains this.
+        filter: Option<String>,
     },
 }
 
@@ -64,7 +69,7 @@ fn main() -> Result<()> {
         Task::Bench { filter } => bench::run(&root, filter.as_deref()),
         Task::BenchInner { filter } => bench::inner(&root, filter.as_deref()),
         Task::Certs { out } => certs(&root.join(out)),
-        Task::Fuzz { seconds } => fuzz(&root, seconds),
+        Task::Fuzz { seconds, filter } => fuzz::run(&root, seconds, filter.as_deref()),
     }
 }
 
@@ -113,7 +118,7 @@ fn ci(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn target_dir(root: &Path) -> PathBuf {
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
@@ -157,22 +162,5 @@ fn certs(out: &Path) -> Result<()> {
         "wrote ca.crt, server.crt/key, client.crt/key to {}",
         out.display()
     );
-    Ok(())
-}
-
-fn fuzz(root: &Path, seconds: u64) -> Result<()> {
-    let fuzz_dir = root.join("fuzz");
-    for target in ["tar_extract", "revdial_handshake"] {
-        let mut cmd = cargo();
-        cmd.current_dir(&fuzz_dir).args([
-            "+nightly",
-            "fuzz",
-            "run",
-            target,
-            "--",
-            &format!("-max_total_time={seconds}"),
-        ]);
-        run(&format!("fuzz {target}"), cmd)?;
-    }
     Ok(())
 }
