@@ -88,7 +88,7 @@ fn random_path(rng: &mut Rng) -> String {
         if i > 0 {
             p.push('/');
         }
-        p.push_str(rng.pick(PARTS));
+        p.push_str(*rng.pick(PARTS));
     }
     p
 }
