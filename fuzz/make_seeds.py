@@ -228,7 +228,7 @@ put(P, "bad-dotgit.patch", b"diff --git a/.git/hooks/pre-commit b/.git/hooks/pre
 put(P, "bad-absolute.patch", b"--- a//etc/passwd\n+++ b//etc/passwd\n@@ -1 +1 @@\n-root\n+toor\n")
 put(P, "bad-rename-out.patch", b"diff --git a/x b/y\nrename from x\nrename to ../../y\n")
 put(P, "bad-truncated.patch", b"--- a/x\n+++ b/x\n@@ -1,3 +1,3 @@\n a\n-b\n")
-put(P, "bad-corrupt-hunk.patch", b"--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n+c\n")
+put(P, "bad-corrupt-hunk.patch", b"--- a/x\n+++ b/x\n@@ -1,2 +1,2 @@\n-a\n+b\nnot a hunk line\n")
 put(P, "bad-hunk-header.patch", b"--- a/x\n+++ b/x\n@@ -one +two @@\n")
 put(P, "bad-hunk-without-file.patch", b"@@ -1 +1 @@\n-a\n+b\n")
 put(P, "bad-not-a-patch.patch", b"please apply my change, thanks\n")
