@@ -23,7 +23,7 @@ pub enum WebhookError {
     NotEnabled(String),
     #[error("missing X-Hub-Signature-256")]
     MissingSignature,
-    #[error("X-Hub-Signature-256 is not \"sha256=\" followed by 64 hex digits")]
+    #[error("X-Hub-Signature-256 is not \"sha256=\" followed by hex digits")]
     MalformedSignature,
     #[error("signature mismatch")]
     Mismatch,
@@ -58,11 +58,10 @@ pub fn check_push<'c>(
     let digest = signature
         .strip_prefix(b"sha256=")
         .and_then(|hex_digits| hex::decode(hex_digits).ok())
-        .filter(|d| d.len() == 32)
         .ok_or(WebhookError::MalformedSignature)?;
     let mut mac = signer(secret.expose().as_bytes());
     mac.update(body);
-    // Constant-time comparison.
+    // Constant time; a digest of the wrong length is a mismatch too.
     mac.verify_slice(&digest)
         .map_err(|_| WebhookError::Mismatch)?;
     Ok(cfg)
