@@ -194,8 +194,13 @@ mod tests {
         let root = crate::workspace_root();
         let manifest = std::fs::read_to_string(root.join("fuzz/Cargo.toml")).unwrap();
         for t in TARGETS {
-            assert!(manifest.contains(&format!("name = \"{t}\"")), "{t} not in fuzz/Cargo.toml");
-            let seeds = std::fs::read_dir(root.join("fuzz/corpus").join(t)).unwrap().count();
+            assert!(
+                manifest.contains(&format!("name = \"{t}\"")),
+                "{t} not in fuzz/Cargo.toml"
+            );
+            let seeds = std::fs::read_dir(root.join("fuzz/corpus").join(t))
+                .unwrap()
+                .count();
             assert!(seeds > 0, "fuzz/corpus/{t} is empty");
         }
         assert_eq!(manifest.matches("[[bin]]").count(), TARGETS.len());
