@@ -37,7 +37,8 @@ pub(crate) fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError
             .into_iter()
             .map(|e| {
                 located(
-                    e.span(),
+                    // toml reports its recursion limit without a position (found by fuzzing).
+                    Some(e.span().unwrap_or_else(|| deepest_nesting(text))),
                     FieldPath::root(),
                     ErrorKind::Parse(e.message().to_owned()),
                 )
@@ -112,6 +113,21 @@ pub(crate) fn unlocated(issues: Vec<Issue>, source_name: &str) -> ConfigErrors {
             })
             .collect(),
     }
+}
+
+/// The line with the most nesting characters (`[`, `{`, `.`): where a parser that gave up on
+/// depth without saying where most likely did.
+fn deepest_nesting(text: &str) -> Range<usize> {
+    let mut best = (0, 0..0);
+    let mut start = 0;
+    for line in text.split_inclusive('\n') {
+        let depth = line.bytes().filter(|b| matches!(b, b'[' | b'{' | b'.')).count();
+        if depth > best.0 {
+            best = (depth, start..start + line.len());
+        }
+        start += line.len();
+    }
+    best.1
 }
 
 fn sorted(mut errors: Vec<ConfigError>) -> ConfigErrors {
