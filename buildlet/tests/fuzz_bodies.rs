@@ -88,7 +88,8 @@ fn random_path(rng: &mut Rng) -> String {
         if i > 0 {
             p.push('/');
         }
-        p.push_str(*rng.pick(PARTS));
+        let part: &&str = rng.pick(PARTS);
+        p.push_str(part);
     }
     p
 }

@@ -421,7 +421,7 @@ pub fn fuzz_handshake(data: &[u8]) -> FuzzHandshakeOutcome {
     while let Ok(Some((hello, used))) = decode_frame::<Hello>("hello", rest) {
         outcome.hellos += 1;
         assert!(
-            used >= HEADER_LEN && used <= HEADER_LEN + MAX_FRAME_LEN && used <= rest.len(),
+            (HEADER_LEN..=HEADER_LEN + MAX_FRAME_LEN).contains(&used) && used <= rest.len(),
             "decode_frame consumed {used} of {} bytes",
             rest.len()
         );

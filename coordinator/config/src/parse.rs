@@ -121,7 +121,10 @@ fn deepest_nesting(text: &str) -> Range<usize> {
     let mut best = (0, 0..0);
     let mut start = 0;
     for line in text.split_inclusive('\n') {
-        let depth = line.bytes().filter(|b| matches!(b, b'[' | b'{' | b'.')).count();
+        let depth = line
+            .bytes()
+            .filter(|b| matches!(b, b'[' | b'{' | b'.'))
+            .count();
         if depth > best.0 {
             best = (depth, start..start + line.len());
         }
