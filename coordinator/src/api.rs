@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::farm::{Farm, FarmEvent, InstanceGrant, now_ms};
+use crate::git::PatchError;
 use crate::tokens;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -29,6 +30,8 @@ pub struct Instance {
     pub info: cp::Instance,
     last_used_ms: Mutex<i64>,
     grant: Mutex<Option<InstanceGrant>>,
+    /// The owner's allowance this instance uses; given back with the grant.
+    ticket: Mutex<Option<InstanceTicket>>,
     raw: buildlet::client::RawClient,
     lost: tokio_util::sync::CancellationToken,
 }
@@ -39,10 +42,34 @@ impl Instance {
     }
 }
 
+/// How many gomote instances each user holds, live or still being created, for
+/// `limits.gomote_instances_per_user`.
+type HeldByUser = Arc<Mutex<HashMap<String, usize>>>;
+
+/// One instance of a user's allowance, taken when a create starts and given back when
+/// dropped: when the create is abandoned or fails, or the instance is destroyed or expires.
+struct InstanceTicket {
+    held: HeldByUser,
+    user: String,
+}
+
+impl Drop for InstanceTicket {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = held.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.user);
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Api {
     farm: Arc<Farm>,
     instances: Arc<Mutex<HashMap<String, Arc<Instance>>>>,
+    held: HeldByUser,
 }
 
 impl Api {
@@ -50,6 +77,7 @@ impl Api {
         let api = Api {
             farm: farm.clone(),
             instances: Arc::new(Mutex::new(HashMap::new())),
+            held: Arc::new(Mutex::new(HashMap::new())),
         };
         let sweeper = api.clone();
         farm.tasks.spawn(async move { sweeper.expire_loop().await });
@@ -70,6 +98,43 @@ impl Api {
             .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
         tokens::verify(&self.farm.master_key, token.trim())
             .ok_or_else(|| Status::permission_denied("invalid user token"))
+    }
+
+    /// Takes one of `user`'s instances, or refuses with `ResourceExhausted` naming the
+    /// limit when the user already holds `limits.gomote_instances_per_user` (live ones
+    /// and creates still waiting count alike, so parallel creates cannot get around it).
+    fn take_ticket(&self, user: &str) -> Result<InstanceTicket, Status> {
+        let limit = self.farm.config.limits.gomote_instances_per_user as usize;
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let n = held.get(user).copied().unwrap_or(0);
+        if n >= limit {
+            drop(held);
+            let live = self
+                .instances
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .filter(|i| i.info.owner == user)
+                .count()
+                .min(n);
+            let what = if live == n {
+                format!("{n} live gomote instances")
+            } else {
+                format!(
+                    "{n} gomote instances ({live} live, {} being created)",
+                    n - live
+                )
+            };
+            warn!(user, held = n, limit, "gomote create refused: instance limit");
+            return Err(Status::resource_exhausted(format!(
+                "user {user} has {what}; the limit is {limit} (limits.gomote_instances_per_user): destroy one first"
+            )));
+        }
+        held.insert(user.to_owned(), n + 1);
+        Ok(InstanceTicket {
+            held: self.held.clone(),
+            user: user.to_owned(),
+        })
     }
 
     fn instance(&self, user: &str, name: &str) -> Result<Arc<Instance>, Status> {
@@ -102,8 +167,10 @@ impl Api {
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
         if let Some(inst) = removed {
-            // Releasing the grant gives the buildlet and its slot back.
+            // Releasing the grant gives the buildlet and its slot back, and the ticket
+            // the owner's allowance.
             inst.grant.lock().unwrap_or_else(|e| e.into_inner()).take();
+            inst.ticket.lock().unwrap_or_else(|e| e.into_inner()).take();
             info!(instance = name, "gomote instance destroyed");
             true
         } else {
@@ -232,7 +299,12 @@ impl Coordinator for Api {
                 builder.host_type
             )));
         }
+        let ticket = self.take_ticket(&user)?;
         let request_id = uuid::Uuid::now_v7().to_string();
+        // Past the interactive share of the host type the request waits in the queue
+        // (shown with its place in line) rather than failing: the share frees up as soon
+        // as any instance is destroyed or expires, and the per-user limit above bounds how
+        // many requests one user can leave waiting.
         let mut rx = self.farm.request_instance(&request_id, &builder.host_type);
         let api = self.clone();
         let farm = self.farm.clone();
@@ -273,6 +345,7 @@ impl Coordinator for Api {
                 raw: lease.client.raw(),
                 lost: lease.lost.clone(),
                 grant: Mutex::new(Some((lease, slot))),
+                ticket: Mutex::new(Some(ticket)),
             });
             api.instances.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), inst);
             info!(instance = %name, user = %user, "gomote instance created");
@@ -448,7 +521,23 @@ impl Coordinator for Api {
         let rev = mirror
             .resolve(&r.rev)
             .await
-            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+            .map_err(|e| Status::invalid_argument(mirror.scrub(&format!("{e:#}"))))?;
+        // A patch that cannot apply would fail on every builder after queueing; refuse it
+        // now, before anything is stored.
+        if !r.patch.is_empty() {
+            match mirror.check_patch(&rev, &r.patch).await {
+                Ok(()) => {}
+                Err(e @ PatchError::DoesNotApply { .. }) => {
+                    return Err(Status::invalid_argument(e.to_string()));
+                }
+                Err(PatchError::Check(e)) => {
+                    warn!(repo = %repo.name, error = %format!("{e:#}"), "patch check failed");
+                    return Err(Status::unavailable(
+                        "the coordinator could not check the patch; try again later",
+                    ));
+                }
+            }
+        }
         let try_builders: Vec<String> = self
             .farm
             .config

@@ -10,6 +10,7 @@ pub mod charts;
 pub mod dashboard;
 pub mod logs;
 pub mod metrics;
+pub mod not_found;
 pub mod status;
 
 use std::sync::Arc;
@@ -101,7 +102,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/builds/{id}", get(logs::build_json))
         .route("/webhook/{repo}", post(webhook))
         .with_state(state);
-    pages.merge(grpc)
+    // Not `merge`: the gRPC router's fallback answers every unknown path with an empty
+    // gRPC UNIMPLEMENTED (HTTP 200). gRPC requests are told apart by their content type.
+    pages.fallback_service(tower::service_fn(move |req| {
+        not_found::fallback(grpc.clone(), req)
+    }))
 }
 
 /// A build as scripts and pages see it.
@@ -180,10 +185,12 @@ impl IntoResponse for PageError {
     }
 }
 
-/// A view as HTML, or as JSON with `?format=json`.
+/// A view as HTML, or as JSON with `?format=json`; a missing thing is a 404 page in
+/// the same form.
 fn page<V: Template + Serialize>(view: Result<V, PageError>, f: &FormatQuery) -> Response {
     let view = match view {
         Ok(v) => v,
+        Err(PageError::NotFound(what)) => return not_found::not_found("", &what, f.json()),
         Err(e) => return e.into_response(),
     };
     if f.json() {

@@ -6,6 +6,7 @@
 
 mod builtin;
 mod error;
+mod limits;
 mod model;
 mod names;
 mod parse;
@@ -14,6 +15,7 @@ mod validate;
 use std::path::Path;
 
 pub use builtin::{CROSS_BUILDERS, LOCAL_HOST_TYPE, host_platform};
+pub use limits::Limits;
 pub use error::{ConfigError, ConfigErrors, ErrorKind, FieldPath, LoadError, Location};
 pub use model::{
     Builder, Config, CoordinatorConfig, DockerPool, Ec2Pool, Env, HostType, KubePool, LocalPool,

@@ -10,6 +10,8 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
+use crate::limits::Limits;
+
 /// Environment variables as written in the file, sorted by name.
 pub type Env = BTreeMap<String, String>;
 
@@ -29,6 +31,10 @@ pub struct Config {
     /// Git repositories to watch. Default: none.
     #[serde(default)]
     pub repos: Vec<Repo>,
+    /// Fair shares between users and classes of work. Default: every field at its own
+    /// default.
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 /// `[coordinator]`: settings of the coordinator process itself.

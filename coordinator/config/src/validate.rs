@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::error::{ErrorKind, FieldPath};
+use crate::limits::Limits;
 use crate::model::{Builder, Config, CoordinatorConfig, Env, HostType, Pool, Repo};
 use crate::names::parse_builder_name;
 
@@ -98,6 +99,7 @@ impl Issues {
 pub(crate) fn check(config: &Config) -> Vec<Issue> {
     let mut out = Issues::default();
     coordinator(&mut out, &config.coordinator);
+    limits(&mut out, &config.limits);
 
     let mut seen = HashMap::new();
     for (i, h) in config.host_types.iter().enumerate() {
@@ -152,6 +154,23 @@ fn coordinator(out: &mut Issues, c: &CoordinatorConfig) {
     out.positive_duration(path.key("repo_poll_interval"), c.repo_poll_interval);
     out.positive(path.key("max_attempts"), c.max_attempts);
     out.positive_duration(path.key("gomote_idle_timeout"), c.gomote_idle_timeout);
+}
+
+fn limits(out: &mut Issues, l: &Limits) {
+    let path = FieldPath::root().key("limits");
+    out.positive(
+        path.key("gomote_instances_per_user"),
+        l.gomote_instances_per_user,
+    );
+    if !(1..=100).contains(&l.interactive_share_percent) {
+        out.push(
+            path.key("interactive_share_percent"),
+            ErrorKind::Invalid(format!(
+                "interactive_share_percent {} must be between 1 and 100",
+                l.interactive_share_percent
+            )),
+        );
+    }
 }
 
 fn host_type(out: &mut Issues, path: &FieldPath, h: &HostType) {
