@@ -765,10 +765,24 @@ impl BuildletClient {
         Ok(total)
     }
 
-    /// Removes paths (files or trees); "." empties the workdir.
+    /// Removes paths (files or trees). A path naming the workdir itself is refused
+    /// (InvalidArgument) unless it is spelled exactly "." — this typed client's explicit
+    /// form of "empty the workdir", as [`BuildletClient::remove_all`] sends; "" or "a/.."
+    /// (what a stray argument or a computed path produces) never empty it.
     pub async fn remove(&self, paths: &[&str]) -> Result<(), ClientError> {
+        let allow_root = paths.contains(&".");
+        self.remove_paths(paths, allow_root).await
+    }
+
+    /// Empties the workdir, keeping the directory itself.
+    pub async fn remove_all(&self) -> Result<(), ClientError> {
+        self.remove_paths(&["."], true).await
+    }
+
+    async fn remove_paths(&self, paths: &[&str], allow_root: bool) -> Result<(), ClientError> {
         let req = self.unary(pb::RemoveRequest {
             paths: paths.iter().map(|p| p.to_string()).collect(),
+            allow_root,
         });
         self.grpc
             .clone()

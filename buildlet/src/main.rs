@@ -94,6 +94,15 @@ struct ListenArgs {
     /// Most entries a tarball may have.
     #[arg(long, default_value_t = 1_000_000)]
     max_tar_entries: u64,
+    /// PutTarFromUrl: longest wait to connect to the URL's server.
+    #[arg(long, default_value = "30s")]
+    url_connect_timeout: humantime::Duration,
+    /// PutTarFromUrl: longest wait for the response, and then for each piece of the body.
+    #[arg(long, default_value = "60s")]
+    url_read_timeout: humantime::Duration,
+    /// PutTarFromUrl: longest time for the whole download.
+    #[arg(long, default_value = "30m")]
+    url_fetch_timeout: humantime::Duration,
 }
 
 /// What the process does.
@@ -141,6 +150,7 @@ fn validate(cli: Cli) -> anyhow::Result<Mode> {
         missing.push("--tls-key");
     }
     let limits = tar_limits(&a);
+    let set_url_timeouts = url_timeouts(&a);
     let (Some(listen), Some(workdir), Some(cert), Some(key)) =
         (a.listen, a.workdir, a.tls_cert, a.tls_key)
     else {
@@ -172,6 +182,7 @@ fn validate(cli: Cli) -> anyhow::Result<Mode> {
     }
     let mut server = ServerConfig::new(workdir);
     server.tar_limits = limits;
+    set_url_timeouts(&mut server);
     server.host_type = a.host_type;
     // Make sure the config is usable before binding.
     let _ = revdial::tls::server_config(&identity, client_ca.as_deref(), &[revdial::tls::ALPN_H2])
@@ -183,6 +194,20 @@ fn validate(cli: Cli) -> anyhow::Result<Mode> {
         client_ca,
         policy: AuthPolicy::new(bearer.as_deref()),
     })))
+}
+
+/// Sets the PutTarFromUrl bounds from the command line.
+fn url_timeouts(a: &ListenArgs) -> impl FnOnce(&mut ServerConfig) + use<> {
+    let (connect, read, whole) = (
+        a.url_connect_timeout.into(),
+        a.url_read_timeout.into(),
+        a.url_fetch_timeout.into(),
+    );
+    move |server| {
+        server.url_connect_timeout = connect;
+        server.url_read_timeout = read;
+        server.url_fetch_timeout = whole;
+    }
 }
 
 fn tar_limits(a: &ListenArgs) -> Limits {

@@ -10,7 +10,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -73,6 +73,11 @@ pub struct ServerConfig {
     pub max_write_file_bytes: u64,
     /// Whole-request timeout of PutTarFromUrl downloads; default 30 minutes.
     pub url_fetch_timeout: Duration,
+    /// How long PutTarFromUrl waits to connect to the URL's server; default 30 seconds.
+    pub url_connect_timeout: Duration,
+    /// How long PutTarFromUrl waits for the response, and then for each piece of the
+    /// body, so a server that accepts and goes silent is given up on; default 60 seconds.
+    pub url_read_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -88,6 +93,8 @@ impl ServerConfig {
             tar_limits: Limits::default(),
             max_write_file_bytes: 64 << 20,
             url_fetch_timeout: Duration::from_secs(30 * 60),
+            url_connect_timeout: Duration::from_secs(30),
+            url_read_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -211,9 +218,11 @@ impl BuildletService {
         if let Some(c) = self.inner.http.get() {
             return Ok(c);
         }
+        let config = &self.inner.config;
         let client = reqwest::Client::builder()
-            .timeout(self.inner.config.url_fetch_timeout)
-            .connect_timeout(Duration::from_secs(30))
+            .timeout(config.url_fetch_timeout)
+            .connect_timeout(config.url_connect_timeout)
+            .read_timeout(config.url_read_timeout)
             .build()
             .map_err(|e| Status::internal(format!("building http client: {e}")))?;
         Ok(self.inner.http.get_or_init(|| client))
@@ -250,6 +259,50 @@ impl BuildletService {
                 }
             }
         }
+    }
+}
+
+/// The PutTarFromUrl bounds, to say which one ran out.
+#[derive(Debug, Clone, Copy)]
+struct UrlTimeouts {
+    connect: Duration,
+    read: Duration,
+    overall: Duration,
+}
+
+impl UrlTimeouts {
+    fn of(config: &ServerConfig) -> Self {
+        UrlTimeouts {
+            connect: config.url_connect_timeout,
+            read: config.url_read_timeout,
+            overall: config.url_fetch_timeout,
+        }
+    }
+
+    /// A download error as a status naming the URL and, for a timeout, which bound
+    /// (DeadlineExceeded); other failures are FailedPrecondition (the URL's fault).
+    fn fetch_error(&self, url: &reqwest::Url, e: &reqwest::Error, started: Instant) -> Status {
+        let took = started.elapsed();
+        if !e.is_timeout() {
+            return Status::failed_precondition(format!("fetching {url}: {e}"));
+        }
+        let which = if e.is_connect() {
+            format!(
+                "could not connect within the connect timeout of {}",
+                humantime::format_duration(self.connect)
+            )
+        } else if took >= self.overall {
+            format!(
+                "the download took longer than the overall timeout of {}",
+                humantime::format_duration(self.overall)
+            )
+        } else {
+            format!(
+                "the server sent nothing for the read timeout of {}",
+                humantime::format_duration(self.read)
+            )
+        };
+        Status::deadline_exceeded(format!("fetching {url}: {which}"))
     }
 }
 
@@ -421,12 +474,14 @@ impl Buildlet for BuildletService {
         }
         // Refuse a bad dir before downloading anything.
         paths::resolve_existing_safe(self.workdir(), &req.dir).map_err(path_status)?;
+        let timeouts = UrlTimeouts::of(&self.inner.config);
+        let started = Instant::now();
         let resp = self
             .http()?
             .get(url.clone())
             .send()
             .await
-            .map_err(|e| Status::failed_precondition(format!("fetching {url}: {e}")))?;
+            .map_err(|e| timeouts.fetch_error(&url, &e, started))?;
         let code = resp.status();
         if !code.is_success() {
             let msg = format!("fetching {url}: http status {code}");
@@ -438,11 +493,18 @@ impl Buildlet for BuildletService {
         }
         let upload_error = Arc::new(Mutex::new(None));
         let record = upload_error.clone();
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let record_timeout = timed_out.clone();
         let max = self.inner.config.tar_limits.max_bytes;
         let mut seen = 0u64;
+        let body_url = url.clone();
         let data = resp.bytes_stream().map(move |r| {
             let chunk = r.map_err(|e| {
-                let why = format!("downloading: {e}");
+                let status = timeouts.fetch_error(&body_url, &e, started);
+                if status.code() == tonic::Code::DeadlineExceeded {
+                    record_timeout.store(true, Ordering::SeqCst);
+                }
+                let why = status.message().to_owned();
                 if let Ok(mut g) = record.lock() {
                     *g = Some(why.clone());
                 }
@@ -457,7 +519,19 @@ impl Buildlet for BuildletService {
             }
             Ok(chunk)
         });
-        let resp = self.extract(&req.dir, data, upload_error).await?;
+        let resp = self
+            .extract(&req.dir, data, upload_error)
+            .await
+            .map_err(|status| {
+                if timed_out.load(Ordering::SeqCst) {
+                    let msg = status.message();
+                    Status::deadline_exceeded(
+                        msg.strip_prefix("upload interrupted: ").unwrap_or(msg),
+                    )
+                } else {
+                    status
+                }
+            })?;
         tracing::info!(%url, dir = req.dir, entries = resp.entries, "put_tar_from_url");
         Ok(Response::new(resp))
     }
@@ -584,10 +658,10 @@ impl Buildlet for BuildletService {
         &self,
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::RemoveResponse>, Status> {
-        let paths = request.into_inner().paths;
+        let pb::RemoveRequest { paths, allow_root } = request.into_inner();
         let root = self.workdir().to_owned();
-        tracing::info!(?paths, "remove");
-        tokio::task::spawn_blocking(move || fsops::remove(&root, &paths))
+        tracing::info!(?paths, allow_root, "remove");
+        tokio::task::spawn_blocking(move || fsops::remove(&root, &paths, allow_root))
             .await
             .map_err(blocking_failed)?
             .map_err(fs_status)?;

@@ -50,6 +50,11 @@ impl TestBuildlet {
     }
 
     pub async fn start_with(opts: Options) -> Self {
+        Self::start_with_args(opts, &[]).await
+    }
+
+    /// Starts the buildlet with `extra` command-line arguments appended.
+    pub async fn start_with_args(opts: Options, extra: &[&str]) -> Self {
         revdial::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = CertificateAuthority::generate("buildlet test ca").expect("ca");
@@ -92,6 +97,7 @@ impl TestBuildlet {
         if opts.bearer_key {
             cmd.arg("--auth-key-file").arg(&key_file);
         }
+        cmd.args(extra);
         let mut child = cmd.spawn().expect("spawn buildlet");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();

@@ -99,11 +99,15 @@ enum Cmd {
         #[arg(long)]
         digest: bool,
     },
-    /// Remove paths of the instance.
+    /// Remove paths of the instance. A path naming the workdir itself ("", ".") is
+    /// refused; empty the whole workdir with --all.
     Rm {
         instance: String,
-        #[arg(required = true)]
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
         paths: Vec<String>,
+        /// Empty the whole workdir (keeping the directory).
+        #[arg(long)]
+        all: bool,
     },
     /// Interactive shell on the instance.
     Ssh { instance: String },
@@ -121,6 +125,10 @@ enum Cmd {
         patch: Option<PathBuf>,
     },
 }
+
+/// Largest token gomote sends. Real tokens are `<user>.<hex mac>`, under 140 bytes; the
+/// room above that is for other token formats, far below any server's header limit.
+const MAX_TOKEN_BYTES: usize = 1024;
 
 #[derive(Deserialize)]
 struct Settings {
@@ -159,11 +167,23 @@ async fn connect(cli: &Cli) -> Result<Client> {
     })?;
     let s: Settings =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let token = std::env::var("BUILDFARM_TOKEN").unwrap_or(s.token);
+    let (token, source) = match std::env::var("BUILDFARM_TOKEN") {
+        Ok(t) => (t, "BUILDFARM_TOKEN".to_owned()),
+        Err(_) => (s.token, format!("`token` in {}", path.display())),
+    };
+    let token = token.trim();
     if token.is_empty() {
         bail!(
             "no token: set BUILDFARM_TOKEN or `token` in {}",
             path.display()
+        );
+    }
+    // Checked here, before sending: an oversized header only gets a bare HTTP/2
+    // protocol error back from the server.
+    if token.len() > MAX_TOKEN_BYTES {
+        bail!(
+            "the token from {source} is {} bytes; the limit is {MAX_TOKEN_BYTES} bytes (a real token is `<user>.<64 hex digits>`)",
+            token.len()
         );
     }
     let addr = s
@@ -185,7 +205,7 @@ async fn connect(cli: &Cli) -> Result<Client> {
     .await
     .with_context(|| format!("connecting to coordinator {addr}"))?;
     let auth = Auth(
-        MetadataValue::try_from(format!("Bearer {}", token.trim()))
+        MetadataValue::try_from(format!("Bearer {token}"))
             .context("token is not valid header text")?,
     );
     Ok(CoordinatorClient::with_interceptor(channel, auth)
@@ -434,11 +454,17 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Rm { instance, paths } => {
+        Cmd::Rm {
+            instance,
+            paths,
+            all,
+        } => {
+            let paths = if *all { vec![".".to_owned()] } else { paths.clone() };
             c.remove(cp::InstanceRemoveRequest {
                 instance: instance.clone(),
                 request: Some(bp::RemoveRequest {
-                    paths: paths.clone(),
+                    paths,
+                    allow_root: *all,
                 }),
             })
             .await
@@ -637,6 +663,7 @@ async fn push(c: &mut Client, instance: &str, dir: &Path, dest: &str) -> Result<
             instance: instance.to_owned(),
             request: Some(bp::RemoveRequest {
                 paths: gone.clone(),
+                allow_root: false,
             }),
         })
         .await
