@@ -288,7 +288,10 @@ mod tests {
         // ".." is refused by the path policy before the root check.
         let err = remove(root.path(), &["c".into(), "a/..".into()], false).expect_err("a/..");
         assert!(matches!(err, FsError::Path(_)), "{err}");
-        assert!(root.path().join("c").exists(), "nothing removed by a refused call");
+        assert!(
+            root.path().join("c").exists(),
+            "nothing removed by a refused call"
+        );
         remove(root.path(), &[".".into()], true).unwrap();
         assert!(root.path().is_dir());
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);

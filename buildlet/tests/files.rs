@@ -360,7 +360,11 @@ async fn removing_the_workdir_root_is_refused_unless_asked_for() {
             .expect_err(root);
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{root:?}: {err}");
     }
-    assert_eq!(tree(&b.workdir), before, "a refused remove changed the workdir");
+    assert_eq!(
+        tree(&b.workdir),
+        before,
+        "a refused remove changed the workdir"
+    );
 
     // Asked for explicitly, the workdir is emptied but kept.
     raw.remove(buildfarm_proto::buildlet::RemoveRequest {
@@ -440,7 +444,10 @@ async fn put_tar_from_url_gives_up_on_a_server_that_never_answers() {
     assert_eq!(err.code(), ErrorCode::DeadlineExceeded, "{err}");
     let msg = err.to_string();
     assert!(msg.contains(&url), "names the URL: {msg}");
-    assert!(msg.contains("read timeout of 2s"), "names the timeout: {msg}");
+    assert!(
+        msg.contains("read timeout of 2s"),
+        "names the timeout: {msg}"
+    );
     assert!(
         started.elapsed() >= std::time::Duration::from_secs(2),
         "gave up before the timeout"
@@ -461,7 +468,10 @@ async fn put_tar_from_url_gives_up_on_a_server_that_never_answers() {
     .expect_err("a stalled download succeeded");
     assert_eq!(err.code(), ErrorCode::DeadlineExceeded, "{err}");
     let msg = err.to_string();
-    assert!(msg.contains(&url) && msg.contains("read timeout of 2s"), "{msg}");
+    assert!(
+        msg.contains(&url) && msg.contains("read timeout of 2s"),
+        "{msg}"
+    );
     assert_eq!(std::fs::read_dir(&b.workdir).expect("read").count(), 0);
     server.abort();
     stalling.abort();

@@ -125,7 +125,12 @@ impl Api {
                     n - live
                 )
             };
-            warn!(user, held = n, limit, "gomote create refused: instance limit");
+            warn!(
+                user,
+                held = n,
+                limit,
+                "gomote create refused: instance limit"
+            );
             return Err(Status::resource_exhausted(format!(
                 "user {user} has {what}; the limit is {limit} (limits.gomote_instances_per_user): destroy one first"
             )));

@@ -334,8 +334,13 @@ impl Mirror {
         }
         if let Some(patch) = patch {
             // On stdin, so git's messages name no file of ours.
-            let out = git_with_input(&["apply", "--whitespace=nowarn", "-"], Some(&work), &[], patch)
-                .await?;
+            let out = git_with_input(
+                &["apply", "--whitespace=nowarn", "-"],
+                Some(&work),
+                &[],
+                patch,
+            )
+            .await?;
             if !out.status.success() {
                 bail!(
                     "applying the patch on {rev}: {}",

@@ -15,8 +15,8 @@ mod validate;
 use std::path::Path;
 
 pub use builtin::{CROSS_BUILDERS, LOCAL_HOST_TYPE, host_platform};
-pub use limits::Limits;
 pub use error::{ConfigError, ConfigErrors, ErrorKind, FieldPath, LoadError, Location};
+pub use limits::Limits;
 pub use model::{
     Builder, Config, CoordinatorConfig, DockerPool, Ec2Pool, Env, HostType, KubePool, LocalPool,
     Pool, Repo, ReversePool, Secret, Step,

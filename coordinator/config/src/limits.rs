@@ -81,9 +81,6 @@ pool = { kind = "local", count = 2 }
 
         let text = format!("{BASE}\n[limits]\ninteractive_share = 0.5\n");
         let errors = Config::from_toml_str(&text, "c.toml").expect_err("unknown field accepted");
-        assert!(
-            errors.to_string().contains("interactive_share"),
-            "{errors}"
-        );
+        assert!(errors.to_string().contains("interactive_share"), "{errors}");
     }
 }

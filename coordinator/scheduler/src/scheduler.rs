@@ -628,7 +628,10 @@ mod tests {
         s.push(item("post", "h", WorkClass::PostSubmit, 30 * MIN, None))
             .unwrap();
         let late = Timestamp::from_millis(60 * MIN);
-        assert_eq!(s.pop_within("h", late, usage(4, 2, 2)).unwrap().id.0, "post");
+        assert_eq!(
+            s.pop_within("h", late, usage(4, 2, 2)).unwrap().id.0,
+            "post"
+        );
         assert_eq!(s.pop_within("h", late, usage(4, 3, 2)), None);
         // Below the share, the starved item goes first as usual.
         s.push(item("try", "h", WorkClass::Try, 59 * MIN, None))

@@ -459,7 +459,11 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             paths,
             all,
         } => {
-            let paths = if *all { vec![".".to_owned()] } else { paths.clone() };
+            let paths = if *all {
+                vec![".".to_owned()]
+            } else {
+                paths.clone()
+            };
             c.remove(cp::InstanceRemoveRequest {
                 instance: instance.clone(),
                 request: Some(bp::RemoveRequest {
