@@ -321,6 +321,7 @@ impl Coordinator for Api {
                     phase: cp::create_instance_response::Phase::Queued as i32,
                     waiters_ahead: ahead,
                     instance: None,
+                    waiting_for: farm.interactive_share_full(&builder.host_type).unwrap_or_default(),
                 };
                 let granted = tokio::select! {
                     g = &mut rx => Some(g),
@@ -358,6 +359,7 @@ impl Coordinator for Api {
                 phase: cp::create_instance_response::Phase::Ready as i32,
                 waiters_ahead: 0,
                 instance: Some(info),
+                waiting_for: String::new(),
             };
         };
         Ok(Response::new(Box::pin(stream)))

@@ -261,6 +261,30 @@ impl Farm {
             .remove(&WorkId(format!("gomote:{request_id}")));
     }
 
+    /// When interactive work already holds its share of `host_type`, says so (for the
+    /// gomote create progress line); `None` while there is room.
+    pub fn interactive_share_full(&self, host_type: &str) -> Option<String> {
+        let capacity = self.pools.get(host_type)?.capacity();
+        let limit = self
+            .scheduler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .policy()
+            .interactive_limit(capacity);
+        let held = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(host_type)
+            .map_or(0, |h| h.interactive);
+        (held >= limit).then(|| {
+            format!(
+                "gomote instances hold {held} of host type {host_type}'s {capacity} buildlets, its interactive share ({}%, limits.interactive_share_percent); try and post-submit builds get the rest",
+                self.config.limits.interactive_share_percent
+            )
+        })
+    }
+
     pub fn queue_position(&self, request_id: &str) -> Option<usize> {
         self.scheduler
             .lock()

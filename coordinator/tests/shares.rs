@@ -127,6 +127,8 @@ fn text(b: &[u8]) -> String {
 struct PendingCreate {
     child: tokio::process::Child,
     stderr: tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+    /// The first progress line.
+    first: String,
 }
 
 impl PendingCreate {
@@ -151,7 +153,11 @@ impl PendingCreate {
             first.contains("waiting for a"),
             "expected the create to wait in the queue, got {first:?}"
         );
-        PendingCreate { child, stderr }
+        PendingCreate {
+            child,
+            stderr,
+            first,
+        }
     }
 
     fn still_waiting(&mut self) -> bool {
@@ -194,6 +200,11 @@ async fn one_user_cannot_hold_the_farm_and_try_runs_still_get_a_buildlet() {
     // Bob's create waits in the queue instead of taking the last buildlet...
     let mut bobs = PendingCreate::start(&farm, &bob).await;
     wait_queued_interactive(&farm, 1).await;
+    assert!(
+        bobs.first.contains("gomote instances hold 1 of host type local's 2 buildlets, its interactive share (50%, limits.interactive_share_percent)"),
+        "{}",
+        bobs.first
+    );
 
     // ...which a try run gets, and passes on.
     let out = gomote_within(

@@ -251,8 +251,13 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                     }
                     return Ok(ExitCode::SUCCESS);
                 }
+                let why = if msg.waiting_for.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {}", msg.waiting_for)
+                };
                 eprintln!(
-                    "gomote: waiting for a {builder} buildlet ({} ahead)",
+                    "gomote: waiting for a {builder} buildlet ({} ahead){why}",
                     msg.waiters_ahead
                 );
             }
