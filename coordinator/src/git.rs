@@ -202,9 +202,16 @@ impl Mirror {
         if message.is_empty() {
             message = format!("git apply exited with {}", out.status);
         }
+        // git speaks of its index, which here is the revision's tree.
+        let message = message
+            .replace(
+                ": does not exist in index",
+                ": does not exist in that revision",
+            )
+            .replace('\n', "; ");
         Err(PatchError::DoesNotApply {
             rev: rev.to_owned(),
-            message: message.replace('\n', "; "),
+            message,
         })
     }
 

@@ -430,7 +430,7 @@ async fn wrong_requests_get_right_answers() {
     ];
     for (patch, reason) in [
         (&garbage, "No valid patches"),
-        (&stale, "gone.go"),
+        (&stale, "gone.go: does not exist in that revision"),
         (&conflicting, "hello.go"),
     ] {
         let out = gomote_as(
