@@ -277,7 +277,8 @@ impl Farm {
             .unwrap_or_else(|e| e.into_inner())
             .get(host_type)
             .map_or(0, |h| h.interactive);
-        (held >= limit).then(|| {
+        // With no capacity at all the wait is the pool's, not the share's.
+        (capacity > 0 && held >= limit).then(|| {
             format!(
                 "gomote instances hold {held} of host type {host_type}'s {capacity} buildlets, its interactive share ({}%, limits.interactive_share_percent); try and post-submit builds get the rest",
                 self.config.limits.interactive_share_percent
