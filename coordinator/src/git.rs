@@ -479,6 +479,93 @@ mod tests {
         assert_eq!(commits[1].commit_time, 1_600_000_000);
     }
 
+    fn sh_git(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("git");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    #[tokio::test]
+    async fn patches_are_checked_against_the_revision_and_errors_name_no_server_path() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let repo = tmp.path().join("repo");
+        std::fs::create_dir_all(&repo).expect("mkdir");
+        sh_git(&repo, &["init", "--quiet", "--initial-branch=main"]);
+        std::fs::write(repo.join("a.txt"), "one\ntwo\n").expect("write");
+        sh_git(&repo, &["add", "-A"]);
+        sh_git(&repo, &["commit", "--quiet", "-m", "first"]);
+        let rev = sh_git(&repo, &["rev-parse", "HEAD"]);
+        std::fs::write(repo.join("a.txt"), "one\n2\n").expect("write");
+        std::fs::write(repo.join("new.txt"), "new\n").expect("write");
+        sh_git(&repo, &["add", "-A"]);
+        let good = format!("{}\n", sh_git(&repo, &["diff", "--cached", "--binary"]));
+        let data = tmp.path().join("data");
+        let mirror = Mirror::open("r", &repo.to_string_lossy(), &data)
+            .await
+            .expect("mirror");
+
+        mirror
+            .check_patch(&rev, good.as_bytes())
+            .await
+            .expect("good patch");
+        let bad = good.replace("-two", "-zwei");
+        let err = mirror
+            .check_patch(&rev, bad.as_bytes())
+            .await
+            .expect_err("conflicting patch accepted");
+        let msg = err.to_string();
+        assert!(matches!(err, PatchError::DoesNotApply { .. }), "{msg}");
+        assert!(msg.contains("a.txt"), "{msg}");
+        let err = mirror
+            .check_patch(&rev, b"garbage\n")
+            .await
+            .expect_err("garbage accepted");
+        assert!(err.to_string().contains("No valid patches"), "{err}");
+        for msg in [msg, err.to_string()] {
+            assert!(!msg.contains(&*tmp.path().to_string_lossy()), "{msg}");
+        }
+
+        // The runner's path: the same refusal, scrubbed, from source_tarball.
+        let err = mirror
+            .source_tarball(&rev, Some(bad.as_bytes()))
+            .await
+            .expect_err("conflicting patch applied");
+        let msg = format!("{err:#}");
+        assert!(msg.contains("a.txt"), "{msg}");
+        assert!(!msg.contains(&*tmp.path().to_string_lossy()), "{msg}");
+        mirror
+            .source_tarball(&rev, Some(good.as_bytes()))
+            .await
+            .expect("good patch applies");
+        let err = mirror.resolve("nope").await.expect_err("unknown rev");
+        let scrubbed = mirror.scrub(&format!("{err:#}"));
+        assert!(scrubbed.contains("<mirror>"), "{scrubbed}");
+        assert!(
+            !scrubbed.contains(&*tmp.path().to_string_lossy()),
+            "{scrubbed}"
+        );
+    }
+
+    #[test]
+    fn scrub_replaces_longer_paths_first_and_skips_bare_names() {
+        let hidden = hidden_paths(&[
+            (PathBuf::from("/srv/bf"), "<data>"),
+            (PathBuf::from("/srv/bf/git/x.git"), "<mirror>"),
+            (PathBuf::from("data"), "<data>"),
+        ]);
+        let names: Vec<&str> = hidden.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(names, ["/srv/bf/git/x.git", "/srv/bf"]);
+    }
+
     #[test]
     fn refs_that_look_like_options_are_refused() {
         assert!(check_ref("revision", "--upload-pack=x").is_err());
