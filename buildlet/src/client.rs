@@ -765,13 +765,11 @@ impl BuildletClient {
         Ok(total)
     }
 
-    /// Removes paths (files or trees). A path naming the workdir itself is refused
-    /// (InvalidArgument) unless it is spelled exactly "." — this typed client's explicit
-    /// form of "empty the workdir", as [`BuildletClient::remove_all`] sends; "" or "a/.."
-    /// (what a stray argument or a computed path produces) never empty it.
+    /// Removes paths (files or trees). A path naming the workdir itself ("", ".",
+    /// "a/..") is refused with InvalidArgument; emptying the workdir is
+    /// [`BuildletClient::remove_all`], so a stray or computed path never does it.
     pub async fn remove(&self, paths: &[&str]) -> Result<(), ClientError> {
-        let allow_root = paths.contains(&".");
-        self.remove_paths(paths, allow_root).await
+        self.remove_paths(paths, false).await
     }
 
     /// Empties the workdir, keeping the directory itself.

@@ -236,7 +236,7 @@ async fn write_list_remove_workdir_and_status() {
         .expect("remove");
     assert!(!b.workdir.join("a/b.txt").exists());
     assert!(b.workdir.join("a/skip/inner").exists());
-    c.remove(&["."]).await.expect("remove .");
+    c.remove_all().await.expect("remove all");
     assert!(b.workdir.is_dir(), "workdir itself was removed");
     assert_eq!(std::fs::read_dir(&b.workdir).expect("read").count(), 0);
 
