@@ -94,6 +94,11 @@ struct ListenArgs {
     /// Most entries a tarball may have.
     #[arg(long, default_value_t = 1_000_000)]
     max_tar_entries: u64,
+    /// Where each command's process tree is contained: a cgroup directory (v1 or v2) the
+    /// buildlet may make children in, `auto` (its own cgroup, if it can make children
+    /// there) or `none` (child subreaper and an environment marker only).
+    #[arg(long, default_value = "auto")]
+    cgroup: buildlet::contain::CgroupChoice,
 }
 
 /// What the process does.
@@ -173,6 +178,7 @@ fn validate(cli: Cli) -> anyhow::Result<Mode> {
     let mut server = ServerConfig::new(workdir);
     server.tar_limits = limits;
     server.host_type = a.host_type;
+    server.cgroup = a.cgroup;
     // Make sure the config is usable before binding.
     let _ = revdial::tls::server_config(&identity, client_ca.as_deref(), &[revdial::tls::ALPN_H2])
         .context("building the tls config")?;
@@ -208,6 +214,7 @@ async fn run_listen(cfg: Box<ListenConfig>) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
     tracing::info!(%addr, workdir = %svc.workdir().display(), "buildlet listening");
+    log_containment(&svc);
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "buildlet listening on {addr}").context("writing to stdout")?;
@@ -233,6 +240,21 @@ async fn run_listen(cfg: Box<ListenConfig>) -> anyhow::Result<()> {
     }
     tracing::info!("buildlet stopped");
     Ok(())
+}
+
+/// One start-up line saying how commands are contained, with the cgroup a supervisor
+/// kills if this buildlet dies.
+fn log_containment(svc: &BuildletService) {
+    let c = svc.containment();
+    match c.cgroup_path() {
+        Some(cg) => {
+            tracing::info!(containment = c.description(), cgroup = %cg.display(), "commands contained in cgroups")
+        }
+        None => tracing::info!(
+            containment = c.description(),
+            "commands contained without cgroups (child subreaper)"
+        ),
+    }
 }
 
 async fn watch_signals(shutdown: CancellationToken) {

@@ -50,6 +50,11 @@ impl TestBuildlet {
     }
 
     pub async fn start_with(opts: Options) -> Self {
+        Self::start_full(opts, &[], None).await
+    }
+
+    /// Starts with `extra_args` added, on `workdir` if given (else `<dir>/work`).
+    pub async fn start_full(opts: Options, extra_args: &[&str], workdir: Option<&Path>) -> Self {
         revdial::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = CertificateAuthority::generate("buildlet test ca").expect("ca");
@@ -63,7 +68,9 @@ impl TestBuildlet {
         std::fs::write(&ca_file, ca.cert_pem()).expect("write ca");
         let key_file = dir.path().join("auth.key");
         std::fs::write(&key_file, format!("{KEY}\n")).expect("write key");
-        let workdir = dir.path().join("work");
+        let workdir = workdir
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.path().join("work"));
         let outside = dir.path().join("outside");
         std::fs::create_dir_all(&outside).expect("outside dir");
         std::fs::write(outside.join("precious.txt"), "do not touch").expect("outside file");
@@ -80,6 +87,7 @@ impl TestBuildlet {
             .arg(&key)
             .arg("--host-type")
             .arg("host-test")
+            .args(extra_args)
             .env_remove("BUILDLET_AUTH_KEY")
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
@@ -143,6 +151,60 @@ impl TestBuildlet {
         match tokio::time::timeout(within, self.child.wait()).await {
             Ok(Ok(st)) => st,
             other => panic!("buildlet did not exit: {other:?}\n{}", self.log()),
+        }
+    }
+
+    /// The container cgroup the buildlet logged at start-up, if it uses one.
+    pub fn container_cgroup(&self) -> Option<PathBuf> {
+        let log = strip_ansi(&self.log());
+        let line = log
+            .lines()
+            .find(|l| l.contains("commands contained in cgroups"))?;
+        let at = line.rfind("cgroup=")?;
+        Some(PathBuf::from(line[at + "cgroup=".len()..].trim()))
+    }
+}
+
+/// `text` without terminal colour sequences (`ESC [ ... m`), as tracing writes them.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl Drop for TestBuildlet {
+    /// The buildlet dies by SIGKILL here, which on purpose leaves its container cgroup
+    /// for a supervisor to kill: be that supervisor, so tests leave no cgroups behind.
+    fn drop(&mut self) {
+        let Some(cg) = self.container_cgroup() else {
+            return;
+        };
+        if let Some(pid) = self.child.id() {
+            let _ = self.child.start_kill();
+            // Dead once it is a zombie (tokio reaps it later) or gone.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                    Ok(stat) if !stat.contains(") Z ") => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    _ => break,
+                }
+            }
+        }
+        if let Ok(cg) = buildlet::cgroup::Cgroup::open(&cg) {
+            let _ = cg.remove(Duration::from_secs(5));
         }
     }
 }
