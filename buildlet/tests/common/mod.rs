@@ -156,12 +156,39 @@ impl TestBuildlet {
 
     /// The container cgroup the buildlet logged at start-up, if it uses one.
     pub fn container_cgroup(&self) -> Option<PathBuf> {
-        let log = strip_ansi(&self.log());
-        let line = log
-            .lines()
-            .find(|l| l.contains("commands contained in cgroups"))?;
-        let at = line.rfind("cgroup=")?;
-        Some(PathBuf::from(line[at + "cgroup=".len()..].trim()))
+        logged_container(&self.log())
+    }
+}
+
+/// The container cgroup a buildlet's log names ("commands contained in cgroups").
+pub fn logged_container(log: &str) -> Option<PathBuf> {
+    let log = strip_ansi(log);
+    let line = log
+        .lines()
+        .find(|l| l.contains("commands contained in cgroups"))?;
+    let at = line.rfind("cgroup=")?;
+    Some(PathBuf::from(line[at + "cgroup=".len()..].trim()))
+}
+
+/// SIGKILLs a buildlet and, acting as its supervisor, removes the container cgroup its
+/// `log` names (a SIGKILLed buildlet leaves it on purpose), so tests leave none behind.
+pub fn kill_and_remove_container(child: &mut Child, log: &str) {
+    let Some(cg) = logged_container(log) else {
+        return;
+    };
+    if let Some(pid) = child.id() {
+        let _ = child.start_kill();
+        // Dead once it is a zombie (tokio reaps it later) or gone.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                Ok(stat) if !stat.contains(") Z ") => std::thread::sleep(Duration::from_millis(10)),
+                _ => break,
+            }
+        }
+    }
+    if let Ok(cg) = buildlet::cgroup::Cgroup::open(&cg) {
+        let _ = cg.remove(Duration::from_secs(5));
     }
 }
 
@@ -184,28 +211,9 @@ pub fn strip_ansi(text: &str) -> String {
 }
 
 impl Drop for TestBuildlet {
-    /// The buildlet dies by SIGKILL here, which on purpose leaves its container cgroup
-    /// for a supervisor to kill: be that supervisor, so tests leave no cgroups behind.
     fn drop(&mut self) {
-        let Some(cg) = self.container_cgroup() else {
-            return;
-        };
-        if let Some(pid) = self.child.id() {
-            let _ = self.child.start_kill();
-            // Dead once it is a zombie (tokio reaps it later) or gone.
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-                    Ok(stat) if !stat.contains(") Z ") => {
-                        std::thread::sleep(Duration::from_millis(10))
-                    }
-                    _ => break,
-                }
-            }
-        }
-        if let Ok(cg) = buildlet::cgroup::Cgroup::open(&cg) {
-            let _ = cg.remove(Duration::from_secs(5));
-        }
+        let log = self.log();
+        kill_and_remove_container(&mut self.child, &log);
     }
 }
 
