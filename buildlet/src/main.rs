@@ -5,6 +5,8 @@
 //! - Reverse mode: `buildlet --reverse https://HOST:PORT --host-type H --workdir DIR
 //!   --ca-file F (--builder-key-file F | --host-token-id ID --host-token-file F)` dials
 //!   the coordinator and serves the same service over the tunnel (see `reverse.rs`).
+//! - Both modes take `--cgroup DIR|auto|none` (default auto): where each command's
+//!   process tree is contained (see `buildlet::contain`).
 //! - `buildlet keygen --master-key-file F --host-type H` prints a builder key;
 //!   `buildlet version` prints the version.
 //!

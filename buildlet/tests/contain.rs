@@ -190,6 +190,12 @@ async fn command_end(mode: &[&str]) {
         })
         .await;
         assert!(drained.is_ok(), "{escape}: stream did not end\n{}", b.log());
+        // The escapees held the pipes; they were killed rather than waited out.
+        assert!(
+            !b.log().contains("output still open"),
+            "{escape}: draining waited for escaped processes\n{}",
+            b.log()
+        );
         let exit = exit.unwrap_or_else(|| panic!("{escape}: no exit status"));
         assert_eq!(exit.code, Some(0), "{escape}: {exit:?}");
         assert_gone(&b, &markers, &format!("{escape} after the command ended")).await;
@@ -503,4 +509,62 @@ async fn fallback_kills_only_the_finished_commands_escapees() {
     }
     assert_gone(&b, &[long, unmarked], "after the last command ended").await;
     assert_no_zombies(&b).await;
+}
+
+/// A `gomote ssh` session: what it detached dies when the session ends.
+async fn shell_session_end(mode: &[&str]) {
+    use buildlet::client::{ShellEvent, ShellStart};
+    let b = start(mode).await;
+    let c = b.client().await;
+    let markers: Vec<String> = ESCAPES.iter().map(|_| marker()).collect();
+    let _cleanup = Cleanup(markers.clone());
+    let mut script = String::new();
+    for (e, m) in ESCAPES.iter().zip(&markers) {
+        // Detached from the terminal too, as a user hiding work would.
+        script.push_str(
+            &e.replace("{M}", m)
+                .replace(" &", " </dev/null >/dev/null 2>&1 &"),
+        );
+        script.push('\n');
+    }
+    script.push_str("while [ ! -e go ]; do sleep 0.05; done\n");
+    let (_w, mut r) = c
+        .shell(ShellStart {
+            argv: vec!["sh".into(), "-c".into(), script],
+            rows: 24,
+            cols: 80,
+            term: "dumb".into(),
+        })
+        .await
+        .expect("shell");
+    for m in &markers {
+        assert!(
+            eventually(Duration::from_secs(10), || sleeper(m).is_some()).await,
+            "escaped sleeper {m} never ran"
+        );
+    }
+    std::fs::write(b.workdir.join("go"), "").expect("write go");
+    let exit = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(ev) = r.next().await {
+            if let Ok(ShellEvent::Exit(st)) = ev {
+                return Some(st);
+            }
+        }
+        None
+    })
+    .await
+    .expect("shell did not end");
+    assert_eq!(exit.expect("exit status").code, Some(0));
+    assert_gone(&b, &markers, "after the shell session ended").await;
+    assert_no_zombies(&b).await;
+}
+
+#[tokio::test]
+async fn cgroup_auto_shell_session_end_kills_escapees() {
+    shell_session_end(&[]).await;
+}
+
+#[tokio::test]
+async fn fallback_shell_session_end_kills_escapees() {
+    shell_session_end(&["--cgroup", "none"]).await;
 }
