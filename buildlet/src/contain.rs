@@ -251,9 +251,25 @@ impl Containment {
         };
         if let Some(container) = &self.container {
             // On error `scope` drops here and gives back its `live` count.
-            let cg = container
-                .create_child(&format!("{kind}-{n}"))
-                .map_err(ContainError::ExecCgroup)?;
+            let name = format!("{kind}-{n}");
+            let cg = match container.create_child(&name) {
+                Err(CgroupError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                    // Removed under us (by a supervisor's clean-up): make it again.
+                    tracing::warn!(cgroup = %container.path().display(), "container cgroup vanished; recreating it");
+                    match std::fs::create_dir(container.path()) {
+                        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                            Err(CgroupError::Io {
+                                op: "recreating cgroup",
+                                path: container.path().to_owned(),
+                                source: e,
+                            })
+                        }
+                        _ => container.create_child(&name),
+                    }
+                }
+                other => other,
+            }
+            .map_err(ContainError::ExecCgroup)?;
             scope.procs = Some(cg.procs_file().map_err(ContainError::ExecCgroup)?);
             scope.cgroup = Some(cg);
         }

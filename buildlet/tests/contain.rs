@@ -568,3 +568,131 @@ async fn cgroup_auto_shell_session_end_kills_escapees() {
 async fn fallback_shell_session_end_kills_escapees() {
     shell_session_end(&["--cgroup", "none"]).await;
 }
+
+/// A supervisor cleaning up may remove the container of a live buildlet: the next
+/// command still gets a cgroup (the container is made again) and is contained.
+#[tokio::test]
+async fn a_removed_container_is_made_again() {
+    let b = start(&[]).await;
+    let Some(cg) = reported_cgroup(&b.client().await).await else {
+        return;
+    };
+    buildlet::cgroup::Cgroup::open(&cg)
+        .expect("open")
+        .remove(Duration::from_secs(10))
+        .expect("remove");
+    assert!(!Path::new(&cg).exists());
+    let c = b.client().await;
+    let markers = vec![marker()];
+    let _cleanup = Cleanup(markers.clone());
+    let s = run_escapes(&c, &ESCAPES[..1], &markers).await;
+    assert!(Path::new(&cg).is_dir(), "{cg} not made again");
+    std::fs::write(b.workdir.join("go"), "").expect("write go");
+    let _ = s.collect::<Vec<_>>().await;
+    assert_gone(&b, &markers, "after the command ended").await;
+}
+
+/// The recipe for a supervisor running a buildlet as an unprivileged user: make a
+/// cgroup, hand it over (chown), start the buildlet inside it (join, then drop
+/// privileges, between fork and exec). The buildlet (`--cgroup auto`) contains its
+/// commands in children of that cgroup, and the supervisor kills everything, leftovers
+/// of a SIGKILLed buildlet included, by removing it.
+#[tokio::test]
+async fn an_unprivileged_buildlet_in_a_delegated_cgroup() {
+    use buildlet::cgroup::{Cgroup, Hierarchy, own_cgroup, probe};
+    const NOBODY: u32 = 65534;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("note: needs root to hand a cgroup to another user; skipping");
+        return;
+    }
+    let base = match own_cgroup(Hierarchy::V2) {
+        Ok(Some(cg)) if probe(&cg).is_ok() => cg,
+        _ => {
+            assert!(!cgroups_required() || !Path::new("/sys/fs/cgroup/unified").exists());
+            eprintln!("note: no writable cgroup v2 here; skipping");
+            return;
+        }
+    };
+    let delegated = base
+        .create_child(&format!("buildlet-test-delegated-{}", std::process::id()))
+        .expect("make the delegated cgroup");
+    struct RemoveCgroup(Cgroup);
+    impl Drop for RemoveCgroup {
+        fn drop(&mut self) {
+            let _ = self.0.remove(Duration::from_secs(10));
+        }
+    }
+    let delegated = RemoveCgroup(delegated);
+    delegated.0.chown(NOBODY, NOBODY).expect("chown");
+    let procs = delegated.0.procs_file().expect("procs file");
+    let mut b = TestBuildlet::start_custom(Options::default(), &[], None, |cmd, dir| {
+        for e in walkdir::WalkDir::new(dir).into_iter().flatten() {
+            std::os::unix::fs::chown(e.path(), Some(NOBODY), Some(NOBODY)).expect("chown");
+        }
+        // SAFETY: only open/write/close and set*id calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Join while still root: moving a process needs write access to the
+                // common ancestor's cgroup.procs, which only root has.
+                procs.join_current()?;
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(NOBODY) != 0
+                    || libc::setuid(NOBODY) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    })
+    .await;
+    let c = b.client().await;
+    let st = c.status().await.expect("status");
+    let container = Path::new(&st.cgroup);
+    assert!(
+        container.starts_with(delegated.0.path()) && container != delegated.0.path(),
+        "{st:?} not inside {}",
+        delegated.0.path().display()
+    );
+    let uid = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("Uid:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u32>().ok())
+            })
+    };
+    assert_eq!(
+        uid(pid_of(&b)),
+        Some(NOBODY),
+        "the buildlet is not unprivileged"
+    );
+    // Contained while unprivileged: an escape dies with its command.
+    let markers = vec![marker()];
+    let _cleanup = Cleanup(markers.clone());
+    let s = run_escapes(&c, &ESCAPES[..1], &markers).await;
+    std::fs::write(b.workdir.join("go"), "").expect("write go");
+    let _ = s.collect::<Vec<_>>().await;
+    assert_gone(&b, &markers, "unprivileged, after the command ended").await;
+    std::fs::remove_file(b.workdir.join("go")).expect("remove go");
+    // SIGKILL: the leftovers stay in the delegated cgroup until the supervisor acts.
+    let markers = vec![marker()];
+    let _cleanup2 = Cleanup(markers.clone());
+    let _s = run_escapes(&c, &ESCAPES[..1], &markers).await;
+    b.child.start_kill().expect("sigkill");
+    b.wait_exit(Duration::from_secs(30)).await;
+    let leftover = sleeper(&markers[0]).expect("leftover sleeper");
+    assert_eq!(uid(leftover), Some(NOBODY));
+    delegated
+        .0
+        .remove(Duration::from_secs(10))
+        .expect("kill and remove");
+    assert_gone(
+        &b,
+        &markers,
+        "after the supervisor removed the delegated cgroup",
+    )
+    .await;
+}

@@ -55,6 +55,17 @@ impl TestBuildlet {
 
     /// Starts with `extra_args` added, on `workdir` if given (else `<dir>/work`).
     pub async fn start_full(opts: Options, extra_args: &[&str], workdir: Option<&Path>) -> Self {
+        Self::start_custom(opts, extra_args, workdir, |_, _| {}).await
+    }
+
+    /// Like `start_full`, with `customize` called on the command (and the test dir,
+    /// holding the certificates) just before the buildlet is spawned.
+    pub async fn start_custom(
+        opts: Options,
+        extra_args: &[&str],
+        workdir: Option<&Path>,
+        customize: impl FnOnce(&mut Command, &Path),
+    ) -> Self {
         revdial::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = CertificateAuthority::generate("buildlet test ca").expect("ca");
@@ -100,6 +111,7 @@ impl TestBuildlet {
         if opts.bearer_key {
             cmd.arg("--auth-key-file").arg(&key_file);
         }
+        customize(&mut cmd, dir.path());
         let mut child = cmd.spawn().expect("spawn buildlet");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
