@@ -10,9 +10,9 @@
 //!
 //! Killing is race-free where the kernel helps (v2 `cgroup.kill`), and otherwise a
 //! bounded loop: freeze (v2 `cgroup.freeze`, v1 `freezer.state`) when the hierarchy can,
-//! SIGKILL every pid of the subtree, thaw, and repeat until it is empty. Without a
-//! freezer (v1 pids alone) a process forking as fast as it is killed can outlast the
-//! loop; the deadline then reports what is left.
+//! SIGKILL every pid of the subtree, thaw, and repeat until it is empty. In a v1 pids
+//! hierarchy (no freezer) `pids.max` is set to 0 meanwhile, so no fork outruns the
+//! loop. A subtree that still holds processes at the deadline is reported.
 //!
 //! Everything here is blocking file I/O on a pseudo filesystem (fast, but it sleeps
 //! while waiting for processes to die): call it from `spawn_blocking` in async code.
@@ -246,6 +246,24 @@ impl Cgroup {
             std::fs::write(&kill_file, "1").map_err(io_err("writing", &kill_file))?;
             return self.wait_empty(start, timeout);
         }
+        // Where the pids controller is on (v1 pids hierarchy), no fork succeeds while
+        // the limit is 0: the rounds below then cannot be outrun.
+        let pids_max = self.path.join("pids.max");
+        let old_limit = std::fs::read_to_string(&pids_max)
+            .ok()
+            .filter(|_| std::fs::write(&pids_max, "0").is_ok());
+        let result = self.kill_rounds(start, timeout);
+        if let Some(old) = old_limit
+            && let Err(e) = std::fs::write(&pids_max, old.trim())
+            // Gone (removed meanwhile) is fine; otherwise the cgroup is unusable.
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            return Err(io_err("restoring", &pids_max)(e));
+        }
+        result
+    }
+
+    fn kill_rounds(&self, start: Instant, timeout: Duration) -> Result<(), CgroupError> {
         let mut pause = Duration::from_millis(1);
         loop {
             let frozen = self.freeze(true);
@@ -750,6 +768,22 @@ mod tests {
         }
     }
 
+    /// The freeze-and-kill rounds, which v2 skips when it has `cgroup.kill`: run them
+    /// directly so every hierarchy exercises them.
+    #[test]
+    fn kill_rounds_alone_catch_a_fork_loop() {
+        for root in test_roots() {
+            let cg = root.create_child(&unique("rounds")).unwrap();
+            let mut leader = spawn_in(&cg, "while :; do sh -c 'sleep 0.01' & sleep 0.005; done");
+            wait_until("forks running", || cg.pids().unwrap().len() >= 2);
+            cg.kill_rounds(Instant::now(), Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("{}: {e}", root.path().display()));
+            assert!(cg.is_empty().unwrap());
+            let _ = leader.wait();
+            cg.remove(Duration::from_secs(10)).unwrap();
+        }
+    }
+
     #[test]
     fn clear_keeps_the_cgroup_and_removes_children() {
         for root in test_roots() {
@@ -762,6 +796,17 @@ mod tests {
             assert!(cg.path().exists());
             assert!(cg.children().unwrap().is_empty());
             assert!(cg.child("a").unwrap().is_none());
+            // Still usable: forks work again in a new child (pids.max was restored).
+            if let Ok(limit) = std::fs::read_to_string(cg.path().join("pids.max")) {
+                assert_eq!(limit.trim(), "max", "{}", cg.path().display());
+            }
+            let b = cg.create_child("b").unwrap();
+            let st = spawn_in(&b, "sh -c 'exit 0' & wait $!").wait().unwrap();
+            assert!(
+                st.success(),
+                "fork in {} after clear: {st:?}",
+                b.path().display()
+            );
             cg.remove(Duration::from_secs(10)).unwrap();
         }
     }

@@ -296,8 +296,6 @@ pub async fn run(
             return;
         }
     };
-    // `cmd` holds no pipe ends, but drop it anyway so nothing else keeps them open.
-    drop(cmd);
     let group = GroupKiller::new(child.id());
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
