@@ -190,6 +190,8 @@ impl Containment {
                 "killed processes a previous buildlet on this workdir left behind"
             );
         }
+        // Not owned by a task tracker on purpose: it lives as long as the containment
+        // (it holds a weak reference and ends when that is gone), past any drain.
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(reap_loop(Arc::downgrade(&this)));
         }
