@@ -108,6 +108,29 @@ pub fn container_name(workdir: &Path) -> String {
     format!("buildlet-{}", workdir_key(workdir))
 }
 
+/// Kills what buildlets on `workdir` (the canonical path they were given) left behind
+/// when they died without cleaning up: the container cgroup under `base` (the cgroup
+/// their `--cgroup` selected), removed with everything in it, and every process whose
+/// `BUILDLET_EXEC_ID` names that workdir (reading other users' environments needs
+/// root). For a supervisor such as the coordinator, before it deletes stale workdirs.
+/// Blocking. Returns how many processes were killed.
+pub fn kill_leftovers(workdir: &Path, base: Option<&Cgroup>) -> Result<usize, CgroupError> {
+    let mut killed = 0;
+    if let Some(base) = base
+        && let Some(container) = base.child(&container_name(workdir))?
+    {
+        killed += container.pids_recursive()?.len();
+        container.remove(KILL_TIMEOUT)?;
+    }
+    let prefix = format!("{}.", workdir_key(workdir));
+    killed += sweep(
+        std::process::id() as i32,
+        Domain::Everyone,
+        &Match::Prefix(&prefix),
+    );
+    Ok(killed)
+}
+
 #[derive(Default)]
 struct State {
     /// Pids tokio owns (live exec and shell leaders): the reaper never waits for them.

@@ -696,3 +696,25 @@ async fn an_unprivileged_buildlet_in_a_delegated_cgroup() {
     )
     .await;
 }
+
+/// A supervisor that lost a buildlet (SIGKILL) and knows only its workdir and the
+/// cgroup it was given kills what it left, with and without cgroups.
+#[tokio::test]
+async fn a_supervisor_kills_leftovers_by_workdir() {
+    for mode in [&[][..], &["--cgroup", "none"][..]] {
+        let (b, markers, _) = sigkilled_with_leftovers(mode, false)
+            .await
+            .expect("leftovers");
+        let _cleanup = Cleanup(markers.clone());
+        let base = b.container_cgroup().map(|cg| {
+            buildlet::cgroup::Cgroup::open(cg.parent().expect("parent")).expect("open base")
+        });
+        let killed =
+            buildlet::contain::kill_leftovers(&b.workdir, base.as_ref()).expect("kill leftovers");
+        assert!(killed >= markers.len(), "{mode:?}: killed only {killed}");
+        assert_gone(&b, &markers, &format!("{mode:?}: after kill_leftovers")).await;
+        if let Some(cg) = b.container_cgroup() {
+            assert!(!cg.exists(), "{} left", cg.display());
+        }
+    }
+}
