@@ -22,7 +22,9 @@
 //!   that exec'd with the marker erased from its environment is not attributed to its
 //!   command; it is killed once no command is running any more, and on Halt or
 //!   shutdown. Without cgroups, a SIGKILLed buildlet's orphans go to init; a restarted
-//!   buildlet on the same workdir kills those whose marker names that workdir.
+//!   buildlet on the same workdir kills those whose marker names that workdir. Pids
+//!   are signalled, not pidfds: a pid that exits and is reused between the scan and
+//!   the signal (milliseconds) could be hit; v2 `cgroup.kill` has no such window.
 //!
 //! Every child process of the buildlet must be started through [`Scope::spawn`], since
 //! the reaper waits for any other child of the buildlet.
