@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use buildlet::auth::AuthPolicy;
+use buildlet::contain::CgroupChoice;
 use buildlet::server::{self, BuildletService, ServerConfig};
 use buildlet::tarball::Limits;
 use bytesize::ByteSize;
@@ -100,7 +101,7 @@ struct ListenArgs {
     /// buildlet may make children in, `auto` (its own cgroup, if it can make children
     /// there) or `none` (child subreaper and an environment marker only).
     #[arg(long, default_value = "auto")]
-    cgroup: buildlet::contain::CgroupChoice,
+    cgroup: CgroupChoice,
 }
 
 /// What the process does.
@@ -148,6 +149,7 @@ fn validate(cli: Cli) -> anyhow::Result<Mode> {
         missing.push("--tls-key");
     }
     let limits = tar_limits(&a);
+    let cgroup = checked_cgroup(&a)?;
     let (Some(listen), Some(workdir), Some(cert), Some(key)) =
         (a.listen, a.workdir, a.tls_cert, a.tls_key)
     else {
@@ -180,7 +182,7 @@ fn validate(cli: Cli) -> anyhow::Result<Mode> {
     let mut server = ServerConfig::new(workdir);
     server.tar_limits = limits;
     server.host_type = a.host_type;
-    server.cgroup = a.cgroup;
+    server.cgroup = cgroup;
     // Make sure the config is usable before binding.
     let _ = revdial::tls::server_config(&identity, client_ca.as_deref(), &[revdial::tls::ALPN_H2])
         .context("building the tls config")?;
@@ -191,6 +193,15 @@ fn validate(cli: Cli) -> anyhow::Result<Mode> {
         client_ca,
         policy: AuthPolicy::new(bearer.as_deref()),
     })))
+}
+
+/// `--cgroup`, with a named directory checked to be a cgroup now (bad usage) rather
+/// than when the service starts.
+fn checked_cgroup(a: &ListenArgs) -> anyhow::Result<CgroupChoice> {
+    if let CgroupChoice::Dir(dir) = &a.cgroup {
+        buildlet::cgroup::Cgroup::open(dir).context("--cgroup")?;
+    }
+    Ok(a.cgroup.clone())
 }
 
 fn tar_limits(a: &ListenArgs) -> Limits {

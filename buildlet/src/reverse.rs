@@ -12,7 +12,7 @@ use buildlet::server::{self, BuildletService, ServerConfig};
 use revdial::{Credential, DialerConfig};
 use tokio_util::sync::CancellationToken;
 
-use super::{GRACE, ListenArgs, log_containment, tar_limits, watch_signals};
+use super::{GRACE, ListenArgs, checked_cgroup, log_containment, tar_limits, watch_signals};
 
 /// Reverse-mode flags; `--workdir`, `--host-type` and the tar limits are shared with
 /// listen mode.
@@ -152,7 +152,7 @@ pub fn validate(r: ReverseArgs, a: ListenArgs) -> anyhow::Result<ReverseConfig> 
     }
     server.host_type = a.host_type.clone();
     server.tar_limits = tar_limits(&a);
-    server.cgroup = a.cgroup.clone();
+    server.cgroup = checked_cgroup(&a)?;
     check_identity(&server.host_type, &server.hostname)?;
     let mut dialer = DialerConfig::new(
         url,

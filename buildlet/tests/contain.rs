@@ -446,26 +446,33 @@ async fn explicit_v1_pids_hierarchy_contains_commands() {
 }
 
 #[tokio::test]
-async fn unusable_cgroup_dir_is_refused_at_start() {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_buildlet"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--workdir",
-            "/tmp/unused-buildlet-workdir",
-            "--tls-cert",
-            "/nonexistent.crt",
-            "--tls-key",
-            "/nonexistent.key",
-            "--cgroup",
-            "relative",
-        ])
-        .output()
-        .await
-        .expect("run buildlet");
-    assert_eq!(out.status.code(), Some(64));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--cgroup"), "{err}");
+async fn unusable_cgroup_dirs_are_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let not_a_cgroup = dir.path().display().to_string();
+    for (arg, says) in [
+        ("relative", "relative"),
+        (not_a_cgroup.as_str(), "not a cgroup"),
+    ] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_buildlet"))
+            .args(["--listen", "127.0.0.1:0", "--workdir"])
+            .arg(dir.path().join("work"))
+            .args([
+                "--auth-key-file",
+                "/dev/null",
+                "--tls-cert",
+                "/nonexistent.crt",
+            ])
+            .args(["--tls-key", "/nonexistent.key", "--cgroup", arg])
+            .output()
+            .await
+            .expect("run buildlet");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "--cgroup {arg}: {err}");
+        assert!(
+            err.contains("--cgroup") && err.contains(says),
+            "--cgroup {arg}: {err}"
+        );
+    }
 }
 
 /// Fallback precision: the end of one command kills its own escapees, not those of a
