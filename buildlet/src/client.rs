@@ -330,6 +330,11 @@ pub struct BuildletStatus {
     pub hostname: String,
     pub goos: String,
     pub goarch: String,
+    /// What contains commands' processes: "cgroup v2 <dir>", "cgroup v1 <dir>" or
+    /// "subreaper".
+    pub containment: String,
+    /// The buildlet's container cgroup, empty without one (kill it to kill leftovers).
+    pub cgroup: String,
 }
 
 /// Called with the total bytes sent or received so far.
@@ -843,6 +848,8 @@ impl BuildletClient {
             hostname: s.hostname,
             goos: s.goos,
             goarch: s.goarch,
+            containment: s.containment,
+            cgroup: s.cgroup,
         })
     }
 

@@ -5,6 +5,8 @@
 //! - Reverse mode: `buildlet --reverse https://HOST:PORT --host-type H --workdir DIR
 //!   --ca-file F (--builder-key-file F | --host-token-id ID --host-token-file F)` dials
 //!   the coordinator and serves the same service over the tunnel (see `reverse.rs`).
+//! - Both modes take `--cgroup DIR|auto|none` (default auto): where each command's
+//!   process tree is contained (see `buildlet::contain`).
 //! - `buildlet keygen --master-key-file F --host-type H` prints a builder key;
 //!   `buildlet version` prints the version.
 //!
@@ -23,6 +25,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use buildlet::auth::AuthPolicy;
+use buildlet::contain::CgroupChoice;
 use buildlet::server::{self, BuildletService, ServerConfig};
 use buildlet::tarball::Limits;
 use bytesize::ByteSize;
@@ -103,6 +106,11 @@ struct ListenArgs {
     /// PutTarFromUrl: longest time for the whole download.
     #[arg(long, default_value = "30m")]
     url_fetch_timeout: humantime::Duration,
+    /// Where each command's process tree is contained: a cgroup directory (v1 or v2) the
+    /// buildlet may make children in, `auto` (its own cgroup, if it can make children
+    /// there) or `none` (child subreaper and an environment marker only).
+    #[arg(long, default_value = "auto")]
+    cgroup: CgroupChoice,
 }
 
 /// What the process does.
@@ -151,6 +159,7 @@ fn validate(cli: Cli) -> anyhow::Result<Mode> {
     }
     let limits = tar_limits(&a);
     let set_url_timeouts = url_timeouts(&a);
+    let cgroup = checked_cgroup(&a)?;
     let (Some(listen), Some(workdir), Some(cert), Some(key)) =
         (a.listen, a.workdir, a.tls_cert, a.tls_key)
     else {
@@ -184,6 +193,7 @@ fn validate(cli: Cli) -> anyhow::Result<Mode> {
     server.tar_limits = limits;
     set_url_timeouts(&mut server);
     server.host_type = a.host_type;
+    server.cgroup = cgroup;
     // Make sure the config is usable before binding.
     let _ = revdial::tls::server_config(&identity, client_ca.as_deref(), &[revdial::tls::ALPN_H2])
         .context("building the tls config")?;
@@ -210,6 +220,15 @@ fn url_timeouts(a: &ListenArgs) -> impl FnOnce(&mut ServerConfig) + use<> {
     }
 }
 
+/// `--cgroup`, with a named directory checked to be a cgroup now (bad usage) rather
+/// than when the service starts.
+fn checked_cgroup(a: &ListenArgs) -> anyhow::Result<CgroupChoice> {
+    if let CgroupChoice::Dir(dir) = &a.cgroup {
+        buildlet::cgroup::Cgroup::open(dir).context("--cgroup")?;
+    }
+    Ok(a.cgroup.clone())
+}
+
 fn tar_limits(a: &ListenArgs) -> Limits {
     Limits {
         max_bytes: a.max_tar_bytes.as_u64(),
@@ -233,6 +252,7 @@ async fn run_listen(cfg: Box<ListenConfig>) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
     tracing::info!(%addr, workdir = %svc.workdir().display(), "buildlet listening");
+    log_containment(&svc);
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "buildlet listening on {addr}").context("writing to stdout")?;
@@ -258,6 +278,21 @@ async fn run_listen(cfg: Box<ListenConfig>) -> anyhow::Result<()> {
     }
     tracing::info!("buildlet stopped");
     Ok(())
+}
+
+/// One start-up line saying how commands are contained, with the cgroup a supervisor
+/// kills if this buildlet dies.
+fn log_containment(svc: &BuildletService) {
+    let c = svc.containment();
+    match c.cgroup_path() {
+        Some(cg) => {
+            tracing::info!(containment = c.description(), cgroup = %cg.display(), "commands contained in cgroups")
+        }
+        None => tracing::info!(
+            containment = c.description(),
+            "commands contained without cgroups (child subreaper)"
+        ),
+    }
 }
 
 async fn watch_signals(shutdown: CancellationToken) {

@@ -5,7 +5,8 @@
 //! our own types in `exec`, `shell`, `fsops`, `paths` and `tarball`.
 //!
 //! Shutdown: the service holds a `CancellationToken` owned by the binary. `Halt`
-//! cancels it; every running command and shell watches it and kills its process group.
+//! cancels it; every running command and shell watches it and kills its process group
+//! and containment scope; [`BuildletService::drain`] then kills whatever is left.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -34,6 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::server::Connected;
 
 use crate::auth::{AuthPolicy, PeerInfo};
+use crate::contain::{CgroupChoice, ContainError, Containment};
 use crate::exec::{self, CommandSpec, EnvMode, PrepareError};
 use crate::fsops::{self, FsError, ListOptions};
 use crate::paths::{self, PathError};
@@ -78,6 +80,8 @@ pub struct ServerConfig {
     /// How long PutTarFromUrl waits for the response, and then for each piece of the
     /// body, so a server that accepts and goes silent is given up on; default 60 seconds.
     pub url_read_timeout: Duration,
+    /// Where commands are contained (`--cgroup`); default [`CgroupChoice::Auto`].
+    pub cgroup: CgroupChoice,
 }
 
 impl ServerConfig {
@@ -95,6 +99,7 @@ impl ServerConfig {
             url_fetch_timeout: Duration::from_secs(30 * 60),
             url_connect_timeout: Duration::from_secs(30),
             url_read_timeout: Duration::from_secs(60),
+            cgroup: CgroupChoice::Auto,
         }
     }
 }
@@ -121,6 +126,8 @@ pub enum ServerError {
     },
     #[error("staging dir {staging} must not be inside the workdir {workdir}")]
     StagingInsideWorkdir { staging: PathBuf, workdir: PathBuf },
+    #[error("setting up process containment: {0}")]
+    Contain(#[from] ContainError),
 }
 
 /// The buildlet service. Cheap to clone.
@@ -136,6 +143,7 @@ struct Inner {
     running: Arc<AtomicU32>,
     started: Instant,
     http: OnceLock<reqwest::Client>,
+    contain: Arc<Containment>,
 }
 
 /// Counts a running command for Status while alive.
@@ -176,8 +184,10 @@ impl BuildletService {
                 workdir: config.workdir,
             });
         }
+        let contain = Containment::new(&config.cgroup, &config.workdir)?;
         Ok(BuildletService {
             inner: Arc::new(Inner {
+                contain,
                 config,
                 shutdown,
                 tasks: TaskTracker::new(),
@@ -193,6 +203,11 @@ impl BuildletService {
         &self.inner.config.workdir
     }
 
+    /// What contains the commands' process trees.
+    pub fn containment(&self) -> &Containment {
+        &self.inner.contain
+    }
+
     /// Commands and shells running now.
     pub fn running_commands(&self) -> u32 {
         self.inner.running.load(Ordering::SeqCst)
@@ -202,9 +217,23 @@ impl BuildletService {
     /// after cancelling the shutdown token. Returns false on timeout.
     pub async fn drain(&self, grace: Duration) -> bool {
         self.inner.tasks.close();
-        tokio::time::timeout(grace, self.inner.tasks.wait())
+        let drained = tokio::time::timeout(grace, self.inner.tasks.wait())
             .await
-            .is_ok()
+            .is_ok();
+        // Whatever the commands left (or a command still running after the grace).
+        let contain = self.inner.contain.clone();
+        if let Err(error) = tokio::task::spawn_blocking(move || contain.shutdown()).await {
+            tracing::warn!(%error, "killing leftover processes");
+        }
+        drained
+    }
+
+    /// A containment scope for one command, or the status that refuses the call.
+    fn scope(&self, kind: &str) -> Result<crate::contain::Scope, Status> {
+        self.inner.contain.scope(kind).map_err(|e| match e {
+            ContainError::ShuttingDown => Status::unavailable(e.to_string()),
+            e => Status::internal(e.to_string()),
+        })
     }
 
     fn into_server(self) -> BuildletServer<Self> {
@@ -599,12 +628,13 @@ impl Buildlet for BuildletService {
             Err(PrepareError::Path(p)) => return Err(path_status(p)),
             Err(e) => return Err(Status::invalid_argument(e.to_string())),
         };
+        let scope = self.scope("exec")?;
         let (tx, rx) = mpsc::channel(EXEC_CHANNEL);
         let guard = RunningGuard::new(&self.inner.running);
         let shutdown = self.inner.shutdown.clone();
         self.inner.tasks.spawn(async move {
             let _guard = guard;
-            exec::run(prepared, tx, shutdown).await;
+            exec::run(prepared, tx, shutdown, scope).await;
         });
         let out = ReceiverStream::new(rx).map(|ev| Ok(exec_event_to_pb(ev)));
         Ok(Response::new(Box::pin(out)))
@@ -723,6 +753,13 @@ impl Buildlet for BuildletService {
             hostname: c.hostname.clone(),
             goos: goos().into(),
             goarch: goarch().into(),
+            containment: self.inner.contain.description().to_owned(),
+            cgroup: self
+                .inner
+                .contain
+                .cgroup_path()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default(),
         }))
     }
 
@@ -793,12 +830,13 @@ impl Buildlet for BuildletService {
                 })
             });
         tracing::info!(argv = ?spec.argv, "shell");
+        let scope = self.scope("shell")?;
         let (tx, rx) = mpsc::channel(EXEC_CHANNEL);
         let guard = RunningGuard::new(&self.inner.running);
         let shutdown = self.inner.shutdown.clone();
         self.inner.tasks.spawn(async move {
             let _guard = guard;
-            shell::run(workdir, spec, env, Box::pin(input), tx, shutdown).await;
+            shell::run(workdir, spec, env, Box::pin(input), tx, shutdown, scope).await;
         });
         let out = ReceiverStream::new(rx).map(|ev| Ok(shell_event_to_pb(ev)));
         Ok(Response::new(Box::pin(out)))
