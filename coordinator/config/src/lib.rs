@@ -17,7 +17,7 @@ pub use builtin::{CROSS_BUILDERS, LOCAL_HOST_TYPE, host_platform};
 pub use error::{ConfigError, ConfigErrors, ErrorKind, FieldPath, LoadError, Location};
 pub use model::{
     Builder, Config, CoordinatorConfig, DockerPool, Ec2Pool, Env, HostType, KubePool, LocalPool,
-    Pool, Repo, ReversePool, Secret, Step,
+    Pool, Repo, ReversePool, SandboxConfig, SandboxMode, Secret, Step,
 };
 pub use names::{
     BuilderName, BuilderNameError, KNOWN_GOARCH, KNOWN_GOOS, goarch_from_rust, goos_from_rust,
