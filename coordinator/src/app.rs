@@ -24,8 +24,8 @@ use crate::git::Mirror;
 use crate::http::{AppState, router};
 use crate::pool::Pool;
 use crate::pool::local::{LocalPool, LocalPoolOptions};
-use crate::pool::sandbox::{Sandbox, SandboxOptions, force_remove};
 use crate::pool::reverse::ReversePool;
+use crate::pool::sandbox::{Sandbox, SandboxOptions, force_remove};
 use crate::server::{Endpoint, serve};
 
 /// Settings that are not part of the config file.
@@ -221,7 +221,10 @@ fn secret_files(config: &Config, data_dir: &Path) -> Vec<PathBuf> {
         );
     }
     let url = config.coordinator.store_url();
-    if let Some(rest) = url.strip_prefix("sqlite://").or(url.strip_prefix("sqlite:")) {
+    if let Some(rest) = url
+        .strip_prefix("sqlite://")
+        .or(url.strip_prefix("sqlite:"))
+    {
         let db = PathBuf::from(rest.split('?').next().unwrap_or(rest));
         for suffix in ["", "-wal", "-shm", "-journal"] {
             let mut p = db.clone().into_os_string();

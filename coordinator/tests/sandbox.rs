@@ -120,10 +120,16 @@ echo "probe" "done"
 
 /// Fails if `output` shows any of the farm's secrets.
 fn assert_no_secrets(output: &str, data: &Path) {
-    assert!(output.contains("probe done"), "the probe did not finish: {output}");
+    assert!(
+        output.contains("probe done"),
+        "the probe did not finish: {output}"
+    );
     assert!(!output.contains("LEAK"), "{output}");
     let key = std::fs::read_to_string(data.join("master.key")).expect("master key");
-    assert!(!output.contains(key.trim()), "the master key leaked: {output}");
+    assert!(
+        !output.contains(key.trim()),
+        "the master key leaked: {output}"
+    );
     let ca_key = std::fs::read_to_string(data.join("tls/ca.key")).expect("ca key");
     let body = ca_key
         .lines()
@@ -132,7 +138,10 @@ fn assert_no_secrets(output: &str, data: &Path) {
     assert!(!output.contains(body), "the CA key leaked: {output}");
     assert!(!output.contains("SQLite format 3"), "the database leaked");
     if nix::unistd::geteuid().is_root() {
-        assert!(!output.contains("uid 0\n"), "buildlets must not run as root: {output}");
+        assert!(
+            !output.contains("uid 0\n"),
+            "buildlets must not run as root: {output}"
+        );
     }
 }
 
@@ -156,7 +165,9 @@ async fn a_gomote_user_cannot_read_the_farms_secrets_or_other_workdirs() {
     assert_eq!(mode & 0o777, 0o700, "data dir mode");
     for f in ["master.key", "tls/ca.key", "buildfarm.db"] {
         let mode = std::os::unix::fs::PermissionsExt::mode(
-            &std::fs::metadata(s.data.join(f)).expect("meta").permissions(),
+            &std::fs::metadata(s.data.join(f))
+                .expect("meta")
+                .permissions(),
         );
         assert_eq!(mode & 0o777, 0o600, "{f}");
     }
@@ -164,7 +175,14 @@ async fn a_gomote_user_cannot_read_the_farms_secrets_or_other_workdirs() {
     // A leaves a file in its workdir; B cannot see A's workdir at all.
     let (code, _, err) = run_gomote(
         &farm,
-        &["run", &a, "--", "sh", "-c", "echo top-secret-of-a > secret-a.txt"],
+        &[
+            "run",
+            &a,
+            "--",
+            "sh",
+            "-c",
+            "echo top-secret-of-a > secret-a.txt",
+        ],
     );
     assert_eq!(code, Some(0), "{err}");
     let a_home = std::fs::read_dir(&s.root)
@@ -174,7 +192,11 @@ async fn a_gomote_user_cannot_read_the_farms_secrets_or_other_workdirs() {
         .find(|p| p.join("work/secret-a.txt").exists())
         .expect("A's workdir on the host");
     let a_file = a_home.join("work/secret-a.txt");
-    let a_slug = a_home.file_name().expect("slug").to_string_lossy().into_owned();
+    let a_slug = a_home
+        .file_name()
+        .expect("slug")
+        .to_string_lossy()
+        .into_owned();
     let script = format!(
         "cat {f} 2>/dev/null; cat /proc/*/root{f} 2>/dev/null; ls -a {root} 2>&1; ls -a ../.. 2>&1; echo uid $(id -u); echo probe done",
         f = a_file.display(),
@@ -392,7 +414,11 @@ async fn a_killed_coordinator_leaves_no_process_and_its_workdirs_go_at_the_next_
         .collect();
     assert_eq!(stale.len(), 1, "{stale:?}");
     let farm = TestFarm::start(&s.cfg, &s.data).await;
-    assert!(!stale[0].exists(), "stale workdir {} kept", stale[0].display());
+    assert!(
+        !stale[0].exists(),
+        "stale workdir {} kept",
+        stale[0].display()
+    );
     farm.kill().await;
 }
 

@@ -401,9 +401,15 @@ fn sandbox_paths_inside_the_data_dir_and_bad_values_are_refused() {
     )
     .replace("[[repos]]", "[coordinator]\ndata_dir = \"/srv/bf\"\n\n[[repos]]");
     let e = errors(&text);
-    assert_has(&e, "sandbox.workdir_root: workdir root /srv/bf/work must be outside the data dir /srv/bf");
+    assert_has(
+        &e,
+        "sandbox.workdir_root: workdir root /srv/bf/work must be outside the data dir /srv/bf",
+    );
     assert_has(&e, "sandbox.uid_base: uid_base 0 must be at least 1000");
-    assert_has(&e, "sandbox.writable_paths[0]: cache must be an absolute path");
+    assert_has(
+        &e,
+        "sandbox.writable_paths[0]: cache must be an absolute path",
+    );
     assert_has(
         &e,
         "sandbox.writable_paths[1]: /srv/bf/gocache must not be inside the data dir /srv/bf",
@@ -414,7 +420,12 @@ fn sandbox_paths_inside_the_data_dir_and_bad_values_are_refused() {
 
 #[test]
 fn a_data_dir_inside_the_workdir_root_is_refused_too() {
-    let text = format!("{BASE}\n[sandbox]\nworkdir_root = \"/srv\"\n")
-        .replace("[[repos]]", "[coordinator]\ndata_dir = \"/srv/bf\"\n\n[[repos]]");
-    assert_has(&errors(&text), "sandbox.workdir_root: workdir root /srv must be outside the data dir /srv/bf");
+    let text = format!("{BASE}\n[sandbox]\nworkdir_root = \"/srv\"\n").replace(
+        "[[repos]]",
+        "[coordinator]\ndata_dir = \"/srv/bf\"\n\n[[repos]]",
+    );
+    assert_has(
+        &errors(&text),
+        "sandbox.workdir_root: workdir root /srv must be outside the data dir /srv/bf",
+    );
 }

@@ -111,14 +111,18 @@ impl LocalPool {
         let slug = format!("{}-{n}-{}", o.host_type, uuid::Uuid::new_v4().simple());
         // A fresh certificate per buildlet: a build that reads its own buildlet's key
         // learns nothing that works against another buildlet or the coordinator.
-        let identity = o
-            .ca
-            .issue_server(&["localhost", "127.0.0.1"])
-            .map_err(|e| start_err(format!("issuing a certificate: {e}")))?;
+        let identity =
+            o.ca.issue_server(&["localhost", "127.0.0.1"])
+                .map_err(|e| start_err(format!("issuing a certificate: {e}")))?;
         let dirs = o
             .sandbox
             .make_dirs(&slot, &slug, &identity, &o.ca_pem)
-            .map_err(|e| start_err(format!("making dirs in {}: {e}", o.sandbox.root().display())))?;
+            .map_err(|e| {
+                start_err(format!(
+                    "making dirs in {}: {e}",
+                    o.sandbox.root().display()
+                ))
+            })?;
         let log = o.log_dir.join(format!("{slug}.log"));
         let res = Resources { slot, dirs, log };
         let stderr = match std::fs::create_dir_all(&o.log_dir)

@@ -39,14 +39,7 @@ pub const ROOT_MARKER: &str = ".buildfarm-workdir-root";
 const BIN_DIR: &str = "bin";
 /// Environment variables a buildlet inherits from the coordinator; everything else (tokens,
 /// database passwords, cloud credentials) stays behind.
-const KEPT_ENV: &[&str] = &[
-    "PATH",
-    "LANG",
-    "LC_ALL",
-    "TZ",
-    "RUST_LOG",
-    "RUST_BACKTRACE",
-];
+const KEPT_ENV: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ", "RUST_LOG", "RUST_BACKTRACE"];
 /// How long the start-up probe of bwrap may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -215,8 +208,7 @@ impl Sandbox {
         let buildlet_bin = if uid_base.is_some() {
             // Other uids may not reach the original (e.g. a target dir under /root).
             let dir = root.join(BIN_DIR);
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
             let dest = dir.join("buildlet");
             let _ = std::fs::remove_file(&dest);
@@ -268,7 +260,9 @@ impl Sandbox {
                 uids = ?uids,
                 "local buildlets run sandboxed"
             ),
-            None => info!(workdir_root = %sandbox.root.display(), "local buildlets run unsandboxed"),
+            None => {
+                info!(workdir_root = %sandbox.root.display(), "local buildlets run unsandboxed")
+            }
         }
         Ok(Arc::new(sandbox))
     }
@@ -303,7 +297,10 @@ impl Sandbox {
     fn ids(&self, slot: usize) -> Option<(nix::unistd::Uid, nix::unistd::Gid)> {
         self.uid_base.map(|b| {
             let id = b + slot as u32;
-            (nix::unistd::Uid::from_raw(id), nix::unistd::Gid::from_raw(id))
+            (
+                nix::unistd::Uid::from_raw(id),
+                nix::unistd::Gid::from_raw(id),
+            )
         })
     }
 
@@ -517,8 +514,11 @@ fn prepare_root(root: &Path, data_dir: &Path, other_uids: bool) -> Result<PathBu
             root.display()
         );
     }
-    std::fs::write(&marker, "buildfarm keeps local buildlets' workdirs here; its contents are deleted at start-up\n")
-        .with_context(|| format!("writing {}", marker.display()))?;
+    std::fs::write(
+        &marker,
+        "buildfarm keeps local buildlets' workdirs here; its contents are deleted at start-up\n",
+    )
+    .with_context(|| format!("writing {}", marker.display()))?;
     // Other uids must pass through to their own dirs but not list them.
     let mode = if other_uids { 0o711 } else { 0o700 };
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(mode))?;
@@ -535,7 +535,10 @@ async fn kill_leftovers(root: &Path, uids: Option<std::ops::Range<u32>>) {
             return;
         }
         for (pid, cmdline) in found {
-            warn!(pid, cmdline, "killing a process left by a previous run's buildlet");
+            warn!(
+                pid,
+                cmdline, "killing a process left by a previous run's buildlet"
+            );
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
@@ -620,7 +623,11 @@ pub fn force_remove(path: &Path) -> std::io::Result<()> {
     if std::fs::remove_dir_all(path).is_ok() {
         return Ok(());
     }
-    for entry in walkdir::WalkDir::new(path).follow_links(false).into_iter().flatten() {
+    for entry in walkdir::WalkDir::new(path)
+        .follow_links(false)
+        .into_iter()
+        .flatten()
+    {
         if entry.file_type().is_dir() {
             let _ = std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o700));
         }
@@ -657,7 +664,12 @@ mod tests {
                 .unwrap_or_else(|| panic!("{needle:?} not in {a:?}"))
         };
         assert_eq!(&a[..3], ["--ro-bind", "/", "/"]);
-        for flag in ["--unshare-user", "--unshare-pid", "--die-with-parent", "--new-session"] {
+        for flag in [
+            "--unshare-user",
+            "--unshare-pid",
+            "--die-with-parent",
+            "--new-session",
+        ] {
             pos(&[flag]);
         }
         pos(&["--proc", "/proc"]);
@@ -671,7 +683,10 @@ mod tests {
         // Binds inside a hidden dir must come after the tmpfs that hides it.
         assert!(tmp < data && data < own && root < own && root < creds && key < own);
         assert_eq!(&a[a.len() - 3..], ["--chdir", "/srv/work/b1", "--"]);
-        assert!(!a.contains(&"--unshare-net".to_owned()), "the buildlet listens on loopback");
+        assert!(
+            !a.contains(&"--unshare-net".to_owned()),
+            "the buildlet listens on loopback"
+        );
         assert!(!a.contains(&"--share-net".to_owned()));
     }
 
@@ -713,13 +728,19 @@ mod tests {
         std::fs::create_dir_all(&root).expect("mkdir");
         std::fs::create_dir_all(&data).expect("mkdir");
         std::fs::write(root.join("precious.txt"), "x").expect("write");
-        let err = prepare_root(&root, &data.canonicalize().expect("canon"), false)
-            .expect_err("refused");
-        assert!(format!("{err:#}").contains("not made by buildfarm"), "{err:#}");
+        let err =
+            prepare_root(&root, &data.canonicalize().expect("canon"), false).expect_err("refused");
+        assert!(
+            format!("{err:#}").contains("not made by buildfarm"),
+            "{err:#}"
+        );
         assert!(root.join("precious.txt").exists());
         let inside = data.join("work");
         let err = prepare_root(&inside, &data.canonicalize().expect("canon"), false)
             .expect_err("refused");
-        assert!(format!("{err:#}").contains("outside the data dir"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("outside the data dir"),
+            "{err:#}"
+        );
     }
 }
