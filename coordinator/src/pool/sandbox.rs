@@ -242,6 +242,14 @@ impl Sandbox {
         if sandbox.bwrap.is_some()
             && let Err(e) = sandbox.probe().await
         {
+            let e = match &uids {
+                Some(r) => e.context(format!(
+                    "the sandbox uids {r:?} must be able to pass through (o+x) every directory \
+                     above the workdir root {}",
+                    sandbox.root.display()
+                )),
+                None => e,
+            };
             if opts.mode == SandboxMode::Bwrap {
                 return Err(e.context(
                     "sandbox mode \"bwrap\": bubblewrap does not work here (user namespaces may be \
@@ -699,6 +707,51 @@ mod tests {
         let a = strings(&bwrap_args(&plan));
         assert!(!a.contains(&"--bind".to_owned()), "{a:?}");
         assert!(!a.contains(&"--dev-bind".to_owned()), "{a:?}");
+    }
+
+    fn sandbox_for_plan(uid_base: Option<u32>, secret: PathBuf) -> Sandbox {
+        Sandbox {
+            bwrap: Some("/usr/bin/bwrap".into()),
+            uid_base,
+            root: "/srv/work".into(),
+            data_dir: "/srv/data".into(),
+            writable_paths: vec!["/srv/gomodcache".into()],
+            secret_files: vec![secret, "/srv/data/master.key".into()],
+            buildlet_bin: "/srv/work/bin/buildlet".into(),
+            permits: Arc::new(Semaphore::new(1)),
+            taken: Arc::new(Mutex::new(vec![false])),
+        }
+    }
+
+    #[test]
+    fn plan_hides_data_dir_and_root_and_binds_only_its_own_dirs() {
+        // Any existing file outside /tmp and the data dir, as an operator's
+        // /etc/buildfarm/master.key would be.
+        let secret = PathBuf::from("/etc/passwd");
+        let dirs = BuildletDirs {
+            home: "/srv/work/local-1-x".into(),
+            workdir: "/srv/work/local-1-x/work".into(),
+            creds: "/srv/work/local-1-x.creds".into(),
+        };
+        let same_uid = sandbox_for_plan(None, secret.clone()).plan(&dirs);
+        assert_eq!(
+            same_uid.hidden_dirs,
+            [PathBuf::from("/srv/data"), PathBuf::from("/srv/work")]
+        );
+        assert_eq!(
+            same_uid.writable,
+            [PathBuf::from("/srv/work/local-1-x"), PathBuf::from("/srv/gomodcache")]
+        );
+        assert_eq!(
+            same_uid.read_only,
+            [PathBuf::from("/srv/work/local-1-x.creds"), PathBuf::from("/srv/work/bin")]
+        );
+        // Same uid: a secret outside the data dir is covered; one inside is hidden already.
+        assert_eq!(same_uid.hidden_files, [secret.clone()]);
+        // Other uids: the file's mode keeps them out (bwrap could not mount over it).
+        let other_uid = sandbox_for_plan(Some(1_500_000), secret).plan(&dirs);
+        assert!(other_uid.hidden_files.is_empty());
+        assert_eq!(other_uid.chdir, PathBuf::from("/srv/work/local-1-x"));
     }
 
     #[test]
