@@ -33,6 +33,9 @@ use crate::server::{Endpoint, serve};
 pub struct StartOptions {
     /// The `buildlet` binary the local pool runs; default: next to this executable.
     pub buildlet_bin: Option<PathBuf>,
+    /// The config file the coordinator was started with: it may hold secrets (webhook
+    /// secrets, a database password), so sandboxed buildlets see an empty file there.
+    pub config_file: Option<PathBuf>,
 }
 
 /// A started coordinator.
@@ -182,7 +185,14 @@ async fn prepare_sandbox(
         uid_base: s.uid_base.unwrap_or_else(|| default_uid_base(data_dir)),
         slots,
         writable_paths,
-        secret_files: secret_files(config, data_dir),
+        secret_files: secret_files(config, data_dir)
+            .into_iter()
+            .chain(
+                opts.config_file
+                    .iter()
+                    .filter_map(|f| f.canonicalize().ok()),
+            )
+            .collect(),
         buildlet_bin,
     })
     .await?;

@@ -148,15 +148,29 @@ fn assert_no_secrets(output: &str, data: &Path) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_gomote_user_cannot_read_the_farms_secrets_or_other_workdirs() {
     let s = setup("", GOMOTE_ONLY);
-    let farm = TestFarm::start(&s.cfg, &s.data).await;
+    // The config file may hold secrets too; outside /tmp (which sandboxes do not share)
+    // and readable by all, it is what an operator's /etc/buildfarm/coordinator.toml is.
+    let canary = format!("config-canary-{}", unique_marker());
+    let cfg = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{canary}.toml"));
+    let text = std::fs::read_to_string(&s.cfg).expect("config");
+    std::fs::write(&cfg, format!("# {canary}\n{text}")).expect("write config");
+    std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod config");
+    let farm = TestFarm::start(&cfg, &s.data).await;
     let a = create(&farm);
     let b = create(&farm);
     let pid = farm.child.id().expect("coordinator pid");
 
-    let probe = secrets_probe(&s.data, pid);
+    let probe = format!(
+        "{}\ncat {} 2>/dev/null; true\n",
+        secrets_probe(&s.data, pid),
+        cfg.display()
+    );
     let (code, out, err) = run_gomote(&farm, &["run", &a, "--", "sh", "-c", &probe]);
+    let _ = std::fs::remove_file(&cfg);
     assert_eq!(code, Some(0), "{err}");
     assert_no_secrets(&out, &s.data);
+    assert!(!out.contains(&canary), "the config file leaked: {out}");
     // The secrets are there on the host all along: the sandbox hides them.
     assert!(s.data.join("master.key").exists());
     let mode = std::os::unix::fs::PermissionsExt::mode(

@@ -357,18 +357,15 @@ impl Sandbox {
         }
         let mut writable = vec![dirs.home.clone()];
         writable.extend(self.writable_paths.iter().cloned());
-        // Other uids cannot reach a secret in a private directory, and bwrap (as that uid)
-        // could not mount over it; the file's 0600 mode keeps it from them instead.
-        let hidden_files = if self.uid_base.is_some() {
-            Vec::new()
-        } else {
-            self.secret_files
-                .iter()
-                .filter(|f| !f.starts_with(&self.data_dir) && !f.starts_with("/tmp"))
-                .filter(|f| f.exists())
-                .cloned()
-                .collect()
-        };
+        // The data dir and /tmp are hidden whole. Another uid cannot reach a file in a
+        // private directory (nor could bwrap, as that uid, mount over it): nothing to hide.
+        let hidden_files = self
+            .secret_files
+            .iter()
+            .filter(|f| !f.starts_with(&self.data_dir) && !f.starts_with("/tmp"))
+            .filter(|f| f.exists() && (self.uid_base.is_none() || others_can_reach(f)))
+            .cloned()
+            .collect();
         BwrapPlan {
             hidden_dirs: vec![self.data_dir.clone(), self.root.clone()],
             hidden_files,
@@ -459,6 +456,13 @@ impl Sandbox {
         }
         Ok(())
     }
+}
+
+/// Whether every directory above `file` lets other users pass (o+x).
+fn others_can_reach(file: &Path) -> bool {
+    file.ancestors()
+        .skip(1)
+        .all(|dir| std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
 }
 
 fn warn_unsandboxed(why: &str) {
@@ -740,18 +744,36 @@ mod tests {
         );
         assert_eq!(
             same_uid.writable,
-            [PathBuf::from("/srv/work/local-1-x"), PathBuf::from("/srv/gomodcache")]
+            [
+                PathBuf::from("/srv/work/local-1-x"),
+                PathBuf::from("/srv/gomodcache")
+            ]
         );
         assert_eq!(
             same_uid.read_only,
-            [PathBuf::from("/srv/work/local-1-x.creds"), PathBuf::from("/srv/work/bin")]
+            [
+                PathBuf::from("/srv/work/local-1-x.creds"),
+                PathBuf::from("/srv/work/bin")
+            ]
         );
         // Same uid: a secret outside the data dir is covered; one inside is hidden already.
-        assert_eq!(same_uid.hidden_files, [secret.clone()]);
-        // Other uids: the file's mode keeps them out (bwrap could not mount over it).
-        let other_uid = sandbox_for_plan(Some(1_500_000), secret).plan(&dirs);
-        assert!(other_uid.hidden_files.is_empty());
+        assert_eq!(same_uid.hidden_files, std::slice::from_ref(&secret));
+        // Other uids: covered too when they can reach it.
+        let other_uid = sandbox_for_plan(Some(1_500_000), secret.clone()).plan(&dirs);
+        assert_eq!(other_uid.hidden_files, [secret]);
         assert_eq!(other_uid.chdir, PathBuf::from("/srv/work/local-1-x"));
+    }
+
+    #[test]
+    fn files_in_private_directories_are_out_of_other_users_reach() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let private = tmp.path().join("private");
+        std::fs::create_dir(&private).expect("mkdir");
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        assert!(!others_can_reach(&private.join("master.key")));
+        assert!(others_can_reach(&tmp.path().join("coordinator.toml")));
     }
 
     #[test]
