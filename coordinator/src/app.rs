@@ -47,6 +47,8 @@ pub struct Running {
     /// The CA that signed the coordinator's certificate (clients trust it).
     pub ca_pem: String,
     pub ca_file: PathBuf,
+    /// The local buildlets' sandbox, when there is a local pool.
+    pub sandbox: Option<Arc<Sandbox>>,
 }
 
 impl Running {
@@ -59,6 +61,9 @@ impl Running {
             .is_err()
         {
             warn!("some tasks did not stop within the grace period");
+        }
+        if let Some(sandbox) = &self.sandbox {
+            sandbox.remove_root_if_idle();
         }
     }
 }
@@ -360,7 +365,7 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
     let registry = revdial_listener.registry();
 
     let mut pools: HashMap<String, Arc<dyn Pool>> = HashMap::new();
-    let local_parts = match sandbox {
+    let local_parts = match sandbox.clone() {
         Some(sandbox) => {
             let (client, _, _) = load_or_issue(&tls_dir, "coordinator-client", || {
                 Ok(ca.issue_client("coordinator")?)
@@ -452,5 +457,6 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
         tasks,
         ca_pem,
         ca_file,
+        sandbox,
     })
 }

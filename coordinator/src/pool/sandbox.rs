@@ -205,8 +205,14 @@ impl Sandbox {
         kill_leftovers(&root, uids.clone()).await;
         remove_leftovers(&root)?;
 
-        let buildlet_bin = if uid_base.is_some() {
-            // Other uids may not reach the original (e.g. a target dir under /root).
+        // Inside the sandbox /tmp and the data dir are empty, and other uids may not reach
+        // the original (e.g. a target dir under /root): then run a link (or copy) of it.
+        let bin = &opts.buildlet_bin;
+        let visible = !bin.starts_with("/tmp") && !bin.starts_with(&opts.data_dir);
+        let reachable = uid_base.is_none()
+            || (others_can_reach(bin)
+                && std::fs::metadata(bin).is_ok_and(|m| m.permissions().mode() & 0o001 != 0));
+        let buildlet_bin = if bwrap.is_some() && !(visible && reachable) {
             let dir = root.join(BIN_DIR);
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
@@ -273,6 +279,19 @@ impl Sandbox {
             }
         }
         Ok(Arc::new(sandbox))
+    }
+
+    /// Tidies the workdir root after an orderly stop: the linked binary, the marker, and
+    /// the root itself when nothing else is left in it.
+    pub fn remove_root_if_idle(&self) {
+        let _ = force_remove(&self.root.join(BIN_DIR));
+        let only_marker = std::fs::read_dir(&self.root)
+            .map(|rd| rd.flatten().all(|e| e.file_name() == ROOT_MARKER))
+            .unwrap_or(false);
+        if only_marker {
+            let _ = std::fs::remove_file(self.root.join(ROOT_MARKER));
+            let _ = std::fs::remove_dir(&self.root);
+        }
     }
 
     /// Whether buildlets run under bubblewrap.
