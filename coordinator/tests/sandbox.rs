@@ -385,6 +385,48 @@ async fn escaped_processes_are_gone_after_destroy() {
     farm.kill().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn processes_a_build_leaves_are_gone_when_its_lease_is_released() {
+    let m = unique_marker();
+    let body = format!(
+        r#"
+[[builders]]
+name = "linux-amd64-escape"
+host_type = "local"
+steps = [{{ name = "escape", command = ["sh", "-c", "setsid sh -c 'sleep 300.{m}1' </dev/null >/dev/null 2>&1 & (nohup sleep 300.{m}2 </dev/null >/dev/null 2>&1 &); sleep 1; pgrep -fx 'sleep 300.{m}1' >/dev/null && pgrep -fx 'sleep 300.{m}2' >/dev/null && echo both; echo alive"] }}]
+
+[[repos]]
+name = "t"
+url = "@REPO@"
+branches = ["main"]
+"#
+    );
+    let s = setup("", &body);
+    let farm = TestFarm::start(&s.cfg, &s.data).await;
+    let builds = farm.wait_final_builds("t", &s.rev, 1).await;
+    let id = builds[0]["id"].as_str().expect("id");
+    let log = farm.get_text(&format!("/log/{id}")).await;
+    assert_eq!(builds[0]["state"], "ok", "{log}");
+    assert!(
+        log.contains("both\nalive"),
+        "the escapes did not start: {log}"
+    );
+    // The build is over and its buildlet released: nothing of it may still run.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = marked_processes(&m, &[]);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processes outlived the build: {left:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    farm.kill().await;
+}
+
 /// The host pid of the buildlet process (not bwrap) whose workdir is under `root`.
 fn buildlet_process(root: &Path) -> Option<i32> {
     let needle = format!("--workdir {}/", root.display());
