@@ -40,6 +40,9 @@ const BIN_DIR: &str = "bin";
 /// Environment variables a buildlet inherits from the coordinator; everything else (tokens,
 /// database passwords, cloud credentials) stays behind.
 const KEPT_ENV: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ", "RUST_LOG", "RUST_BACKTRACE"];
+/// Cap of each tmpfs in a sandbox (its `/tmp`, and what covers the data dir and the
+/// workdir root): they live in memory, and a build must not fill the host's.
+const TMPFS_BYTES: u64 = 1 << 30;
 /// How long the start-up probe of bwrap may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -77,9 +80,20 @@ pub fn bwrap_args(plan: &BwrapPlan) -> Vec<OsString> {
     }
     push(&["--proc".as_ref(), "/proc".as_ref()]);
     push(&["--dev".as_ref(), "/dev".as_ref()]);
-    push(&["--tmpfs".as_ref(), "/tmp".as_ref()]);
+    let size = TMPFS_BYTES.to_string();
+    push(&[
+        "--size".as_ref(),
+        size.as_ref(),
+        "--tmpfs".as_ref(),
+        "/tmp".as_ref(),
+    ]);
     for d in &plan.hidden_dirs {
-        push(&["--tmpfs".as_ref(), d.as_os_str()]);
+        push(&[
+            "--size".as_ref(),
+            size.as_ref(),
+            "--tmpfs".as_ref(),
+            d.as_os_str(),
+        ]);
     }
     for f in &plan.hidden_files {
         push(&["--ro-bind".as_ref(), "/dev/null".as_ref(), f.as_os_str()]);
@@ -705,7 +719,8 @@ mod tests {
         }
         pos(&["--proc", "/proc"]);
         pos(&["--dev", "/dev"]);
-        let tmp = pos(&["--tmpfs", "/tmp"]);
+        let tmp = pos(&["--size", "1073741824", "--tmpfs", "/tmp"]);
+        pos(&["--size", "1073741824", "--tmpfs", "/srv/data"]);
         let data = pos(&["--tmpfs", "/srv/data"]);
         let root = pos(&["--tmpfs", "/srv/work"]);
         let key = pos(&["--ro-bind", "/dev/null", "/etc/bf/master.key"]);
