@@ -122,7 +122,7 @@ fn load_or_issue(
 /// Buildlet stderr logs, under the data dir: the operator reads them, builds cannot.
 const BUILDLET_LOGS: &str = "buildlet-logs";
 
-/// A short hex digest of the canonical data dir, naming per-farm defaults.
+/// A digest of the canonical data dir, from which per-farm defaults are derived.
 fn data_dir_hash(data_dir: &Path) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(data_dir.as_os_str().as_encoded_bytes()).into()
@@ -166,27 +166,34 @@ async fn prepare_sandbox(
     let buildlet_bin = buildlet_bin
         .canonicalize()
         .with_context(|| format!("the buildlet binary {}", buildlet_bin.display()))?;
+    let workdir_root = s
+        .workdir_root
+        .clone()
+        .unwrap_or_else(|| default_workdir_root(data_dir));
+    // Checked before start-up cleanup empties the root.
+    let root = workdir_root
+        .canonicalize()
+        .unwrap_or_else(|_| std::path::absolute(&workdir_root).unwrap_or(workdir_root.clone()));
     let mut writable_paths = Vec::new();
     for p in &s.writable_paths {
         let c = p
             .canonicalize()
             .with_context(|| format!("[sandbox] writable_paths: {}", p.display()))?;
-        if c.starts_with(data_dir) || data_dir.starts_with(&c) {
-            bail!(
-                "[sandbox] writable_paths: {} must be outside the data dir {} and not contain it",
-                c.display(),
-                data_dir.display()
-            );
+        for (what, dir) in [("data dir", data_dir), ("workdir root", root.as_path())] {
+            if c.starts_with(dir) || dir.starts_with(&c) {
+                bail!(
+                    "[sandbox] writable_paths: {} must be outside the {what} {} and not contain it",
+                    c.display(),
+                    dir.display()
+                );
+            }
         }
         writable_paths.push(c);
     }
     let sandbox = Sandbox::prepare(SandboxOptions {
         mode: s.mode,
         data_dir: data_dir.to_owned(),
-        workdir_root: s
-            .workdir_root
-            .clone()
-            .unwrap_or_else(|| default_workdir_root(data_dir)),
+        workdir_root,
         uid_base: s.uid_base.unwrap_or_else(|| default_uid_base(data_dir)),
         slots,
         writable_paths,
@@ -201,15 +208,6 @@ async fn prepare_sandbox(
         buildlet_bin,
     })
     .await?;
-    for p in &s.writable_paths {
-        if p.starts_with(sandbox.root()) {
-            bail!(
-                "[sandbox] writable_paths: {} must be outside the workdir root {}",
-                p.display(),
-                sandbox.root().display()
-            );
-        }
-    }
     // Logs of a previous run's buildlets: their workdirs are gone, so are they.
     let logs = data_dir.join(BUILDLET_LOGS);
     if let Ok(rd) = std::fs::read_dir(&logs) {

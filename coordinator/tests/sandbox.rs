@@ -53,7 +53,8 @@ struct Setup {
     rev: String,
 }
 
-/// A temp dir with a Go repo and a config; `body` may use `@REPO@` and `@DATA@`.
+/// A temp dir with a Go repo and a config; `body` may use `@REPO@` and `@DATA@`,
+/// `sandbox_extra` (more `[sandbox]` fields) `@ROOT@`.
 fn setup(sandbox_extra: &str, body: &str) -> Setup {
     let tmp = tempfile::tempdir().expect("tempdir");
     // The sandbox uids must be able to pass through to the workdir root (not list it).
@@ -69,8 +70,10 @@ fn setup(sandbox_extra: &str, body: &str) -> Setup {
     let body = body
         .replace("@REPO@", &repo.display().to_string())
         .replace("@DATA@", &data.display().to_string());
+    let sandbox_extra = sandbox_extra.replace("@ROOT@", &root.display().to_string());
     let cfg = tmp.path().join("coordinator.toml");
-    std::fs::write(&cfg, sandbox_config(&data, &root, sandbox_extra, &body)).expect("write config");
+    std::fs::write(&cfg, sandbox_config(&data, &root, &sandbox_extra, &body))
+        .expect("write config");
     Setup {
         tmp,
         data,
@@ -582,4 +585,30 @@ async fn bwrap_mode_without_bwrap_refuses_to_start() {
     );
     // Nothing was started: no workdir root was made.
     assert!(!s.root.exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_writable_path_inside_the_workdir_root_is_refused_and_nothing_is_removed() {
+    let s = setup("writable_paths = [\"@ROOT@/shared\"]", GOMOTE_ONLY);
+    // What a start would delete if it went ahead: the root is emptied at start-up.
+    let shared = s.root.join("shared");
+    std::fs::create_dir_all(&shared).expect("mkdir");
+    std::fs::write(shared.join("precious"), "x").expect("write");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .arg("--config")
+        .arg(&s.cfg)
+        .arg("--buildlet")
+        .arg(buildlet_bin())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run coordinator");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started: {stderr}");
+    assert!(
+        stderr.contains("sandbox.writable_paths[0]") && stderr.contains("workdir root"),
+        "{stderr}"
+    );
+    assert!(shared.join("precious").exists());
 }
