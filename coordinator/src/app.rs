@@ -208,6 +208,12 @@ async fn prepare_sandbox(
         buildlet_bin,
     })
     .await?;
+    // Where workdirs were kept before they moved out of the data dir.
+    let legacy = data_dir.join("buildlets");
+    if legacy.exists() {
+        info!(dir = %legacy.display(), "removing local buildlet workdirs left in the data dir by an older version");
+        force_remove(&legacy).with_context(|| format!("removing {}", legacy.display()))?;
+    }
     // Logs of a previous run's buildlets: their workdirs are gone, so are they.
     let logs = data_dir.join(BUILDLET_LOGS);
     if let Ok(rd) = std::fs::read_dir(&logs) {
