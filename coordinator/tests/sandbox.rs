@@ -506,6 +506,9 @@ async fn start_up_kills_leftover_processes_and_removes_leftover_workdirs() {
     std::fs::write(stale.join("work/sub/f"), "x").expect("write");
     std::fs::create_dir_all(s.root.join("local-7-0123456789abcdef.creds")).expect("mkdir");
     std::fs::write(s.root.join(".buildfarm-workdir-root"), "").expect("marker");
+    // Where an older version kept workdirs: inside the data dir.
+    let legacy = s.data.join("buildlets/local-1-0123/work");
+    std::fs::create_dir_all(&legacy).expect("mkdir");
     let m = unique_marker();
     let mut by_cwd = std::process::Command::new("sleep")
         .arg(format!("300.{m}1"))
@@ -528,6 +531,7 @@ async fn start_up_kills_leftover_processes_and_removes_leftover_workdirs() {
     let farm = TestFarm::start(&s.cfg, &s.data).await;
     assert!(!stale.exists(), "stale workdir kept");
     assert!(!s.root.join("local-7-0123456789abcdef.creds").exists());
+    assert!(!s.data.join("buildlets").exists(), "legacy workdirs kept");
     let status = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             if let Some(st) = by_cwd.try_wait().expect("wait") {
