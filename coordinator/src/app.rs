@@ -134,11 +134,12 @@ pub fn default_workdir_root(data_dir: &Path) -> PathBuf {
     std::env::temp_dir().join(format!("buildfarm-{}", hex::encode(&h[..6])))
 }
 
-/// The default first sandbox uid: 1,500,000 plus 1024 × a number from 0 to 65535 taken
-/// from the data dir, so farms on one machine (tests, too) rarely share a uid range.
+/// The default first sandbox uid: 1,500,000 plus 1024 × a number below 2^20 taken from
+/// the data dir, so farms on one machine (tests, too) almost never share a uid range.
 pub fn default_uid_base(data_dir: &Path) -> u32 {
     let h = data_dir_hash(data_dir);
-    1_500_000 + 1024 * u32::from(u16::from_be_bytes([h[0], h[1]]))
+    let bucket = u32::from_be_bytes([0, h[0] & 0x0f, h[1], h[2]]);
+    1_500_000 + 1024 * bucket
 }
 
 /// Resolves the `[sandbox]` settings and prepares the sandbox, when there is a local pool.
@@ -463,4 +464,25 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
         ca_file,
         sandbox,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_farm_defaults_are_stable_distinct_and_in_range() {
+        let a = Path::new("/var/lib/buildfarm");
+        let b = Path::new("/srv/other-farm");
+        assert_eq!(default_uid_base(a), default_uid_base(a));
+        assert_ne!(default_uid_base(a), default_uid_base(b));
+        for p in [a, b] {
+            let base = default_uid_base(p);
+            assert!((1_500_000..1_500_000 + 1024 * (1 << 20)).contains(&base));
+            assert_eq!((base - 1_500_000) % 1024, 0);
+            let root = default_workdir_root(p);
+            assert!(root.starts_with(std::env::temp_dir()) && !root.starts_with(p));
+        }
+        assert_ne!(default_workdir_root(a), default_workdir_root(b));
+    }
 }

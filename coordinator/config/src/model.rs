@@ -160,8 +160,8 @@ pub struct SandboxConfig {
     /// When the coordinator runs as root, buildlet slot `n` runs as uid and gid
     /// `uid_base + n` (slots: the sum of the local pools' counts). Processes still running
     /// under these uids at start-up are killed, so give each farm on a machine its own
-    /// range; at least 1000. Default: none, meaning `1500000 + 1024 × (a number from 0 to
-    /// 65535 derived from the data dir's path)`.
+    /// range; at least 1000. Default: none, meaning `1500000 + 1024 × (a number below 2^20
+    /// derived from the data dir's path)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid_base: Option<u32>,
     /// Host directories bound read-write into every sandbox at the same path (for example
