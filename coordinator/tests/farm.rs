@@ -62,6 +62,14 @@ branches = ["main"]
     )
 }
 
+/// A `[sandbox]` table making `dir` visible and writable inside sandboxed buildlets
+/// (they have a private /tmp and, under root, their own uids), for marker files.
+fn shared_with_sandbox(dir: &Path) -> String {
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod shared dir");
+    format!("\n[sandbox]\nwritable_paths = [\"{}\"]\n", dir.display())
+}
+
 fn host_builder() -> String {
     match std::env::consts::ARCH {
         "aarch64" => "linux-arm64".into(),
@@ -204,8 +212,10 @@ name = "linux-amd64-slow"
 host_type = "local"
 repos = ["t"]
 steps = [{{ name = "hang-once", command = ["sh", "-c", "if [ ! -e {m} ]; then touch {m}; sleep 300; fi; echo second attempt passes"] }}]
+{shared}
 "#,
-        m = marker.display()
+        m = marker.display(),
+        shared = shared_with_sandbox(tmp0.path()),
     );
     let (tmp, _repo, cfg, rev) = setup(&extra);
     let data = tmp.path().join("data");
@@ -290,8 +300,10 @@ async fn restart_resumes(signal: nix::sys::signal::Signal) {
 name = "linux-amd64-gated"
 host_type = "local"
 steps = [{{ name = "wait", command = ["sh", "-c", "while [ ! -e {g} ]; do sleep 0.2; done; echo gate open"] }}]
+{shared}
 "#,
-        g = gate.display()
+        g = gate.display(),
+        shared = shared_with_sandbox(tmp0.path()),
     );
     let (tmp, _repo, cfg, rev) = setup(&extra);
     let data = tmp.path().join("data");

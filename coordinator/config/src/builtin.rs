@@ -73,6 +73,7 @@ pub(crate) fn builtin(example_repo: &Path) -> Config {
             webhook_secret: None,
         }],
         limits: crate::Limits::default(),
+        sandbox: Default::default(),
     }
 }
 

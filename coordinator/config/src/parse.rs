@@ -16,12 +16,12 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::error::{ConfigError, ConfigErrors, ErrorKind, FieldPath, Location, Segment};
 use crate::limits::Limits;
-use crate::model::{Config, CoordinatorConfig};
+use crate::model::{Config, CoordinatorConfig, SandboxConfig};
 use crate::validate::{self, Issue};
 
 type Node<'i> = Spanned<DeValue<'i>>;
 
-const SECTIONS: &str = "coordinator, host_types, builders, repos, limits";
+const SECTIONS: &str = "coordinator, host_types, builders, repos, limits, sandbox";
 
 /// Parses and validates `text`, naming it `source_name` in errors.
 pub(crate) fn parse(text: &str, source_name: &str) -> Result<Config, ConfigErrors> {
@@ -76,6 +76,10 @@ pub(crate) fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError
                 "repos" => each(node, path, &mut config.repos, &mut structural),
                 "limits" => match from_node::<Limits>(node) {
                     Ok(l) => config.limits = l,
+                    Err(e) => structural(path, node, e),
+                },
+                "sandbox" => match from_node::<SandboxConfig>(node) {
+                    Ok(s) => config.sandbox = s,
                     Err(e) => structural(path, node, e),
                 },
                 _ => unknown.push(located(

@@ -3,11 +3,12 @@
 //! into a line and column is `parse.rs`'s job.
 
 use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{ErrorKind, FieldPath};
 use crate::limits::Limits;
-use crate::model::{Builder, Config, CoordinatorConfig, Env, HostType, Pool, Repo};
+use crate::model::{Builder, Config, CoordinatorConfig, Env, HostType, Pool, Repo, SandboxConfig};
 use crate::names::parse_builder_name;
 
 /// One problem found, before it is given a location.
@@ -100,6 +101,7 @@ pub(crate) fn check(config: &Config) -> Vec<Issue> {
     let mut out = Issues::default();
     coordinator(&mut out, &config.coordinator);
     limits(&mut out, &config.limits);
+    sandbox(&mut out, config, &config.sandbox);
 
     let mut seen = HashMap::new();
     for (i, h) in config.host_types.iter().enumerate() {
@@ -171,6 +173,103 @@ fn limits(out: &mut Issues, l: &Limits) {
             )),
         );
     }
+}
+
+/// Lowest `uid_base`: below it are the system's own accounts.
+const MIN_UID_BASE: u32 = 1000;
+
+fn sandbox(out: &mut Issues, config: &Config, s: &SandboxConfig) {
+    let path = FieldPath::root().key("sandbox");
+    let data_dir = normalize(&config.coordinator.data_dir);
+    // Only a lexical check is possible here; start-up repeats it on canonical paths.
+    let overlaps = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
+    if let Some(root) = &s.workdir_root {
+        let root = normalize(root);
+        if root.as_os_str().is_empty() {
+            out.push(path.key("workdir_root"), ErrorKind::Empty);
+        } else if overlaps(&root, &data_dir) {
+            out.push(
+                path.key("workdir_root"),
+                ErrorKind::Invalid(format!(
+                    "workdir root {} must be outside the data dir {} (builds must not reach the coordinator's secrets)",
+                    root.display(),
+                    data_dir.display()
+                )),
+            );
+        }
+    }
+    if let Some(base) = s.uid_base {
+        let slots: u64 = config
+            .host_types
+            .iter()
+            .map(|h| match &h.pool {
+                Pool::Local(l) => u64::from(l.count),
+                _ => 0,
+            })
+            .sum();
+        if base < MIN_UID_BASE {
+            out.push(
+                path.key("uid_base"),
+                ErrorKind::Invalid(format!(
+                    "uid_base {base} must be at least {MIN_UID_BASE} (lower uids are system accounts)"
+                )),
+            );
+        } else if u64::from(base) + slots >= u64::from(u32::MAX) {
+            out.push(
+                path.key("uid_base"),
+                ErrorKind::Invalid(format!(
+                    "uid_base {base} plus {slots} local buildlet slots does not fit in a uid"
+                )),
+            );
+        }
+    }
+    for (i, p) in s.writable_paths.iter().enumerate() {
+        let at = path.key("writable_paths").index(i);
+        let p = normalize(p);
+        if !p.is_absolute() {
+            out.push(
+                at,
+                ErrorKind::Invalid(format!("{} must be an absolute path", p.display())),
+            );
+        } else if overlaps(&p, &data_dir) && data_dir.is_absolute() {
+            out.push(
+                at,
+                ErrorKind::Invalid(format!(
+                    "{} must not be inside the data dir {} nor contain it",
+                    p.display(),
+                    data_dir.display()
+                )),
+            );
+        } else if let Some(root) = s.workdir_root.as_deref().map(normalize)
+            && overlaps(&p, &root)
+        {
+            out.push(
+                at,
+                ErrorKind::Invalid(format!(
+                    "{} must not be inside the workdir root {} nor contain it",
+                    p.display(),
+                    root.display()
+                )),
+            );
+        }
+    }
+}
+
+/// `path` without `.` components and with `..` applied where it can be (lexically).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 fn host_type(out: &mut Issues, path: &FieldPath, h: &HostType) {
