@@ -72,6 +72,7 @@ pub(crate) fn builtin(example_repo: &Path) -> Config {
             branches: vec!["main".to_owned()],
             webhook_secret: None,
         }],
+        connections: Default::default(),
     }
 }
 

@@ -10,6 +10,8 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
+use crate::connections::ConnectionsConfig;
+
 /// Environment variables as written in the file, sorted by name.
 pub type Env = BTreeMap<String, String>;
 
@@ -29,6 +31,10 @@ pub struct Config {
     /// Git repositories to watch. Default: none.
     #[serde(default)]
     pub repos: Vec<Repo>,
+    /// Time limits and caps on connections to the coordinator's port. Default: every
+    /// field at its own default (see [`ConnectionsConfig`]).
+    #[serde(default)]
+    pub connections: ConnectionsConfig,
 }
 
 /// `[coordinator]`: settings of the coordinator process itself.

@@ -14,13 +14,14 @@ use serde::de::DeserializeOwned;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
+use crate::connections::ConnectionsConfig;
 use crate::error::{ConfigError, ConfigErrors, ErrorKind, FieldPath, Location, Segment};
 use crate::model::{Config, CoordinatorConfig};
 use crate::validate::{self, Issue};
 
 type Node<'i> = Spanned<DeValue<'i>>;
 
-const SECTIONS: &str = "coordinator, host_types, builders, repos";
+const SECTIONS: &str = "coordinator, host_types, builders, repos, connections";
 
 /// Parses and validates `text`, naming it `source_name` in errors.
 pub(crate) fn parse(text: &str, source_name: &str) -> Result<Config, ConfigErrors> {
@@ -73,6 +74,10 @@ pub(crate) fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError
                 "host_types" => each(node, path, &mut config.host_types, &mut structural),
                 "builders" => each(node, path, &mut config.builders, &mut structural),
                 "repos" => each(node, path, &mut config.repos, &mut structural),
+                "connections" => match from_node::<ConnectionsConfig>(node) {
+                    Ok(c) => config.connections = c,
+                    Err(e) => structural(path, node, e),
+                },
                 _ => unknown.push(located(
                     Some(key.span()),
                     path,

@@ -98,6 +98,9 @@ impl Issues {
 pub(crate) fn check(config: &Config) -> Vec<Issue> {
     let mut out = Issues::default();
     coordinator(&mut out, &config.coordinator);
+    for (path, kind) in crate::connections::check(&config.connections) {
+        out.push(path, kind);
+    }
 
     let mut seen = HashMap::new();
     for (i, h) in config.host_types.iter().enumerate() {
