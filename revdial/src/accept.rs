@@ -228,7 +228,6 @@ pub struct Acceptor {
     limits: Arc<ConnLimits>,
     slots: Arc<Semaphore>,
     table: Arc<Table>,
-    shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for Acceptor {
@@ -248,14 +247,13 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 impl Acceptor {
-    /// An acceptor with `limits`; `shutdown` closes every connection it admitted.
-    pub fn new(limits: ConnLimits, shutdown: CancellationToken) -> Self {
+    /// An acceptor with `limits`.
+    pub fn new(limits: ConnLimits) -> Self {
         let max = limits.max_connections.max(1);
         Acceptor {
             limits: Arc::new(limits),
             slots: Arc::new(Semaphore::new(max)),
             table: Arc::new(Table::default()),
-            shutdown,
         }
     }
 
@@ -274,18 +272,24 @@ impl Acceptor {
     }
 
     /// The next admitted connection, in its handshake phase; `None` once `shutdown` is
-    /// cancelled. Errors of `accept` are logged and retried with back-off.
-    pub async fn accept(&self, listener: &TcpListener) -> Option<(TcpStream, SocketAddr, Conn)> {
+    /// cancelled (connections already admitted are not touched: their serving code
+    /// watches `shutdown` itself, with a grace period). Errors of `accept` are logged
+    /// and retried with back-off.
+    pub async fn accept(
+        &self,
+        listener: &TcpListener,
+        shutdown: &CancellationToken,
+    ) -> Option<(TcpStream, SocketAddr, Conn)> {
         let mut backoff = ACCEPT_BACKOFF_MIN;
         loop {
             let (tcp, peer) = tokio::select! {
-                _ = self.shutdown.cancelled() => return None,
+                _ = shutdown.cancelled() => return None,
                 r = listener.accept() => match r {
                     Ok(c) => c,
                     Err(error) => {
                         warn!(%error, ?backoff, "accept failed; backing off");
                         tokio::select! {
-                            _ = self.shutdown.cancelled() => return None,
+                            _ = shutdown.cancelled() => return None,
                             _ = tokio::time::sleep(backoff) => {}
                         }
                         backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
@@ -330,7 +334,7 @@ impl Acceptor {
             in_flight: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
             changed: Notify::new(),
-            kill: self.shutdown.child_token(),
+            kill: CancellationToken::new(),
         });
         self.table
             .conns
@@ -340,31 +344,54 @@ impl Acceptor {
         self.table.handshaking.fetch_add(1, Ordering::AcqRel);
         self.table.accepted.fetch_add(1, Ordering::Relaxed);
         Some(Conn {
-            state,
-            table: self.table.clone(),
-            limits: self.limits.clone(),
+            handle: ConnHandle {
+                state,
+                table: self.table.clone(),
+                limits: self.limits.clone(),
+            },
             _slot: permit,
         })
     }
 }
 
 /// One admitted connection's slot and state. Dropping it frees the slot: keep it as
-/// long as the socket (see [`Tracked`]).
+/// long as the socket (see [`Tracked`]). Derefs to its [`ConnHandle`].
 #[derive(Debug)]
 pub struct Conn {
-    state: Arc<ConnState>,
-    table: Arc<Table>,
-    limits: Arc<ConnLimits>,
+    handle: ConnHandle,
     _slot: OwnedSemaphorePermit,
 }
 
+impl std::ops::Deref for Conn {
+    type Target = ConnHandle;
+
+    fn deref(&self) -> &ConnHandle {
+        &self.handle
+    }
+}
+
+/// A connection's state without its slot: what the code serving it watches and marks.
+/// Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ConnHandle {
+    state: Arc<ConnState>,
+    table: Arc<Table>,
+    limits: Arc<ConnLimits>,
+}
+
 impl Conn {
+    /// A handle on this connection's state, for code that no longer holds the stream.
+    pub fn handle(&self) -> ConnHandle {
+        self.handle.clone()
+    }
+}
+
+impl ConnHandle {
     pub fn limits(&self) -> &ConnLimits {
         &self.limits
     }
 
-    /// Resolves when the connection must close now (evicted, or the acceptor's
-    /// shutdown token was cancelled).
+    /// Resolves when the connection must close now: it was evicted for a newer one.
     pub async fn killed(&self) {
         self.state.kill.cancelled().await
     }
@@ -429,14 +456,16 @@ impl Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        if self.state.phase.load(Ordering::Acquire) == PHASE_HANDSHAKE {
-            self.table.handshaking.fetch_sub(1, Ordering::AcqRel);
+        let h = &self.handle;
+        // Swapped so a handle marking the phase concurrently cannot count it twice.
+        if h.state.phase.swap(PHASE_SERVING, Ordering::AcqRel) == PHASE_HANDSHAKE {
+            h.table.handshaking.fetch_sub(1, Ordering::AcqRel);
         }
-        self.table
+        h.table
             .conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.state.id);
+            .remove(&h.state.id);
     }
 }
 
@@ -544,7 +573,7 @@ pub enum Closed {
     Finished,
     /// No request in flight for the idle timeout.
     Idle,
-    /// Evicted for a newer connection, or the acceptor shut down.
+    /// Evicted for a newer connection.
     Killed,
     /// `shutdown` was cancelled; in-flight requests got a grace period.
     Shutdown,
@@ -565,7 +594,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub async fn serve_http<I, S, B>(
     io: I,
     service: S,
-    conn: &Conn,
+    conn: &ConnHandle,
     versions: HttpVersions,
     shutdown: &CancellationToken,
 ) -> Result<Closed, Box<dyn std::error::Error + Send + Sync>>
@@ -711,19 +740,19 @@ mod tests {
     #[tokio::test]
     async fn full_acceptor_evicts_the_oldest_idle_connection_not_a_busy_one() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let acceptor = Acceptor::new(limits(3, 100), CancellationToken::new());
+        let acceptor = Acceptor::new(limits(3, 100));
         let mut clients = Vec::new();
         let mut conns = Vec::new();
         for _ in 0..3 {
             clients.push(pair(&listener).await);
-            let (_, _, c) = acceptor.accept(&listener).await.expect("admitted");
+            let (_, _, c) = acceptor.accept(&listener, &CancellationToken::new()).await.expect("admitted");
             c.handshake_done();
             conns.push(c);
         }
         // The oldest is busy, the second is idle: the second is the one to go.
         let busy = conns[0].request();
         clients.push(pair(&listener).await);
-        let accept = acceptor.accept(&listener);
+        let accept = acceptor.accept(&listener, &CancellationToken::new());
         tokio::pin!(accept);
         tokio::select! {
             _ = conns[1].killed() => {}
@@ -740,7 +769,7 @@ mod tests {
         fourth.pin();
         let _busy2 = conns[1].request();
         clients.push(pair(&listener).await);
-        let res = tokio::time::timeout(Duration::from_millis(500), acceptor.accept(&listener)).await;
+        let res = tokio::time::timeout(Duration::from_millis(500), acceptor.accept(&listener, &CancellationToken::new())).await;
         assert!(res.is_err(), "a connection was admitted with every slot busy");
         assert_eq!(acceptor.stats().refused_total, 1);
         assert_eq!(acceptor.stats().evicted_total, 1);
@@ -752,16 +781,16 @@ mod tests {
     #[tokio::test]
     async fn handshake_cap_evicts_the_oldest_handshake() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let acceptor = Acceptor::new(limits(100, 2), CancellationToken::new());
+        let acceptor = Acceptor::new(limits(100, 2));
         let mut conns = Vec::new();
         let mut clients = Vec::new();
         for _ in 0..2 {
             clients.push(pair(&listener).await);
-            conns.push(acceptor.accept(&listener).await.expect("admitted").2);
+            conns.push(acceptor.accept(&listener, &CancellationToken::new()).await.expect("admitted").2);
         }
         assert_eq!(acceptor.stats().handshaking, 2);
         clients.push(pair(&listener).await);
-        let (_, _, third) = acceptor.accept(&listener).await.expect("admitted");
+        let (_, _, third) = acceptor.accept(&listener, &CancellationToken::new()).await.expect("admitted");
         assert!(conns[0].is_killed(), "the oldest handshake was not closed");
         assert!(!conns[1].is_killed() && !third.is_killed());
         drop(conns);
@@ -774,9 +803,9 @@ mod tests {
     #[tokio::test]
     async fn idle_clock_runs_only_without_requests() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let acceptor = Acceptor::new(limits(10, 10), CancellationToken::new());
+        let acceptor = Acceptor::new(limits(10, 10));
         let _client = pair(&listener).await;
-        let (_, _, conn) = acceptor.accept(&listener).await.expect("admitted");
+        let (_, _, conn) = acceptor.accept(&listener, &CancellationToken::new()).await.expect("admitted");
         conn.handshake_done();
         let idle = Duration::from_millis(200);
         let req = conn.request();
