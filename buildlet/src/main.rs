@@ -110,10 +110,11 @@ struct ConnArgs {
     /// long, are not cut).
     #[arg(long, default_value = "60s")]
     idle_timeout: humantime::Duration,
-    /// Interval of HTTP/2 PINGs; an unanswered PING closes the connection after the
-    /// same time again.
+    /// Interval of HTTP/2 PINGs on listen-mode connections; an unanswered PING closes
+    /// the connection after the same time again. (`--keepalive-interval` is the
+    /// reverse tunnel's.)
     #[arg(long, default_value = "20s")]
-    keepalive_interval: humantime::Duration,
+    listen_keepalive_interval: humantime::Duration,
     /// Most connections open at once; default: the open-file limit (raised to its
     /// hard limit at start) minus a reserve. At the cap the oldest connection with no
     /// call in flight is closed to make room.
@@ -134,7 +135,7 @@ impl ConnArgs {
         for (flag, d) in [
             ("--handshake-timeout", *self.handshake_timeout),
             ("--idle-timeout", *self.idle_timeout),
-            ("--keepalive-interval", *self.keepalive_interval),
+            ("--listen-keepalive-interval", *self.listen_keepalive_interval),
         ] {
             if d.is_zero() {
                 bad.push(format!("{flag} must be longer than 0s"));
@@ -164,8 +165,8 @@ impl ConnArgs {
             // Listen mode speaks HTTP/2 only; kept equal for completeness.
             header_read_timeout: *self.handshake_timeout,
             idle_timeout: *self.idle_timeout,
-            keepalive_interval: *self.keepalive_interval,
-            keepalive_timeout: *self.keepalive_interval,
+            keepalive_interval: *self.listen_keepalive_interval,
+            keepalive_timeout: *self.listen_keepalive_interval,
             max_connections: self.max_connections.unwrap_or(defaults.max_connections),
             max_handshakes: self.max_handshakes,
             max_header_bytes: usize::try_from(header).unwrap_or(defaults.max_header_bytes),

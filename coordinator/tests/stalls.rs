@@ -299,3 +299,97 @@ async fn a_flood_larger_than_the_cap_does_not_stop_real_callers() {
     assert!(open <= CAP, "{open} flood connections still open, cap {CAP}");
     farm.kill().await;
 }
+
+/// A step and a gomote command that stay silent for several idle timeouts.
+const SILENT_FOR: Duration = Duration::from_secs(14);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn long_streams_outlive_the_idle_timeout() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let repo = tmp.path().join("repo");
+    let rev = make_go_repo(&repo);
+    let secs = SILENT_FOR.as_secs();
+    let cfg = write_config(
+        tmp.path(),
+        &short_limits(),
+        &format!(
+            r#"
+[[host_types]]
+name = "local"
+pool = {{ kind = "local", count = 2 }}
+
+[[builders]]
+name = "linux-amd64-silent"
+host_type = "local"
+steps = [{{ name = "wait", command = ["sh", "-c", "echo started; sleep {secs}; echo step-finished"] }}]
+
+[[repos]]
+name = "t"
+url = "{repo}"
+branches = ["main"]
+"#,
+            repo = repo.display(),
+        ),
+    );
+    let farm = TestFarm::start(&cfg, &tmp.path().join("data")).await;
+
+    // gomote run: a gRPC server stream through the coordinator, silent for a while.
+    let create = farm
+        .gomote()
+        .args(["create", "linux-amd64-silent"])
+        .output()
+        .expect("gomote create");
+    assert!(
+        create.status.success(),
+        "{}",
+        String::from_utf8_lossy(&create.stderr)
+    );
+    let inst = String::from_utf8_lossy(&create.stdout).trim().to_owned();
+    let mut run = farm.gomote();
+    run.args([
+        "run",
+        &inst,
+        "--",
+        "sh",
+        "-c",
+        &format!("sleep {secs}; echo run-finished"),
+    ]);
+    let gomote_run = tokio::task::spawn_blocking(move || run.output().expect("gomote run"));
+
+    // Server-sent events of a running build's log, silent for a while.
+    let build = farm.wait_running("t", &rev, "linux-amd64-silent").await;
+    let id = build["id"].as_str().expect("build id").to_owned();
+    let started = Instant::now();
+    let mut resp = reqwest::Client::new()
+        .get(format!("http://{}/log/{id}/events", farm.addr))
+        .send()
+        .await
+        .expect("GET events");
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let mut seen = String::new();
+    while let Some(chunk) = tokio::time::timeout(WAIT, resp.chunk())
+        .await
+        .expect("events stream stalled")
+        .expect("events stream cut")
+    {
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+        if seen.contains("event: end") {
+            break;
+        }
+    }
+    assert!(
+        seen.contains("step-finished"),
+        "the events stream ended before the step's last line: {seen}"
+    );
+    // Sanity: it really was open across several idle timeouts.
+    assert!(started.elapsed() > IDLE * 2, "{:?}", started.elapsed());
+
+    let out = gomote_run.await.expect("join");
+    assert!(
+        out.status.success(),
+        "gomote run across the idle timeout: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "run-finished\n");
+    farm.kill().await;
+}
