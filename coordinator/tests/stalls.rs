@@ -145,6 +145,10 @@ async fn every_kind_of_stalled_connection_is_closed_while_real_callers_are_serve
             "{kind:?}: {n} opened in {:?}; coordinator has {fds_open} fds, {rss_open} KiB",
             started.elapsed()
         );
+        assert!(
+            fds_open >= fds_before + n / 2,
+            "the {kind:?} flood was not held open ({fds_open} fds)"
+        );
         // Real callers are answered while the flood is held.
         status_page(&farm)
             .await
