@@ -135,7 +135,10 @@ impl ConnArgs {
         for (flag, d) in [
             ("--handshake-timeout", *self.handshake_timeout),
             ("--idle-timeout", *self.idle_timeout),
-            ("--listen-keepalive-interval", *self.listen_keepalive_interval),
+            (
+                "--listen-keepalive-interval",
+                *self.listen_keepalive_interval,
+            ),
         ] {
             if d.is_zero() {
                 bad.push(format!("{flag} must be longer than 0s"));

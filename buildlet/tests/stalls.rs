@@ -96,7 +96,7 @@ impl Listening {
     fn target(&self) -> Target {
         Target::new(
             self.addr.parse().expect("addr"),
-            &self.ca.cert_pem(),
+            self.ca.cert_pem(),
             None,
             "127.0.0.1",
         )
@@ -150,7 +150,11 @@ async fn stalled_connections_are_closed_while_a_client_is_served() {
         b.status()
             .await
             .unwrap_or_else(|e| panic!("a real call during a {kind:?} flood: {e}"));
-        let limit = if kind == Kind::TcpSilence { HANDSHAKE } else { IDLE };
+        let limit = if kind == Kind::TcpSilence {
+            HANDSHAKE
+        } else {
+            IDLE
+        };
         let open = flood::wait_closed(conns, started + limit + SLACK).await;
         assert_eq!(open, 0, "{open} of {n} {kind:?} connections still open");
         let back = flood::becomes(SLACK, || flood::fd_count(pid) <= fds_before + 16).await;
@@ -190,7 +194,10 @@ async fn a_long_exec_outlives_the_idle_timeout() {
     assert!(started.elapsed() >= quiet);
     // The same connection idles out afterwards, and the client reconnects on its own.
     tokio::time::sleep(IDLE * 2).await;
-    client.status().await.expect("a call after the connection idled out");
+    client
+        .status()
+        .await
+        .expect("a call after the connection idled out");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -226,7 +233,10 @@ async fn a_flood_larger_than_the_cap_does_not_stop_a_client() {
             .unwrap_or_else(|e| panic!("a real call past the cap ({kind:?}): {e}"));
     }
     let open = flood::wait_closed(held, Instant::now() + Duration::from_secs(5)).await;
-    assert!(open <= CAP, "{open} flood connections still open, cap {CAP}");
+    assert!(
+        open <= CAP,
+        "{open} flood connections still open, cap {CAP}"
+    );
 }
 
 #[test]
@@ -240,6 +250,9 @@ fn bad_limit_flags_are_usage_errors() {
         .expect("run buildlet");
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--idle-timeout must be longer than 0s"), "{err}");
+    assert!(
+        err.contains("--idle-timeout must be longer than 0s"),
+        "{err}"
+    );
     assert!(err.contains("--max-header-bytes must be between"), "{err}");
 }

@@ -129,8 +129,12 @@ async fn every_kind_of_stalled_connection_is_closed_while_real_callers_are_serve
     let n = flood::flood_size();
 
     // Warm up (first TLS and gRPC use allocate once), then the baseline.
-    status_page(&farm).await.expect("status page before the floods");
-    list_instances(&farm, &token).await.expect("gRPC before the floods");
+    status_page(&farm)
+        .await
+        .expect("status page before the floods");
+    list_instances(&farm, &token)
+        .await
+        .expect("gRPC before the floods");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let fds_before = flood::fd_count(pid);
     let rss_before = flood::rss_kib(pid);
@@ -165,11 +169,15 @@ async fn every_kind_of_stalled_connection_is_closed_while_real_callers_are_serve
         };
         let open = flood::wait_closed(conns, started + limit + SLACK).await;
         assert_eq!(
-            open, 0,
+            open,
+            0,
             "{open} of {n} {kind:?} connections still open {:?} after the flood started",
             limit + SLACK
         );
-        eprintln!("{kind:?}: all closed by the server after {:?}", started.elapsed());
+        eprintln!(
+            "{kind:?}: all closed by the server after {:?}",
+            started.elapsed()
+        );
         // Descriptors come back (a few may be the coordinator's own, e.g. the store).
         let back = flood::becomes(SLACK, || flood::fd_count(pid) <= fds_before + 32).await;
         assert!(
@@ -189,8 +197,12 @@ async fn every_kind_of_stalled_connection_is_closed_while_real_callers_are_serve
         back,
         "RSS {rss_after} KiB after the floods, {rss_before} KiB before (limit {rss_limit} KiB)"
     );
-    status_page(&farm).await.expect("status page after the floods");
-    list_instances(&farm, &token).await.expect("gRPC after the floods");
+    status_page(&farm)
+        .await
+        .expect("status page after the floods");
+    list_instances(&farm, &token)
+        .await
+        .expect("gRPC after the floods");
     farm.kill().await;
 }
 
@@ -226,11 +238,7 @@ async fn oversized_http1_request(addr: &str, header_bytes: usize) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_headers_get_a_clear_answer_and_normal_ones_pass() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let cfg = write_config(
-        tmp.path(),
-        "max_header_bytes = \"16KiB\"",
-        "",
-    );
+    let cfg = write_config(tmp.path(), "max_header_bytes = \"16KiB\"", "");
     let farm = TestFarm::start(&cfg, &tmp.path().join("data")).await;
     let token = farm.issue_token("alice");
 
@@ -247,17 +255,23 @@ async fn oversized_headers_get_a_clear_answer_and_normal_ones_pass() {
 
     // A bearer token over the limit on gRPC: RESOURCE_EXHAUSTED naming the limit.
     let big = "t".repeat(20 * 1024);
-    let err = list_instances(&farm, &big).await.expect_err("a 20 KB token is refused");
+    let err = list_instances(&farm, &big)
+        .await
+        .expect_err("a 20 KB token is refused");
     assert!(
         err.contains("ResourceExhausted") && err.contains("limit of 16384 bytes"),
         "{err}"
     );
     // Far over it (past twice the limit), h2 itself refuses the stream with a bare 431.
     let huge = "t".repeat(100 * 1024);
-    let err = list_instances(&farm, &huge).await.expect_err("a 100 KB token is refused");
+    let err = list_instances(&farm, &huge)
+        .await
+        .expect_err("a 100 KB token is refused");
     assert!(err.contains("431"), "{err}");
     // The connection (and the server) are fine for the next caller.
-    list_instances(&farm, &token).await.expect("a normal call after the big one");
+    list_instances(&farm, &token)
+        .await
+        .expect("a normal call after the big one");
     farm.kill().await;
 }
 
@@ -279,11 +293,17 @@ async fn a_flood_larger_than_the_cap_does_not_stop_real_callers() {
     let token = farm.issue_token("alice");
     let pid = pid(&farm);
     let target = target(&farm);
-    status_page(&farm).await.expect("status page before the flood");
+    status_page(&farm)
+        .await
+        .expect("status page before the flood");
     let fds_before = flood::fd_count(pid);
 
     let mut held = Vec::new();
-    for kind in [Kind::TcpSilence, Kind::TlsSilence, Kind::PartialHeadersPlain] {
+    for kind in [
+        Kind::TcpSilence,
+        Kind::TlsSilence,
+        Kind::PartialHeadersPlain,
+    ] {
         // Three times the cap of each; the oldest are closed to make room.
         held.extend(flood::open_some(&target, kind, 3 * CAP, false).await);
         let fds = flood::fd_count(pid);
@@ -300,7 +320,10 @@ async fn a_flood_larger_than_the_cap_does_not_stop_real_callers() {
     }
     // Most of the flood was closed by the server to make room.
     let open = flood::wait_closed(held, Instant::now() + Duration::from_secs(5)).await;
-    assert!(open <= CAP, "{open} flood connections still open, cap {CAP}");
+    assert!(
+        open <= CAP,
+        "{open} flood connections still open, cap {CAP}"
+    );
     farm.kill().await;
 }
 

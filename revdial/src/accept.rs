@@ -669,7 +669,10 @@ where
     // The protocol layers decode up to twice the limit, so that a request somewhat over
     // it reaches `CountRequests` and gets an answer naming the limit; beyond that hyper
     // answers HTTP/1 with a bare 431 and h2 ends the connection (GOAWAY).
-    let decode_bound = limits.max_header_bytes.saturating_mul(2).max(MIN_HEADER_BYTES);
+    let decode_bound = limits
+        .max_header_bytes
+        .saturating_mul(2)
+        .max(MIN_HEADER_BYTES);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     if versions == HttpVersions::Http2Only {
         builder = builder.http2_only();
@@ -778,7 +781,11 @@ where
     fn call(&mut self, req: http::Request<RB>) -> Self::Future {
         let size = header_block_size(&req);
         if size > self.max_header_bytes {
-            debug!(size, max = self.max_header_bytes, "request headers over the limit");
+            debug!(
+                size,
+                max = self.max_header_bytes,
+                "request headers over the limit"
+            );
             let resp = too_large(&req, size, self.max_header_bytes);
             return Box::pin(async move { Ok(resp) });
         }
@@ -871,14 +878,18 @@ mod tests {
         let mut conns = Vec::new();
         for _ in 0..3 {
             clients.push(pair(&listener).await);
-            let (_, _, c) = acceptor.accept(&listener, &CancellationToken::new()).await.expect("admitted");
+            let (_, _, c) = acceptor
+                .accept(&listener, &CancellationToken::new())
+                .await
+                .expect("admitted");
             c.handshake_done();
             conns.push(c);
         }
         // The oldest is busy, the second is idle: the second is the one to go.
         let busy = conns[0].request();
         clients.push(pair(&listener).await);
-        let accept = acceptor.accept(&listener, &CancellationToken::new());
+        let never = CancellationToken::new();
+        let accept = acceptor.accept(&listener, &never);
         tokio::pin!(accept);
         tokio::select! {
             _ = conns[1].killed() => {}
@@ -895,8 +906,15 @@ mod tests {
         fourth.pin();
         let _busy2 = conns[1].request();
         clients.push(pair(&listener).await);
-        let res = tokio::time::timeout(Duration::from_millis(500), acceptor.accept(&listener, &CancellationToken::new())).await;
-        assert!(res.is_err(), "a connection was admitted with every slot busy");
+        let res = tokio::time::timeout(
+            Duration::from_millis(500),
+            acceptor.accept(&listener, &CancellationToken::new()),
+        )
+        .await;
+        assert!(
+            res.is_err(),
+            "a connection was admitted with every slot busy"
+        );
         assert_eq!(acceptor.stats().refused_total, 1);
         assert_eq!(acceptor.stats().evicted_total, 1);
         assert!(!conns[0].is_killed() && !conns[1].is_killed());
@@ -912,11 +930,20 @@ mod tests {
         let mut clients = Vec::new();
         for _ in 0..2 {
             clients.push(pair(&listener).await);
-            conns.push(acceptor.accept(&listener, &CancellationToken::new()).await.expect("admitted").2);
+            conns.push(
+                acceptor
+                    .accept(&listener, &CancellationToken::new())
+                    .await
+                    .expect("admitted")
+                    .2,
+            );
         }
         assert_eq!(acceptor.stats().handshaking, 2);
         clients.push(pair(&listener).await);
-        let (_, _, third) = acceptor.accept(&listener, &CancellationToken::new()).await.expect("admitted");
+        let (_, _, third) = acceptor
+            .accept(&listener, &CancellationToken::new())
+            .await
+            .expect("admitted");
         assert!(conns[0].is_killed(), "the oldest handshake was not closed");
         assert!(!conns[1].is_killed() && !third.is_killed());
         drop(conns);
@@ -931,7 +958,10 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let acceptor = Acceptor::new(limits(10, 10));
         let _client = pair(&listener).await;
-        let (_, _, conn) = acceptor.accept(&listener, &CancellationToken::new()).await.expect("admitted");
+        let (_, _, conn) = acceptor
+            .accept(&listener, &CancellationToken::new())
+            .await
+            .expect("admitted");
         conn.handshake_done();
         let idle = Duration::from_millis(200);
         let req = conn.request();

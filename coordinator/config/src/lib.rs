@@ -14,8 +14,8 @@ mod validate;
 
 use std::path::Path;
 
-pub use connections::ConnectionsConfig;
 pub use builtin::{CROSS_BUILDERS, LOCAL_HOST_TYPE, host_platform};
+pub use connections::ConnectionsConfig;
 pub use error::{ConfigError, ConfigErrors, ErrorKind, FieldPath, LoadError, Location};
 pub use model::{
     Builder, Config, CoordinatorConfig, DockerPool, Ec2Pool, Env, HostType, KubePool, LocalPool,
