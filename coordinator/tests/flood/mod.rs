@@ -241,3 +241,14 @@ pub fn flood_size() -> usize {
         1000
     }
 }
+
+/// The time limits the flood tests configure: short so a flood closes quickly, but
+/// longer than opening the whole flood takes (5,000 TLS handshakes take over ten
+/// seconds on a loaded two-core machine), so every connection is open at once.
+pub fn stall_limit() -> Duration {
+    if flood_size() > 1000 {
+        Duration::from_secs(20)
+    } else {
+        Duration::from_secs(4)
+    }
+}
