@@ -694,7 +694,19 @@ where
         r = http.as_mut() => r.map(|()| Closed::Finished),
         _ = conn.idle_for(limits.idle_timeout) => {
             http.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, http.as_mut()).await;
+            // A request that slipped in before the peer saw the GOAWAY is served to its
+            // end; a peer that says nothing more is dropped after the grace.
+            loop {
+                tokio::select! {
+                    _ = http.as_mut() => break,
+                    _ = tokio::time::sleep(IDLE_CLOSE_GRACE) => {
+                        if conn.state.in_flight.load(Ordering::Acquire) == 0 {
+                            break;
+                        }
+                    }
+                    _ = conn.killed() => return Ok(Closed::Killed),
+                }
+            }
             Ok(Closed::Idle)
         }
         _ = conn.killed() => Ok(Closed::Killed),
