@@ -403,7 +403,11 @@ branches = ["main"]
         "the events stream ended before the step's last line: {seen}"
     );
     // Sanity: it really was open across several idle timeouts.
-    assert!(started.elapsed() > STREAM_IDLE * 2, "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() > STREAM_IDLE * 2,
+        "{:?}",
+        started.elapsed()
+    );
 
     let out = gomote_run.await.expect("join");
     assert!(

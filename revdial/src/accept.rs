@@ -186,6 +186,8 @@ pub struct AcceptStats {
     pub evicted_total: u64,
     /// New connections closed at once because every open one was busy.
     pub refused_total: u64,
+    /// Failed `accept` calls (each followed by a back-off), e.g. out of descriptors.
+    pub accept_errors_total: u64,
 }
 
 #[derive(Debug, Default)]
@@ -196,6 +198,7 @@ struct Table {
     accepted: AtomicU64,
     evicted: AtomicU64,
     refused: AtomicU64,
+    accept_errors: AtomicU64,
     /// Connections closed since memory was last handed back to the OS.
     closed_since_trim: AtomicUsize,
 }
@@ -276,6 +279,7 @@ impl Acceptor {
             accepted_total: self.table.accepted.load(Ordering::Relaxed),
             evicted_total: self.table.evicted.load(Ordering::Relaxed),
             refused_total: self.table.refused.load(Ordering::Relaxed),
+            accept_errors_total: self.table.accept_errors.load(Ordering::Relaxed),
         }
     }
 
@@ -295,6 +299,7 @@ impl Acceptor {
                 r = listener.accept() => match r {
                     Ok(c) => c,
                     Err(error) => {
+                        self.table.accept_errors.fetch_add(1, Ordering::Relaxed);
                         warn!(%error, ?backoff, "accept failed; backing off");
                         tokio::select! {
                             _ = shutdown.cancelled() => return None,
