@@ -30,6 +30,7 @@ use buildlet::server::{self, BuildletService, ServerConfig};
 use buildlet::tarball::Limits;
 use bytesize::ByteSize;
 use clap::{Parser, Subcommand};
+use revdial::accept::{ConnLimits, MIN_HEADER_BYTES};
 use tokio_util::sync::CancellationToken;
 
 mod reverse;
@@ -111,6 +112,86 @@ struct ListenArgs {
     /// there) or `none` (child subreaper and an environment marker only).
     #[arg(long, default_value = "auto")]
     cgroup: CgroupChoice,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+/// Time limits and caps on listen-mode connections; defaults as the coordinator's
+/// `[connections]` table.
+#[derive(clap::Args, Debug)]
+struct ConnArgs {
+    /// Time from accept to a finished TLS handshake.
+    #[arg(long, default_value = "10s")]
+    handshake_timeout: humantime::Duration,
+    /// A connection with no call in flight this long is closed (open calls, however
+    /// long, are not cut).
+    #[arg(long, default_value = "60s")]
+    idle_timeout: humantime::Duration,
+    /// Interval of HTTP/2 PINGs on listen-mode connections; an unanswered PING closes
+    /// the connection after the same time again. (`--keepalive-interval` is the
+    /// reverse tunnel's.)
+    #[arg(long, default_value = "20s")]
+    listen_keepalive_interval: humantime::Duration,
+    /// Most connections open at once; default: the open-file limit (raised to its
+    /// hard limit at start) minus a reserve. At the cap the oldest connection with no
+    /// call in flight is closed to make room.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Most TLS handshakes in progress; at the cap the oldest is closed.
+    #[arg(long, default_value_t = 1024)]
+    max_handshakes: usize,
+    /// Largest request header block (HTTP/2 header list) accepted.
+    #[arg(long, default_value = "64KiB")]
+    max_header_bytes: ByteSize,
+}
+
+impl ConnArgs {
+    /// The acceptor's limits; checks them (bad values are bad usage).
+    fn limits(&self) -> anyhow::Result<ConnLimits> {
+        let mut bad = Vec::new();
+        for (flag, d) in [
+            ("--handshake-timeout", *self.handshake_timeout),
+            ("--idle-timeout", *self.idle_timeout),
+            (
+                "--listen-keepalive-interval",
+                *self.listen_keepalive_interval,
+            ),
+        ] {
+            if d.is_zero() {
+                bad.push(format!("{flag} must be longer than 0s"));
+            }
+        }
+        if self.max_connections == Some(0) {
+            bad.push("--max-connections must be at least 1".to_owned());
+        }
+        if self.max_handshakes == 0 {
+            bad.push("--max-handshakes must be at least 1".to_owned());
+        }
+        let header = self.max_header_bytes.as_u64();
+        let (min, max) = (MIN_HEADER_BYTES as u64, 16 << 20);
+        if !(min..=max).contains(&header) {
+            bad.push(format!(
+                "--max-header-bytes must be between {} and {}",
+                ByteSize::b(min),
+                ByteSize::b(max)
+            ));
+        }
+        if !bad.is_empty() {
+            bail!("{}", bad.join("; "));
+        }
+        let defaults = ConnLimits::default();
+        Ok(ConnLimits {
+            handshake_timeout: *self.handshake_timeout,
+            // Listen mode speaks HTTP/2 only; kept equal for completeness.
+            header_read_timeout: *self.handshake_timeout,
+            idle_timeout: *self.idle_timeout,
+            keepalive_interval: *self.listen_keepalive_interval,
+            keepalive_timeout: *self.listen_keepalive_interval,
+            max_connections: self.max_connections.unwrap_or(defaults.max_connections),
+            max_handshakes: self.max_handshakes,
+            max_header_bytes: usize::try_from(header).unwrap_or(defaults.max_header_bytes),
+        })
+    }
 }
 
 /// What the process does.
@@ -128,6 +209,7 @@ struct ListenConfig {
     identity: revdial::tls::Identity,
     client_ca: Option<String>,
     policy: AuthPolicy,
+    conn: ConnArgs,
 }
 
 /// Turns arguments into a mode, reading the files they name; binds nothing.
@@ -160,6 +242,7 @@ fn validate(cli: Cli) -> anyhow::Result<Mode> {
     let limits = tar_limits(&a);
     let set_url_timeouts = url_timeouts(&a);
     let cgroup = checked_cgroup(&a)?;
+    a.conn.limits()?;
     let (Some(listen), Some(workdir), Some(cert), Some(key)) =
         (a.listen, a.workdir, a.tls_cert, a.tls_key)
     else {
@@ -203,6 +286,7 @@ fn validate(cli: Cli) -> anyhow::Result<Mode> {
         identity,
         client_ca,
         policy: AuthPolicy::new(bearer.as_deref()),
+        conn: a.conn,
     })))
 }
 
@@ -239,6 +323,17 @@ fn tar_limits(a: &ListenArgs) -> Limits {
 
 async fn run_listen(cfg: Box<ListenConfig>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
+    // Before the connection cap is derived from it.
+    match revdial::accept::raise_nofile_limit() {
+        Ok(nofile) => tracing::info!(nofile, "open-file limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
+    let limits = cfg.conn.limits()?;
+    tracing::info!(
+        max_connections = limits.max_connections,
+        max_handshakes = limits.max_handshakes,
+        "connection limits"
+    );
     let svc =
         BuildletService::new(cfg.server, shutdown.clone()).context("preparing the workdir")?;
     let tls = revdial::tls::server_config(
@@ -260,15 +355,14 @@ async fn run_listen(cfg: Box<ListenConfig>) -> anyhow::Result<()> {
     }
     tokio::spawn(watch_signals(shutdown.clone()));
     let routes = server::authenticated_routes(svc.clone(), cfg.policy);
-    let serve = server::serve_tls(listener, tls, routes, shutdown.clone());
+    let serve = server::serve_tls_with(listener, tls, routes, limits, shutdown.clone());
     tokio::pin!(serve);
     tokio::select! {
-        res = &mut serve => res.context("serving")?,
+        () = &mut serve => {}
         _ = shutdown.cancelled() => {
             // Commands watch the token and are being killed; give calls a grace period.
-            match tokio::time::timeout(GRACE, &mut serve).await {
-                Ok(res) => res.context("serving")?,
-                Err(_) => tracing::warn!("calls still running after the grace period"),
+            if tokio::time::timeout(GRACE, &mut serve).await.is_err() {
+                tracing::warn!("calls still running after the grace period");
             }
         }
     }

@@ -29,10 +29,7 @@ use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use std::task::{Context, Poll};
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tonic::transport::server::Connected;
+use revdial::accept::{Acceptor, ConnLimits, HttpVersions, Tracked, serve_http};
 
 use crate::auth::{AuthPolicy, PeerInfo};
 use crate::contain::{CgroupChoice, ContainError, Containment};
@@ -54,8 +51,6 @@ const GET_TAR_CHANNEL: usize = 8;
 const GET_TAR_CHUNK: usize = 64 * 1024;
 /// Entries per List response message.
 const LIST_BATCH: usize = 500;
-/// How long a TLS handshake may take before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the service needs to know. Build with [`ServerConfig::new`] and adjust.
 #[derive(Debug, Clone)]
@@ -884,111 +879,73 @@ pub fn authenticated_routes(svc: BuildletService, policy: AuthPolicy) -> Routes 
     ))
 }
 
-/// A server-side TLS connection that tells tonic (and so [`AuthPolicy`]) who the peer is.
-struct TlsConn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
-
-impl Connected for TlsConn {
-    type ConnectInfo = PeerInfo;
-
-    fn connect_info(&self) -> PeerInfo {
-        let (tcp, session) = self.0.get_ref();
-        PeerInfo {
-            remote_addr: tcp.peer_addr().ok(),
-            verified_client_cert: session.peer_certificates().is_some_and(|c| !c.is_empty()),
-        }
-    }
-}
-
-impl AsyncRead for TlsConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-}
-
-/// Serves `routes` over TLS on `listener` until `shutdown` is cancelled, then finishes
-/// in-flight calls and returns. Handshakes run concurrently (one slow client cannot
-/// stall the accept loop) and are dropped after a timeout.
+/// Serves `routes` over TLS on `listener` with the default [`ConnLimits`] until
+/// `shutdown`; see [`serve_tls_with`].
 pub async fn serve_tls(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     routes: Routes,
     shutdown: CancellationToken,
-) -> Result<(), tonic::transport::Error> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let incoming = async_stream::stream! {
-        let mut handshakes = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((tcp, peer)) => {
-                        let _ = tcp.set_nodelay(true);
-                        let acceptor = acceptor.clone();
-                        handshakes.spawn(async move {
-                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                                Ok(Ok(tls)) => Some(TlsConn(tls)),
-                                Ok(Err(e)) => {
-                                    tracing::info!(%peer, error = %e, "tls handshake failed");
-                                    None
-                                }
-                                Err(_) => {
-                                    tracing::info!(%peer, "tls handshake timed out");
-                                    None
-                                }
-                            }
-                        });
+) {
+    serve_tls_with(listener, tls, routes, ConnLimits::default(), shutdown).await
+}
+
+/// Serves `routes` (gRPC over HTTP/2) over TLS on `listener` until `shutdown` is
+/// cancelled, then gives in-flight calls a grace period and returns once every
+/// connection is closed. Connections go through the bounded acceptor of
+/// `revdial::accept`: caps on open connections and handshakes, a handshake timeout,
+/// an idle timeout (no call in flight), HTTP/2 keep-alive and a header size limit.
+pub async fn serve_tls_with(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    routes: Routes,
+    limits: ConnLimits,
+    shutdown: CancellationToken,
+) {
+    let tls = tokio_rustls::TlsAcceptor::from(tls);
+    let acceptor = Acceptor::new(limits);
+    let conns = TaskTracker::new();
+    while let Some((tcp, peer, conn)) = acceptor.accept(&listener, &shutdown).await {
+        let (tls, routes, shutdown) = (tls.clone(), routes.clone(), shutdown.clone());
+        conns.spawn(async move {
+            let h = conn.handle();
+            let limit = h.limits().handshake_timeout;
+            let stream = tokio::select! {
+                r = tokio::time::timeout(limit, tls.accept(tcp)) => match r {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(error)) => {
+                        tracing::info!(%peer, %error, "tls handshake failed");
+                        return;
                     }
-                    Err(e) => {
-                        // E.g. out of file descriptors: back off instead of spinning.
-                        tracing::warn!(error = %e, "accepting connection");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    Err(_) => {
+                        tracing::info!(%peer, ?limit, "tls handshake timed out");
+                        return;
                     }
                 },
-                Some(done) = handshakes.join_next() => {
-                    if let Ok(Some(tls)) = done {
-                        yield Ok::<_, io::Error>(tls);
-                    }
-                }
+                _ = h.killed() => return,
+                _ = shutdown.cancelled() => return,
+            };
+            h.handshake_done();
+            let info = PeerInfo {
+                remote_addr: Some(peer),
+                verified_client_cert: stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .is_some_and(|c| !c.is_empty()),
+            };
+            // The auth interceptor reads this from every request's extensions.
+            let svc = tower::ServiceExt::map_request(routes, move |mut req: http::Request<_>| {
+                req.extensions_mut().insert(info.clone());
+                req
+            });
+            let io = hyper_util::rt::TokioIo::new(Tracked::new(stream, conn));
+            match serve_http(io, svc, &h, HttpVersions::Http2Only, &shutdown).await {
+                Ok(closed) => tracing::debug!(%peer, ?closed, "connection closed"),
+                Err(error) => tracing::debug!(%peer, %error, "connection ended with an error"),
             }
-        }
-    };
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await
+        });
+    }
+    conns.close();
+    conns.wait().await;
 }

@@ -313,6 +313,7 @@ fn default_buildlet_bin() -> Result<PathBuf> {
 /// Starts a coordinator on `listener` with `config`.
 pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) -> Result<Running> {
     let data_dir = config.coordinator.data_dir.clone();
+    let config_connections = config.connections.clone();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -438,11 +439,24 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
         poll_kick: poll_kick.clone(),
         web: crate::http::WebState::start(&farm, Some(revdial_listener.clone()))?,
     };
+    // Before the connection cap is derived from it: every descriptor the hard limit
+    // allows, less a reserve for our own files.
+    match revdial::accept::raise_nofile_limit() {
+        Ok(nofile) => info!(nofile, "open-file limit"),
+        Err(error) => warn!(%error, "cannot raise the open-file limit"),
+    }
+    let limits = crate::server::conn_limits(&config_connections);
+    info!(
+        max_connections = limits.max_connections,
+        max_handshakes = limits.max_handshakes,
+        "connection limits"
+    );
     let endpoint = Endpoint {
         router: router(state),
         tls: server_tls,
         revdial: revdial_listener.clone(),
         allow_plaintext: addr.ip().is_loopback(),
+        limits,
     };
     tasks.spawn(farm.clone().dispatch_loop());
     tasks.spawn(crate::poller::poll_loop(farm.clone(), poll_kick));

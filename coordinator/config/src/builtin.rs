@@ -74,6 +74,7 @@ pub(crate) fn builtin(example_repo: &Path) -> Config {
         }],
         limits: crate::Limits::default(),
         sandbox: Default::default(),
+        connections: Default::default(),
     }
 }
 

@@ -5,6 +5,7 @@
 //! No I/O beyond [`Config::from_file`] reading one file.
 
 mod builtin;
+mod connections;
 mod error;
 mod limits;
 mod model;
@@ -15,6 +16,7 @@ mod validate;
 use std::path::Path;
 
 pub use builtin::{CROSS_BUILDERS, LOCAL_HOST_TYPE, host_platform};
+pub use connections::ConnectionsConfig;
 pub use error::{ConfigError, ConfigErrors, ErrorKind, FieldPath, LoadError, Location};
 pub use limits::Limits;
 pub use model::{

@@ -11,6 +11,7 @@ use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
 use crate::limits::Limits;
+use crate::connections::ConnectionsConfig;
 
 /// Environment variables as written in the file, sorted by name.
 pub type Env = BTreeMap<String, String>;
@@ -39,6 +40,10 @@ pub struct Config {
     /// other. Default: every field at its own default.
     #[serde(default)]
     pub sandbox: SandboxConfig,
+    /// Time limits and caps on connections to the coordinator's port. Default: every
+    /// field at its own default (see [`ConnectionsConfig`]).
+    #[serde(default)]
+    pub connections: ConnectionsConfig,
 }
 
 /// `[coordinator]`: settings of the coordinator process itself.

@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
+use crate::connections::ConnectionsConfig;
 use crate::error::{ConfigError, ConfigErrors, ErrorKind, FieldPath, Location, Segment};
 use crate::limits::Limits;
 use crate::model::{Config, CoordinatorConfig, SandboxConfig};
@@ -21,7 +22,7 @@ use crate::validate::{self, Issue};
 
 type Node<'i> = Spanned<DeValue<'i>>;
 
-const SECTIONS: &str = "coordinator, host_types, builders, repos, limits, sandbox";
+const SECTIONS: &str = "coordinator, host_types, builders, repos, limits, sandbox, connections";
 
 /// Parses and validates `text`, naming it `source_name` in errors.
 pub(crate) fn parse(text: &str, source_name: &str) -> Result<Config, ConfigErrors> {
@@ -80,6 +81,10 @@ pub(crate) fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError
                 },
                 "sandbox" => match from_node::<SandboxConfig>(node) {
                     Ok(s) => config.sandbox = s,
+                    Err(e) => structural(path, node, e),
+                },
+                "connections" => match from_node::<ConnectionsConfig>(node) {
+                    Ok(c) => config.connections = c,
                     Err(e) => structural(path, node, e),
                 },
                 _ => unknown.push(located(

@@ -102,6 +102,9 @@ pub(crate) fn check(config: &Config) -> Vec<Issue> {
     coordinator(&mut out, &config.coordinator);
     limits(&mut out, &config.limits);
     sandbox(&mut out, config, &config.sandbox);
+    for (path, kind) in crate::connections::check(&config.connections) {
+        out.push(path, kind);
+    }
 
     let mut seen = HashMap::new();
     for (i, h) in config.host_types.iter().enumerate() {

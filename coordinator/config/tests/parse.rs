@@ -44,6 +44,9 @@ fn full_example_parses_with_every_pool_kind() {
     let kinds: Vec<&str> = c.host_types.iter().map(|h| h.pool.kind()).collect();
     assert_eq!(kinds, ["local", "reverse", "kube", "ec2", "docker"]);
     assert_eq!(c.coordinator.max_attempts, 4);
+    assert_eq!(c.connections.idle_timeout, Duration::from_secs(120));
+    assert_eq!(c.connections.max_connections, Some(50000));
+    assert_eq!(c.connections.max_header_bytes.as_u64(), 32 * 1024);
     assert_eq!(c.coordinator.repo_poll_interval, Duration::from_secs(30));
     assert_eq!(
         c.coordinator.store_url(),
