@@ -515,7 +515,7 @@ impl BuildletClient {
         }));
         let grpc =
             pb::buildlet_client::BuildletClient::with_interceptor(transport, bearer(bearer_key)?)
-                .max_decoding_message_size(16 << 20)
+                .max_decoding_message_size(buildfarm_proto::DEFAULT_MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(usize::MAX);
         Ok(BuildletClient {
             grpc,

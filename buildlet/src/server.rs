@@ -69,7 +69,7 @@ pub struct ServerConfig {
     pub hostname: String,
     /// Bounds on each extracted tarball (also bounds PutTarFromUrl downloads).
     pub tar_limits: Limits,
-    /// Largest WriteFile contents; default 64 MiB.
+    /// Largest WriteFile contents; default 64 MiB (`buildfarm_proto::DEFAULT_MAX_MESSAGE_BYTES`).
     pub max_write_file_bytes: u64,
     /// Whole-request timeout of PutTarFromUrl downloads; default 30 minutes.
     pub url_fetch_timeout: Duration,
@@ -91,7 +91,7 @@ impl ServerConfig {
             host_type: String::new(),
             hostname: hostname(),
             tar_limits: Limits::default(),
-            max_write_file_bytes: 64 << 20,
+            max_write_file_bytes: buildfarm_proto::DEFAULT_MAX_MESSAGE_BYTES as u64,
             url_fetch_timeout: Duration::from_secs(30 * 60),
             url_connect_timeout: Duration::from_secs(30),
             url_read_timeout: Duration::from_secs(60),

@@ -103,7 +103,9 @@ pool = { kind = "local", count = 2 }
         .expect_err("tiny limit accepted")
         .to_string();
         assert!(
-            errors.contains("c.toml:7:1: limits.max_message_bytes: 4.0 KiB is below the minimum of 1.0 MiB"),
+            errors.contains(
+                "c.toml:7:1: limits.max_message_bytes: 4.0 KiB is below the minimum of 1.0 MiB"
+            ),
             "{errors}"
         );
     }

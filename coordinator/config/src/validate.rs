@@ -177,7 +177,9 @@ fn limits(out: &mut Issues, l: &Limits) {
             ErrorKind::Invalid(format!(
                 "{} is below the minimum of {}",
                 l.max_message_bytes.display().iec(),
-                bytesize::ByteSize::b(crate::limits::MIN_MAX_MESSAGE_BYTES).display().iec()
+                bytesize::ByteSize::b(crate::limits::MIN_MAX_MESSAGE_BYTES)
+                    .display()
+                    .iec()
             )),
         );
     }
@@ -376,9 +378,7 @@ url = "/srv/r"
         .expect("parses");
         assert!(c.repos[0].danger_accept_unsigned_webhooks);
         let errors = crate::Config::from_toml_str(
-            &format!(
-                "{REPO_BASE}webhook_secret = \"s\"\ndanger_accept_unsigned_webhooks = true\n"
-            ),
+            &format!("{REPO_BASE}webhook_secret = \"s\"\ndanger_accept_unsigned_webhooks = true\n"),
             "c.toml",
         )
         .expect_err("secret and unsigned opt-in together accepted")
