@@ -353,3 +353,110 @@ async fn a_message_over_the_limit_gets_resource_exhausted_naming_the_limit() {
     );
     farm.kill().await;
 }
+
+/// A raw API client from the farm's gomote settings, with no size limit of its own on
+/// sending, so the coordinator's limit is what answers.
+async fn raw_client(
+    farm: &TestFarm,
+) -> (
+    buildfarm_proto::coordinator::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+) {
+    let settings: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(farm.data_dir.join("gomote.json")).expect("gomote.json"),
+    )
+    .expect("json");
+    let addr = settings["coordinator"]
+        .as_str()
+        .expect("coordinator")
+        .trim_start_matches("https://")
+        .to_owned();
+    let ca = revdial::tls::load_ca_file(Path::new(settings["ca_file"].as_str().expect("ca")))
+        .expect("ca");
+    let tls = revdial::tls::client_config(&ca, None, &[revdial::tls::ALPN_H2]).expect("tls");
+    let channel = revdial::tls::connect_channel(
+        &addr,
+        revdial::tls::server_name("127.0.0.1").expect("name"),
+        tls,
+        std::time::Duration::from_secs(30),
+    )
+    .await
+    .expect("connect");
+    let token = format!("Bearer {}", settings["token"].as_str().expect("token"))
+        .parse()
+        .expect("header");
+    let client = buildfarm_proto::coordinator::coordinator_client::CoordinatorClient::new(channel)
+        .max_encoding_message_size(usize::MAX);
+    (client, token)
+}
+
+fn assert_names_the_limit(status: &tonic::Status) {
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains(
+            "over the coordinator's limit of 1048576 bytes per message (limits.max_message_bytes"
+        ),
+        "{status:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_unary_and_streamed_messages_get_resource_exhausted_naming_the_limit() {
+    use buildfarm_proto::buildlet as bp;
+    use buildfarm_proto::coordinator as cp;
+    let (_tmp, farm) = start().await;
+    let inst = create(&farm, "linux-amd64-other");
+    let (mut client, token) = raw_client(&farm).await;
+
+    // Unary: one WriteFile of 2 MiB.
+    let mut req = tonic::Request::new(cp::InstanceWriteFileRequest {
+        instance: inst.clone(),
+        request: Some(bp::WriteFileRequest {
+            path: "big".into(),
+            mode: 0o644,
+            contents: vec![7u8; 2 << 20],
+        }),
+    });
+    req.metadata_mut().insert("authorization", token.clone());
+    let status = client.write_file(req).await.expect_err("2 MiB accepted");
+    assert_names_the_limit(&status);
+
+    // Client streaming: a PutTar whose second message is 2 MiB; the upload stops there
+    // and the caller hears about the limit, not about a truncated tarball.
+    let msgs = vec![
+        cp::InstancePutTarRequest {
+            instance: inst.clone(),
+            request: Some(bp::PutTarRequest {
+                msg: Some(bp::put_tar_request::Msg::Header(bp::PutTarHeader {
+                    dir: "t".into(),
+                })),
+            }),
+        },
+        cp::InstancePutTarRequest {
+            instance: String::new(),
+            request: Some(bp::PutTarRequest {
+                msg: Some(bp::put_tar_request::Msg::Data(vec![0u8; 2 << 20])),
+            }),
+        },
+    ];
+    let mut req = tonic::Request::new(futures::stream::iter(msgs));
+    req.metadata_mut().insert("authorization", token.clone());
+    let status = client.put_tar(req).await.expect_err("2 MiB chunk accepted");
+    assert_names_the_limit(&status);
+
+    // The instance is still usable, and a small message goes through.
+    let mut req = tonic::Request::new(cp::InstanceWriteFileRequest {
+        instance: inst.clone(),
+        request: Some(bp::WriteFileRequest {
+            path: "small".into(),
+            mode: 0o644,
+            contents: b"ok".to_vec(),
+        }),
+    });
+    req.metadata_mut().insert("authorization", token);
+    client.write_file(req).await.expect("small write");
+    let (code, out, err) = gomote(&farm, &["run", &inst, "--", "cat", "small"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "ok");
+    farm.kill().await;
+}
