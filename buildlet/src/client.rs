@@ -881,6 +881,9 @@ impl BuildletClient {
                 rows: start.rows,
                 cols: start.cols,
                 term: start.term,
+                // The coordinator's own shells need no extra env; gomote's go through
+                // the API proxy, which adds the builder's.
+                env: vec![],
             })),
         };
         tx.send(first)

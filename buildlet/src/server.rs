@@ -770,8 +770,8 @@ impl Buildlet for BuildletService {
             term: start.term,
         };
         let workdir = self.workdir().to_owned();
-        let env = exec::build_env(std::env::vars(), EnvMode::Add, &[], &[], &workdir)
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let env = exec::build_env(std::env::vars(), EnvMode::Add, &start.env, &[], &workdir)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         for sub in ["tmp", "gocache"] {
             let _ = std::fs::create_dir_all(workdir.join(sub));
         }

@@ -607,7 +607,21 @@ impl Coordinator for Api {
             .await?
             .ok_or_else(|| Status::invalid_argument("empty shell stream"))?;
         let inst = self.instance(&user, &first.instance)?;
-        let head = first.input.into_iter();
+        let mut head = first.input;
+        if let Some(bp::ShellInput {
+            msg: Some(bp::shell_input::Msg::Start(start)),
+        }) = head.as_mut()
+        {
+            // The shell acts like the builder, as `exec` does.
+            let builder = self.env_builder(&inst, &first.builder_env)?;
+            let mut env: Vec<String> = crate::runner::builder_env(&self.farm.config, builder)
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            env.append(&mut start.env);
+            start.env = env;
+        }
+        let head = head.into_iter();
         let rest = tokio_stream::StreamExt::filter_map(incoming, |m| m.ok().and_then(|m| m.input));
         let outbound = futures::stream::iter(head).chain(rest);
         let s = inst

@@ -180,6 +180,52 @@ async fn gomote_commands_get_their_builders_environment() {
         "{err}"
     );
 
+    // `gomote ssh` gets the same environment, and takes --builderenv too.
+    for (extra, want) in [
+        (None, "env-windows-amd64-from-the-host-type"),
+        (Some("windows-386"), "env-windows-386-from-the-builder"),
+    ] {
+        let mut cmd = farm.gomote();
+        cmd.args(["ssh", &inst]);
+        if let Some(b) = extra {
+            cmd.args(["--builderenv", b]);
+        }
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("gomote ssh");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"echo env-$GOOS-$GOARCH-$HOST_MARK\nexit 3\n")
+            .expect("write");
+        let out = child.wait_with_output().expect("wait");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The PTY echoes the typed line too, unexpanded, so only the output matches.
+        assert!(stdout.contains(want), "{stdout}");
+    }
+    let out = farm
+        .gomote()
+        .args(["ssh", &inst, "--builderenv", "linux-amd64-other"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("gomote ssh");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("InvalidArgument"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     assert_eq!(gomote(&farm, &["destroy", &inst]).0, Some(0));
     farm.kill().await;
 }

@@ -114,8 +114,13 @@ enum Cmd {
         #[arg(long)]
         all: bool,
     },
-    /// Interactive shell on the instance.
-    Ssh { instance: String },
+    /// Interactive shell on the instance, with its builder's environment.
+    Ssh {
+        instance: String,
+        /// Act like this builder instead (same host type): use its environment.
+        #[arg(long = "builderenv", value_name = "BUILDER")]
+        builder_env: Option<String>,
+    },
     /// Cancel the unfinished builds of one of your try runs.
     Cancel { try_id: String },
     /// Submit a try run and watch it; exits non-zero unless every builder passes.
@@ -509,7 +514,10 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             .map_err(|e| status_err("rm", e))?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Ssh { instance } => ssh(&mut c, instance).await,
+        Cmd::Ssh {
+            instance,
+            builder_env,
+        } => ssh(&mut c, instance, builder_env.as_deref().unwrap_or_default()).await,
         Cmd::Cancel { try_id } => {
             let r = c
                 .cancel_try(cp::CancelTryRequest {
@@ -831,7 +839,7 @@ async fn push(c: &mut Client, instance: &str, dir: &Path, dest: &str) -> Result<
     Ok(())
 }
 
-async fn ssh(c: &mut Client, instance: &str) -> Result<ExitCode> {
+async fn ssh(c: &mut Client, instance: &str, builder_env: &str) -> Result<ExitCode> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (rows, cols) = terminal_size().unwrap_or((24, 80));
     let (tx, rx) = tokio::sync::mpsc::channel::<cp::InstanceShellInput>(64);
@@ -843,8 +851,10 @@ async fn ssh(c: &mut Client, instance: &str) -> Result<ExitCode> {
                 rows,
                 cols,
                 term: std::env::var("TERM").unwrap_or_else(|_| "xterm".into()),
+                env: vec![],
             })),
         }),
+        builder_env: builder_env.to_owned(),
     })
     .await
     .ok();
@@ -866,6 +876,7 @@ async fn ssh(c: &mut Client, instance: &str) -> Result<ExitCode> {
                         input: Some(bp::ShellInput {
                             msg: Some(bp::shell_input::Msg::Stdin(buf[..n].to_vec())),
                         }),
+                        builder_env: String::new(),
                     };
                     if tx.send(msg).await.is_err() {
                         break;
