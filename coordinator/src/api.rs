@@ -44,12 +44,17 @@ pub fn over_limit_status(status: &Status, holder: LimitHolder) -> Option<Status>
     }
     let msg = status.message();
     let msg = msg.strip_prefix("buildlet: ").unwrap_or(msg);
-    let (direction, rest) = if let Some(rest) =
+    // Only a refused request can be helped by streaming; a refused response cannot.
+    let (direction, advice, rest) = if let Some(rest) =
         msg.strip_prefix("Error, decoded message length too large: found ")
     {
-        ("received", rest)
+        (
+            "received",
+            "; send files with `gomote put` or `gomote puttar`, which stream them in chunks",
+            rest,
+        )
     } else if let Some(rest) = msg.strip_prefix("Error, encoded message length too large: found ") {
-        ("sent", rest)
+        ("sent", "", rest)
     } else {
         return None;
     };
@@ -68,8 +73,7 @@ pub fn over_limit_status(status: &Status, holder: LimitHolder) -> Option<Status>
         LimitHolder::Buildlet => ("the buildlet's", ""),
     };
     Some(Status::resource_exhausted(format!(
-        "a {direction} message of {found} bytes is over {whose} limit of {limit} bytes per message{knob}; \
-         send files with `gomote put` or `gomote puttar`, which stream them in chunks"
+        "a {direction} message of {found} bytes is over {whose} limit of {limit} bytes per message{knob}{advice}"
     )))
 }
 
