@@ -644,6 +644,14 @@ impl Coordinator for Api {
     ) -> Result<Response<cp::SubmitTryResponse>, Status> {
         let user = self.user(&req)?;
         let r = req.into_inner();
+        // Below `limits.max_message_bytes` (64 MiB by default), so this is what an
+        // oversized patch meets.
+        if r.patch.len() > MAX_PATCH_BYTES {
+            return Err(Status::resource_exhausted(format!(
+                "patch is {} bytes; the limit for a try patch is {MAX_PATCH_BYTES} bytes",
+                r.patch.len()
+            )));
+        }
         let repo = self
             .farm
             .config
@@ -652,12 +660,6 @@ impl Coordinator for Api {
         let mirror = self.farm.mirrors.get(&repo.name).ok_or_else(|| {
             Status::failed_precondition(format!("repo {} has no mirror", repo.name))
         })?;
-        if r.patch.len() > MAX_PATCH_BYTES {
-            return Err(Status::resource_exhausted(format!(
-                "patch is {} bytes; the limit for a try patch is {MAX_PATCH_BYTES} bytes",
-                r.patch.len()
-            )));
-        }
         if let Err(e) = mirror.fetch().await {
             warn!(repo = %repo.name, error = %format!("{e:#}"), "fetch before try failed");
         }

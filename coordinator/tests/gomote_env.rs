@@ -11,9 +11,10 @@ use common::*;
 use sha2::{Digest, Sha256};
 
 /// Two host types; three builders on `local` (two of them cross builders with their own
-/// GOOS/GOARCH), one on `other`. The API takes messages of at most 1 MiB, so anything
-/// bigger must be streamed. No repos: nothing builds while the gomotes run.
-fn config(data_dir: &Path) -> String {
+/// GOOS/GOARCH), one on `other`. The API takes messages of at most `max_message` (1 MiB
+/// in most tests), so anything bigger must be streamed. No repos: nothing builds while
+/// the gomotes run.
+fn config(data_dir: &Path, max_message: &str) -> String {
     format!(
         r#"
 [coordinator]
@@ -23,7 +24,7 @@ data_dir = "{data}"
 [limits]
 gomote_instances_per_user = 4
 interactive_share_percent = 100
-max_message_bytes = "1 MiB"
+max_message_bytes = "{max_message}"
 
 [[host_types]]
 name = "local"
@@ -57,10 +58,14 @@ steps = [{{ name = "build", command = ["go", "build", "./..."] }}]
 }
 
 async fn start() -> (tempfile::TempDir, TestFarm) {
+    start_with_message_limit("1 MiB").await
+}
+
+async fn start_with_message_limit(max_message: &str) -> (tempfile::TempDir, TestFarm) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
     let cfg = tmp.path().join("coordinator.toml");
-    std::fs::write(&cfg, config(&data)).expect("write config");
+    std::fs::write(&cfg, config(&data, max_message)).expect("write config");
     let farm = TestFarm::start(&cfg, &data).await;
     (tmp, farm)
 }
@@ -504,5 +509,25 @@ async fn oversized_unary_and_streamed_messages_get_resource_exhausted_naming_the
     let (code, out, err) = gomote(&farm, &["run", &inst, "--", "cat", "small"]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(out, "ok");
+    farm.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_try_patch_under_the_message_limit_but_over_its_own_limit_is_refused_naming_it() {
+    // The default message limit (64 MiB) lets a 17 MiB patch reach the try handler,
+    // whose own 16 MiB bound answers.
+    let (tmp, farm) = start_with_message_limit("64 MiB").await;
+    let patch = tmp.path().join("big.patch");
+    std::fs::write(&patch, vec![b'+'; 17 << 20]).expect("write");
+    let (code, _, err) = gomote(
+        &farm,
+        &["try", "t", "main", "--patch", patch.to_str().expect("utf8")],
+    );
+    assert_ne!(code, Some(0));
+    assert!(err.contains("(ResourceExhausted)"), "{err}");
+    assert!(
+        err.contains("patch is 17825792 bytes; the limit for a try patch is 16777216 bytes"),
+        "{err}"
+    );
     farm.kill().await;
 }
