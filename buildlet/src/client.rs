@@ -520,7 +520,7 @@ impl BuildletClient {
         }));
         let grpc =
             pb::buildlet_client::BuildletClient::with_interceptor(transport, bearer(bearer_key)?)
-                .max_decoding_message_size(16 << 20)
+                .max_decoding_message_size(buildfarm_proto::DEFAULT_MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(usize::MAX);
         Ok(BuildletClient {
             grpc,
@@ -886,6 +886,9 @@ impl BuildletClient {
                 rows: start.rows,
                 cols: start.cols,
                 term: start.term,
+                // The coordinator's own shells need no extra env; gomote's go through
+                // the API proxy, which adds the builder's.
+                env: vec![],
             })),
         };
         tx.send(first)

@@ -66,7 +66,7 @@ pub struct ServerConfig {
     pub hostname: String,
     /// Bounds on each extracted tarball (also bounds PutTarFromUrl downloads).
     pub tar_limits: Limits,
-    /// Largest WriteFile contents; default 64 MiB.
+    /// Largest WriteFile contents; default 64 MiB (`buildfarm_proto::DEFAULT_MAX_MESSAGE_BYTES`).
     pub max_write_file_bytes: u64,
     /// Whole-request timeout of PutTarFromUrl downloads; default 30 minutes.
     pub url_fetch_timeout: Duration,
@@ -90,7 +90,7 @@ impl ServerConfig {
             host_type: String::new(),
             hostname: hostname(),
             tar_limits: Limits::default(),
-            max_write_file_bytes: 64 << 20,
+            max_write_file_bytes: buildfarm_proto::DEFAULT_MAX_MESSAGE_BYTES as u64,
             url_fetch_timeout: Duration::from_secs(30 * 60),
             url_connect_timeout: Duration::from_secs(30),
             url_read_timeout: Duration::from_secs(60),
@@ -802,8 +802,8 @@ impl Buildlet for BuildletService {
             term: start.term,
         };
         let workdir = self.workdir().to_owned();
-        let env = exec::build_env(std::env::vars(), EnvMode::Add, &[], &[], &workdir)
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let env = exec::build_env(std::env::vars(), EnvMode::Add, &start.env, &[], &workdir)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         for sub in ["tmp", "gocache"] {
             let _ = std::fs::create_dir_all(workdir.join(sub));
         }

@@ -25,6 +25,58 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 /// Largest patch a try run accepts.
 pub const MAX_PATCH_BYTES: usize = 16 << 20;
 
+/// Who refused an oversized message, for [`over_limit_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitHolder {
+    /// The coordinator's API (`limits.max_message_bytes`).
+    Coordinator,
+    /// A gomote instance's buildlet, behind the coordinator's proxy.
+    Buildlet,
+}
+
+/// tonic refuses a message over its size limit with `OutOfRange` and a decoder message
+/// ("decoded message length too large ..."), which tells a user neither which limit it is
+/// nor what to do. This turns such a status into `ResourceExhausted` naming the limit;
+/// any other status gives `None`.
+pub fn over_limit_status(status: &Status, holder: LimitHolder) -> Option<Status> {
+    if status.code() != tonic::Code::OutOfRange {
+        return None;
+    }
+    let msg = status.message();
+    let msg = msg.strip_prefix("buildlet: ").unwrap_or(msg);
+    // Only a refused request can be helped by streaming; a refused response cannot.
+    let (direction, advice, rest) = if let Some(rest) =
+        msg.strip_prefix("Error, decoded message length too large: found ")
+    {
+        (
+            "received",
+            "; send files with `gomote put` or `gomote puttar`, which stream them in chunks",
+            rest,
+        )
+    } else if let Some(rest) = msg.strip_prefix("Error, encoded message length too large: found ") {
+        ("sent", "", rest)
+    } else {
+        return None;
+    };
+    // "<found> bytes, the limit is: <limit> bytes"
+    let found = rest.split(' ').next().unwrap_or("?");
+    let limit = rest
+        .split("the limit is: ")
+        .nth(1)
+        .and_then(|l| l.split(' ').next())
+        .unwrap_or("?");
+    let (whose, knob) = match holder {
+        LimitHolder::Coordinator => (
+            "the coordinator's",
+            " (limits.max_message_bytes in its config)",
+        ),
+        LimitHolder::Buildlet => ("the buildlet's", ""),
+    };
+    Some(Status::resource_exhausted(format!(
+        "a {direction} message of {found} bytes is over {whose} limit of {limit} bytes per message{knob}{advice}"
+    )))
+}
+
 /// A borrowed buildlet.
 pub struct Instance {
     pub info: cp::Instance,
@@ -165,6 +217,34 @@ impl Api {
         Ok(inst)
     }
 
+    /// The builder whose environment an exec on `inst` gets: the instance's own, or
+    /// `other` (`gomote run --builderenv`), which must run on the same host type, since
+    /// its env is only meaningful on that kind of machine.
+    fn env_builder(
+        &self,
+        inst: &Instance,
+        other: &str,
+    ) -> Result<&buildfarm_config::Builder, Status> {
+        let name = if other.is_empty() {
+            inst.info.builder.as_str()
+        } else {
+            other
+        };
+        let builder = self
+            .farm
+            .config
+            .builder(name)
+            .ok_or_else(|| Status::not_found(format!("unknown builder {name:?}")))?;
+        if builder.host_type != inst.info.host_type {
+            return Err(Status::invalid_argument(format!(
+                "builder {name} runs on host type {}, but instance {} is a {} buildlet; \
+                 --builderenv takes a builder of host type {}",
+                builder.host_type, inst.info.name, inst.info.host_type, inst.info.host_type
+            )));
+        }
+        Ok(builder)
+    }
+
     fn remove_instance(&self, name: &str) -> bool {
         let removed = self
             .instances
@@ -236,7 +316,6 @@ macro_rules! instance_request {
 
 instance_request! {
     cp::InstanceWriteFileRequest => bp::WriteFileRequest,
-    cp::InstanceExecRequest => bp::ExecRequest,
     cp::InstanceGetTarRequest => bp::GetTarRequest,
     cp::InstanceRemoveRequest => bp::RemoveRequest,
     cp::InstanceListRequest => bp::ListRequest,
@@ -258,6 +337,9 @@ impl Api {
 }
 
 fn proxy_status(e: Status) -> Status {
+    if let Some(s) = over_limit_status(&e, LimitHolder::Buildlet) {
+        return s;
+    }
     // Keep the buildlet's code (Unavailable for a lost buildlet, InvalidArgument for bad
     // paths) and say where it came from.
     Status::new(e.code(), format!("buildlet: {}", e.message()))
@@ -370,13 +452,21 @@ impl Coordinator for Api {
         req: Request<cp::ListInstancesRequest>,
     ) -> Result<Response<cp::ListInstancesResponse>, Status> {
         let user = self.user(&req)?;
+        let idle_ms = self.farm.config.coordinator.gomote_idle_timeout.as_millis() as i64;
         let mut instances: Vec<cp::Instance> = self
             .instances
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
             .filter(|i| i.info.owner == user)
-            .map(|i| i.info.clone())
+            .map(|i| {
+                // Every use pushes the expiry back (see `expire_loop`).
+                let last_used = *i.last_used_ms.lock().unwrap_or_else(|e| e.into_inner());
+                cp::Instance {
+                    expires_unix: (last_used + idle_ms) / 1000,
+                    ..i.info.clone()
+                }
+            })
             .collect();
         instances.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Response::new(cp::ListInstancesResponse { instances }))
@@ -417,14 +507,33 @@ impl Coordinator for Api {
             .ok_or_else(|| Status::invalid_argument("empty put_tar stream"))?;
         let inst = self.instance(&user, &first.instance)?;
         let head = first.request.into_iter();
-        // A client error mid-stream ends the upload; the buildlet then refuses the
-        // truncated tarball.
-        let rest =
-            tokio_stream::StreamExt::filter_map(incoming, |m| m.ok().and_then(|m| m.request));
+        // A client error mid-stream (e.g. a message over the size limit) ends the upload;
+        // the buildlet then refuses the truncated tarball, and the caller is told the
+        // client-side error, which is the cause.
+        let client_error: Arc<Mutex<Option<Status>>> = Arc::default();
+        let keep = client_error.clone();
+        let rest = incoming
+            .scan((), move |_, m| {
+                futures::future::ready(match m {
+                    Ok(m) => Some(m.request),
+                    Err(e) => {
+                        *keep.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                        None
+                    }
+                })
+            })
+            .filter_map(futures::future::ready);
         let outbound = futures::stream::iter(head).chain(rest);
         let mut raw = inst.raw.clone();
-        let resp = raw.put_tar(outbound).await.map_err(proxy_status)?;
-        Ok(resp)
+        let resp = raw.put_tar(outbound).await;
+        if let Some(e) = client_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            return Err(e);
+        }
+        resp.map_err(proxy_status)
     }
 
     async fn write_file(
@@ -441,8 +550,21 @@ impl Coordinator for Api {
         &self,
         req: Request<cp::InstanceExecRequest>,
     ) -> Result<Response<Self::ExecStream>, Status> {
-        let (mut raw, inner) = self.target(req)?;
-        let s = raw.exec(inner).await.map_err(proxy_status)?;
+        let user = self.user(&req)?;
+        let r = req.into_inner();
+        let inst = self.instance(&user, &r.instance)?;
+        let mut inner = r
+            .request
+            .ok_or_else(|| Status::invalid_argument("missing request"))?;
+        let builder = self.env_builder(&inst, &r.builder_env)?;
+        // As a build step of the builder would run: its env first, the caller's on top.
+        let mut env: Vec<String> = crate::runner::builder_env(&self.farm.config, builder)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        env.append(&mut inner.env);
+        inner.env = env;
+        let s = inst.raw.clone().exec(inner).await.map_err(proxy_status)?;
         Ok(Response::new(forward(s.into_inner())))
     }
 
@@ -489,7 +611,21 @@ impl Coordinator for Api {
             .await?
             .ok_or_else(|| Status::invalid_argument("empty shell stream"))?;
         let inst = self.instance(&user, &first.instance)?;
-        let head = first.input.into_iter();
+        let mut head = first.input;
+        if let Some(bp::ShellInput {
+            msg: Some(bp::shell_input::Msg::Start(start)),
+        }) = head.as_mut()
+        {
+            // The shell acts like the builder, as `exec` does.
+            let builder = self.env_builder(&inst, &first.builder_env)?;
+            let mut env: Vec<String> = crate::runner::builder_env(&self.farm.config, builder)
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            env.append(&mut start.env);
+            start.env = env;
+        }
+        let head = head.into_iter();
         let rest = tokio_stream::StreamExt::filter_map(incoming, |m| m.ok().and_then(|m| m.input));
         let outbound = futures::stream::iter(head).chain(rest);
         let s = inst
@@ -508,6 +644,14 @@ impl Coordinator for Api {
     ) -> Result<Response<cp::SubmitTryResponse>, Status> {
         let user = self.user(&req)?;
         let r = req.into_inner();
+        // Below `limits.max_message_bytes` (64 MiB by default), so this is what an
+        // oversized patch meets.
+        if r.patch.len() > MAX_PATCH_BYTES {
+            return Err(Status::resource_exhausted(format!(
+                "patch is {} bytes; the limit for a try patch is {MAX_PATCH_BYTES} bytes",
+                r.patch.len()
+            )));
+        }
         let repo = self
             .farm
             .config
@@ -516,12 +660,6 @@ impl Coordinator for Api {
         let mirror = self.farm.mirrors.get(&repo.name).ok_or_else(|| {
             Status::failed_precondition(format!("repo {} has no mirror", repo.name))
         })?;
-        if r.patch.len() > MAX_PATCH_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "patch is {} bytes; the limit is {MAX_PATCH_BYTES}",
-                r.patch.len()
-            )));
-        }
         if let Err(e) = mirror.fetch().await {
             warn!(repo = %repo.name, error = %format!("{e:#}"), "fetch before try failed");
         }
@@ -712,4 +850,64 @@ async fn try_state(farm: &Farm, try_id: &str) -> Result<cp::TryState, Status> {
         done: all_final,
         verdict: verdict.to_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoder_limit_errors_become_resource_exhausted_naming_the_limit() {
+        let decoded = Status::out_of_range(
+            "Error, decoded message length too large: found 2097162 bytes, the limit is: 1048576 bytes",
+        );
+        let s = over_limit_status(&decoded, LimitHolder::Coordinator).expect("rewritten");
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            s.message().starts_with(
+                "a received message of 2097162 bytes is over the coordinator's limit of 1048576 bytes per message (limits.max_message_bytes in its config)"
+            ),
+            "{}",
+            s.message()
+        );
+
+        let proxied = proxy_status(Status::out_of_range(
+            "Error, decoded message length too large: found 70000000 bytes, the limit is: 67174400 bytes",
+        ));
+        assert_eq!(proxied.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            proxied
+                .message()
+                .contains("over the buildlet's limit of 67174400 bytes"),
+            "{}",
+            proxied.message()
+        );
+
+        // Anything else keeps its code and message.
+        assert!(
+            over_limit_status(
+                &Status::out_of_range("offset past end"),
+                LimitHolder::Coordinator
+            )
+            .is_none()
+        );
+        assert!(
+            over_limit_status(
+                &Status::internal("Error, decoded message length too large: found 1 bytes"),
+                LimitHolder::Coordinator
+            )
+            .is_none()
+        );
+        let other = proxy_status(Status::invalid_argument("path escapes the workdir"));
+        assert_eq!(other.code(), tonic::Code::InvalidArgument);
+        assert_eq!(other.message(), "buildlet: path escapes the workdir");
+    }
+
+    #[test]
+    fn the_config_default_message_limit_is_the_wire_default() {
+        assert_eq!(
+            buildfarm_config::Limits::default().max_message_bytes(),
+            buildfarm_proto::DEFAULT_MAX_MESSAGE_BYTES
+        );
+    }
 }

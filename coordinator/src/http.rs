@@ -84,8 +84,26 @@ async fn sample_loop(farm: Arc<Farm>, web: Arc<WebState>) {
 }
 
 pub fn router(state: AppState) -> Router {
-    let grpc =
-        tonic::service::Routes::new(CoordinatorServer::new(state.api.clone())).into_axum_router();
+    let max_message = state.farm.config.limits.max_message_bytes();
+    let grpc = tonic::service::Routes::new(
+        CoordinatorServer::new(state.api.clone())
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+    )
+    .into_axum_router()
+    .layer(axum::middleware::map_response(name_message_limit));
+    for repo in state
+        .farm
+        .config
+        .repos
+        .iter()
+        .filter(|r| r.danger_accept_unsigned_webhooks)
+    {
+        warn!(
+            repo = %repo.name,
+            "danger_accept_unsigned_webhooks: anyone who can reach the coordinator can trigger polls of this repo"
+        );
+    }
     let pages = Router::new()
         .route("/", get(status_page))
         .route("/healthz", get(|| async { "ok" }))
@@ -357,8 +375,32 @@ async fn builds_json(State(state): State<AppState>, Query(q): Query<BuildsQuery>
     }
 }
 
-/// A push webhook: any POST for a known repo triggers an immediate poll. With a
-/// configured secret, the body must carry a valid `X-Hub-Signature-256` (GitHub style).
+/// Rewrites tonic's "decoded message length too large" refusals (a trailers-only
+/// response: the status is in the headers) into `ResourceExhausted` naming
+/// `limits.max_message_bytes`; see [`crate::api::over_limit_status`].
+async fn name_message_limit(mut resp: Response) -> Response {
+    // Cheap check first: only OutOfRange (11) can be a size refusal.
+    if resp.headers().get("grpc-status").map(|v| v.as_bytes()) != Some(b"11") {
+        return resp;
+    }
+    let Some(status) = tonic::Status::from_header_map(resp.headers()) else {
+        return resp;
+    };
+    if let Some(named) =
+        crate::api::over_limit_status(&status, crate::api::LimitHolder::Coordinator)
+    {
+        resp.headers_mut().remove("grpc-message");
+        if let Err(e) = named.add_header(resp.headers_mut()) {
+            warn!(error = %e, "could not rewrite a message-size status");
+        }
+    }
+    resp
+}
+
+/// A push webhook: a POST for a known repo triggers an immediate poll. The body must
+/// carry a valid `X-Hub-Signature-256` (GitHub style) under the repo's `webhook_secret`;
+/// a repo without a secret refuses webhooks (403) unless it sets
+/// `danger_accept_unsigned_webhooks`.
 async fn webhook(
     State(state): State<AppState>,
     Path(repo): Path<String>,
@@ -368,7 +410,22 @@ async fn webhook(
     let Some(cfg) = state.farm.config.repo(&repo) else {
         return (StatusCode::NOT_FOUND, format!("unknown repo {repo:?}\n")).into_response();
     };
-    if let Some(secret) = &cfg.webhook_secret {
+    let Some(secret) = &cfg.webhook_secret else {
+        if cfg.danger_accept_unsigned_webhooks {
+            state.poll_kick.notify_one();
+            return (StatusCode::ACCEPTED, "poll scheduled (unsigned)\n").into_response();
+        }
+        warn!(repo = %repo, "unsigned webhook refused: the repo has no webhook_secret");
+        return (
+            StatusCode::FORBIDDEN,
+            format!(
+                "webhooks for repo {repo:?} are refused: it has no webhook_secret to check a signature with \
+                 (set webhook_secret, or danger_accept_unsigned_webhooks = true to accept unsigned ones)\n"
+            ),
+        )
+            .into_response();
+    };
+    {
         let sig = headers
             .get("x-hub-signature-256")
             .and_then(|v| v.to_str().ok())

@@ -1,7 +1,18 @@
 //! `[limits]`: fair shares of the farm between users and between classes of work, so one
-//! user's gomote instances cannot hold every buildlet while try and post-submit work waits.
+//! user's gomote instances cannot hold every buildlet while try and post-submit work waits,
+//! and the size bound of every gRPC message.
 
+use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
+
+/// Default of `limits.max_message_bytes`: 64 MiB. The same number as
+/// `buildfarm_proto::DEFAULT_MAX_MESSAGE_BYTES`, which the buildlet and gomote use (this crate
+/// does not depend on `proto`; a coordinator test checks the two agree).
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 64 << 20;
+
+/// Smallest `limits.max_message_bytes` accepted: gomote sends files in chunks of 256 KiB, and
+/// a try patch or a tarball header must fit in one message.
+pub const MIN_MAX_MESSAGE_BYTES: u64 = 1 << 20;
 
 /// `[limits]`: how much of the farm one user, and interactive work as a whole, may hold.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,6 +29,12 @@ pub struct Limits {
     /// Default: `50`.
     #[serde(default = "default_interactive_share")]
     pub interactive_share_percent: u32,
+    /// Largest gRPC message the coordinator's API accepts or sends, e.g. `"64 MiB"` or a
+    /// number of bytes. A bigger message is refused with `ResourceExhausted` naming this
+    /// field. Files of any size still go through: `gomote put`, `puttar` and `push` stream
+    /// them in chunks. At least 1 MiB. Default: `"64 MiB"`.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: ByteSize,
 }
 
 fn default_instances_per_user() -> u32 {
@@ -26,12 +43,23 @@ fn default_instances_per_user() -> u32 {
 fn default_interactive_share() -> u32 {
     50
 }
+fn default_max_message_bytes() -> ByteSize {
+    ByteSize::b(DEFAULT_MAX_MESSAGE_BYTES)
+}
+
+impl Limits {
+    /// `max_message_bytes` as a `usize`, for tonic's message size settings.
+    pub fn max_message_bytes(&self) -> usize {
+        usize::try_from(self.max_message_bytes.as_u64()).unwrap_or(usize::MAX)
+    }
+}
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             gomote_instances_per_user: default_instances_per_user(),
             interactive_share_percent: default_interactive_share(),
+            max_message_bytes: default_max_message_bytes(),
         }
     }
 }
@@ -51,6 +79,35 @@ pool = { kind = "local", count = 2 }
         let c = Config::from_toml_str(BASE, "c.toml").expect("parses");
         assert_eq!(c.limits.gomote_instances_per_user, 2);
         assert_eq!(c.limits.interactive_share_percent, 50);
+        assert_eq!(c.limits.max_message_bytes(), 64 << 20);
+    }
+
+    #[test]
+    fn max_message_bytes_reads_sizes_and_numbers_and_refuses_tiny_ones() {
+        let c = Config::from_toml_str(
+            &format!("{BASE}\n[limits]\nmax_message_bytes = \"2 MiB\"\n"),
+            "c.toml",
+        )
+        .expect("parses");
+        assert_eq!(c.limits.max_message_bytes(), 2 << 20);
+        let c = Config::from_toml_str(
+            &format!("{BASE}\n[limits]\nmax_message_bytes = 3145728\n"),
+            "c.toml",
+        )
+        .expect("parses");
+        assert_eq!(c.limits.max_message_bytes(), 3 << 20);
+        let errors = Config::from_toml_str(
+            &format!("{BASE}\n[limits]\nmax_message_bytes = \"4 KiB\"\n"),
+            "c.toml",
+        )
+        .expect_err("tiny limit accepted")
+        .to_string();
+        assert!(
+            errors.contains(
+                "c.toml:7:1: limits.max_message_bytes: 4.0 KiB is below the minimum of 1.0 MiB"
+            ),
+            "{errors}"
+        );
     }
 
     #[test]

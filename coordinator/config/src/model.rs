@@ -404,10 +404,18 @@ pub struct Repo {
     /// Branches whose new commits get post-submit builds. Default: `["main"]`.
     #[serde(default = "default_branches")]
     pub branches: Vec<String>,
-    /// Shared secret that webhook calls for this repo must be signed with.
-    /// Default: none (webhooks for this repo are refused; polling still works).
+    /// Shared secret that webhook calls for this repo must be signed with
+    /// (`X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the body>`, as GitHub sends).
+    /// Default: none (webhooks for this repo are refused with 403 unless
+    /// `danger_accept_unsigned_webhooks` is set; polling still works).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_secret: Option<Secret>,
+    /// Accept unsigned webhook calls for this repo (a repo without `webhook_secret`):
+    /// anyone who can reach the coordinator can then trigger polls of it. For a trusted
+    /// network only; logged as a warning at start. Not allowed together with
+    /// `webhook_secret`. Default: `false`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub danger_accept_unsigned_webhooks: bool,
 }
 
 fn default_branches() -> Vec<String> {

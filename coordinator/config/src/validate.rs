@@ -176,6 +176,18 @@ fn limits(out: &mut Issues, l: &Limits) {
             )),
         );
     }
+    if l.max_message_bytes.as_u64() < crate::limits::MIN_MAX_MESSAGE_BYTES {
+        out.push(
+            path.key("max_message_bytes"),
+            ErrorKind::Invalid(format!(
+                "{} is below the minimum of {}",
+                l.max_message_bytes.display().iec(),
+                bytesize::ByteSize::b(crate::limits::MIN_MAX_MESSAGE_BYTES)
+                    .display()
+                    .iec()
+            )),
+        );
+    }
 }
 
 /// Lowest `uid_base`: below it are the system's own accounts.
@@ -432,12 +444,52 @@ fn repo(out: &mut Issues, path: &FieldPath, r: &Repo) {
     }
     if let Some(s) = &r.webhook_secret {
         out.non_empty(path.key("webhook_secret"), s.expose());
+        if r.danger_accept_unsigned_webhooks {
+            out.push(
+                path.key("danger_accept_unsigned_webhooks"),
+                ErrorKind::Invalid(
+                    "set together with webhook_secret: a repo with a secret only accepts signed webhooks; remove one of the two".into(),
+                ),
+            );
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const REPO_BASE: &str = r#"
+[[host_types]]
+name = "local"
+pool = { kind = "local", count = 1 }
+
+[[repos]]
+name = "r"
+url = "/srv/r"
+"#;
+
+    #[test]
+    fn unsigned_webhooks_are_an_explicit_opt_in_and_never_beside_a_secret() {
+        let c = crate::Config::from_toml_str(REPO_BASE, "c.toml").expect("parses");
+        assert!(!c.repos[0].danger_accept_unsigned_webhooks);
+        let c = crate::Config::from_toml_str(
+            &format!("{REPO_BASE}danger_accept_unsigned_webhooks = true\n"),
+            "c.toml",
+        )
+        .expect("parses");
+        assert!(c.repos[0].danger_accept_unsigned_webhooks);
+        let errors = crate::Config::from_toml_str(
+            &format!("{REPO_BASE}webhook_secret = \"s\"\ndanger_accept_unsigned_webhooks = true\n"),
+            "c.toml",
+        )
+        .expect_err("secret and unsigned opt-in together accepted")
+        .to_string();
+        assert!(
+            errors.contains("c.toml:10:1: repos[0].danger_accept_unsigned_webhooks: set together with webhook_secret"),
+            "{errors}"
+        );
+    }
 
     #[test]
     fn kube_cpu_quantities() {
