@@ -10,8 +10,8 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
-use crate::limits::Limits;
 use crate::connections::ConnectionsConfig;
+use crate::limits::Limits;
 
 /// Environment variables as written in the file, sorted by name.
 pub type Env = BTreeMap<String, String>;
