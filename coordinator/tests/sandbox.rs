@@ -22,6 +22,10 @@ data_dir = "{data}"
 repo_poll_interval = "1s"
 max_attempts = 1
 
+# These tests borrow both buildlets as gomote instances.
+[limits]
+interactive_share_percent = 100
+
 [sandbox]
 mode = "bwrap"
 workdir_root = "{root}"
