@@ -156,6 +156,7 @@ put(W, "bad-sha1-signature.txt", b"signed\nsha1=" + hmac.new(b"s3cret", body, ha
 put(W, "bad-short-signature.txt", b"signed\n" + sig[:20] + b"\n" + body)
 put(W, "bad-no-signature.txt", b"signed")
 put(W, "bad-no-secret-repo.txt", b"open\n" + sig + b"\n" + body)
+put(W, "ok-unsigned-opted-in.txt", b"unsigned\n\n" + body)
 put(W, "bad-unknown-repo.txt", b"../nope\n" + sig + b"\n" + body)
 
 # --- try_patch ------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::{Request, Status};
 
-/// What the listen-mode TLS layer learned about a connection; the server's TLS stream
-/// type hands it to tonic as connect info, so every request carries it.
+/// What the listen-mode TLS layer learned about a connection; the listen-mode server
+/// inserts it into every request's extensions.
 #[derive(Debug, Clone, Default)]
 pub struct PeerInfo {
     pub remote_addr: Option<std::net::SocketAddr>,

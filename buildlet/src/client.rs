@@ -330,6 +330,11 @@ pub struct BuildletStatus {
     pub hostname: String,
     pub goos: String,
     pub goarch: String,
+    /// What contains commands' processes: "cgroup v2 <dir>", "cgroup v1 <dir>" or
+    /// "subreaper".
+    pub containment: String,
+    /// The buildlet's container cgroup, empty without one (kill it to kill leftovers).
+    pub cgroup: String,
 }
 
 /// Called with the total bytes sent or received so far.
@@ -515,7 +520,7 @@ impl BuildletClient {
         }));
         let grpc =
             pb::buildlet_client::BuildletClient::with_interceptor(transport, bearer(bearer_key)?)
-                .max_decoding_message_size(16 << 20)
+                .max_decoding_message_size(buildfarm_proto::DEFAULT_MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(usize::MAX);
         Ok(BuildletClient {
             grpc,
@@ -765,10 +770,22 @@ impl BuildletClient {
         Ok(total)
     }
 
-    /// Removes paths (files or trees); "." empties the workdir.
+    /// Removes paths (files or trees). A path naming the workdir itself ("", ".",
+    /// "a/..") is refused with InvalidArgument; emptying the workdir is
+    /// [`BuildletClient::remove_all`], so a stray or computed path never does it.
     pub async fn remove(&self, paths: &[&str]) -> Result<(), ClientError> {
+        self.remove_paths(paths, false).await
+    }
+
+    /// Empties the workdir, keeping the directory itself.
+    pub async fn remove_all(&self) -> Result<(), ClientError> {
+        self.remove_paths(&["."], true).await
+    }
+
+    async fn remove_paths(&self, paths: &[&str], allow_root: bool) -> Result<(), ClientError> {
         let req = self.unary(pb::RemoveRequest {
             paths: paths.iter().map(|p| p.to_string()).collect(),
+            allow_root,
         });
         self.grpc
             .clone()
@@ -831,6 +848,8 @@ impl BuildletClient {
             hostname: s.hostname,
             goos: s.goos,
             goarch: s.goarch,
+            containment: s.containment,
+            cgroup: s.cgroup,
         })
     }
 
@@ -867,6 +886,9 @@ impl BuildletClient {
                 rows: start.rows,
                 cols: start.cols,
                 term: start.term,
+                // The coordinator's own shells need no extra env; gomote's go through
+                // the API proxy, which adds the builder's.
+                env: vec![],
             })),
         };
         tx.send(first)

@@ -3,9 +3,11 @@
 //! as they are produced, ending with exactly one exit event.
 //!
 //! Every exit path (normal end, timeout, cancellation, shutdown, panic) goes through
-//! [`GroupKiller`], whose `Drop` sends SIGKILL to the whole process group, so
-//! grandchildren never outlive their call. A command's background processes that are
-//! still running when it exits are killed too: a build step must not leave work behind.
+//! [`GroupKiller`], whose `Drop` sends SIGKILL to the whole process group, and through
+//! the command's containment [`Scope`], which kills what left the group (its cgroup,
+//! and processes carrying its marker; see `contain`), so grandchildren never outlive
+//! their call. A command's background processes that are still running when it exits
+//! are killed too: a build step must not leave work behind.
 
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
@@ -21,10 +23,11 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::contain::Scope;
 use crate::paths::{self, PathError};
 
-/// How long to wait for output still buffered in the pipes after the process group is
-/// gone. Only a process that left the group (setsid) can hold a pipe open that long.
+/// How long to wait for output still buffered in the pipes after the command's processes
+/// are gone. Only a process that escaped containment can hold a pipe open that long.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Size of one read from stdout or stderr (and so the largest output event).
 const READ_CHUNK: usize = 32 * 1024;
@@ -258,11 +261,16 @@ enum Ended {
     CallerGone,
 }
 
-/// Runs a prepared command to its end, sending output events and then exactly one
-/// [`Event::Exit`] into `tx` (unless the receiver is gone, which counts as cancellation
-/// and kills the group). `tx` is bounded: a slow receiver slows the readers, and a full
-/// pipe then blocks the command, which is the backpressure we want.
-pub async fn run(prepared: Prepared, tx: mpsc::Sender<Event>, shutdown: CancellationToken) {
+/// Runs a prepared command to its end inside `scope`, sending output events and then
+/// exactly one [`Event::Exit`] into `tx` (unless the receiver is gone, which counts as
+/// cancellation and kills the command). `tx` is bounded: a slow receiver slows the
+/// readers, and a full pipe then blocks the command, which is the backpressure we want.
+pub async fn run(
+    prepared: Prepared,
+    tx: mpsc::Sender<Event>,
+    shutdown: CancellationToken,
+    mut scope: Scope,
+) {
     let start = Instant::now();
     let mut cmd = tokio::process::Command::new(&prepared.program);
     cmd.args(&prepared.args)
@@ -279,10 +287,11 @@ pub async fn run(prepared: Prepared, tx: mpsc::Sender<Event>, shutdown: Cancella
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = match cmd.spawn() {
+    let mut child = match scope.spawn(&mut cmd) {
         Ok(c) => c,
         Err(e) => {
             let msg = format!("starting {}: {e}", prepared.program.display());
+            scope.finish().await;
             let _ = tx.send(Event::Exit(Outcome::failed(msg))).await;
             return;
         }
@@ -309,7 +318,8 @@ pub async fn run(prepared: Prepared, tx: mpsc::Sender<Event>, shutdown: Cancella
             }
         }
     };
-    // Whatever happened, nothing of the group may survive the call.
+    // Whatever happened, nothing of the command may survive the call: first its group,
+    // then (once the leader is waited for) whatever escaped the group.
     group.kill();
     let (status, timed_out) = match ended {
         Ended::Exited(status) => (status, false),
@@ -317,16 +327,19 @@ pub async fn run(prepared: Prepared, tx: mpsc::Sender<Event>, shutdown: Cancella
         Ended::Shutdown => (child.wait().await, false),
         Ended::CallerGone => {
             let _ = child.wait().await;
+            scope.finish().await;
             tracing::debug!(program = %prepared.program.display(), "exec cancelled by caller");
             return;
         }
     };
+    // Escaped processes may hold the pipes open; once they are dead the pumps see EOF.
+    scope.finish().await;
     if !pumps_done
         && tokio::time::timeout(DRAIN_TIMEOUT, &mut pumps)
             .await
             .is_err()
     {
-        tracing::warn!(program = %prepared.program.display(), "output still open after the process group was killed");
+        tracing::warn!(program = %prepared.program.display(), "output still open after the command's processes were killed");
     }
     let duration = start.elapsed();
     let outcome = match status {

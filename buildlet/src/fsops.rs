@@ -19,7 +19,9 @@ pub enum FsError {
     NotFound { path: String },
     #[error("{path:?} is not a directory")]
     NotADirectory { path: String },
-    #[error("refusing to remove the workdir itself as {path:?}; use \".\" to empty it")]
+    #[error(
+        "refusing to remove {path:?}: it names the workdir itself; ask explicitly to empty the workdir (gomote rm --all)"
+    )]
     RemoveRoot { path: String },
     #[error("{op} {path}: {source}")]
     Io {
@@ -72,19 +74,20 @@ pub fn write_file(root: &Path, rel: &str, mode: u32, contents: &[u8]) -> Result<
 }
 
 /// Removes each path (file, symlink or tree) under `root`. Missing paths are fine.
-/// The path "." (or "") empties the workdir but keeps the directory itself.
-pub fn remove(root: &Path, rels: &[String]) -> Result<(), FsError> {
+/// A path naming the workdir itself ("", ".", "a/..") empties it, keeping the directory,
+/// but only with `allow_root`; without it the whole call is refused and nothing removed.
+pub fn remove(root: &Path, rels: &[String], allow_root: bool) -> Result<(), FsError> {
     // Resolve everything first so that one bad path refuses the whole call.
     let mut targets = Vec::with_capacity(rels.len());
     for rel in rels {
         let path = resolve_leaf(root, rel)?;
-        targets.push((rel, path));
+        if path == root && !allow_root {
+            return Err(FsError::RemoveRoot { path: rel.clone() });
+        }
+        targets.push(path);
     }
-    for (rel, path) in targets {
+    for path in targets {
         if path == root {
-            if !matches!(rel.as_str(), "." | "" | "./") {
-                return Err(FsError::RemoveRoot { path: rel.clone() });
-            }
             for entry in std::fs::read_dir(root).map_err(io("reading", root))? {
                 let entry = entry.map_err(io("reading", root))?;
                 remove_one(&entry.path())?;
@@ -273,15 +276,27 @@ mod tests {
     }
 
     #[test]
-    fn remove_dot_empties_but_keeps_root() {
+    fn remove_dot_empties_but_keeps_root_only_when_allowed() {
         let root = tempfile::tempdir().unwrap();
         write_file(root.path(), "a/b", 0, b"1").unwrap();
         write_file(root.path(), "c", 0, b"2").unwrap();
-        remove(root.path(), &[".".into()]).unwrap();
+        for rel in ["", ".", "./", "./."] {
+            let err = remove(root.path(), &["c".into(), rel.into()], false).expect_err(rel);
+            assert!(matches!(err, FsError::RemoveRoot { .. }), "{rel}: {err}");
+            assert!(err.to_string().contains("--all"), "{err}");
+        }
+        // ".." is refused by the path policy before the root check.
+        let err = remove(root.path(), &["c".into(), "a/..".into()], false).expect_err("a/..");
+        assert!(matches!(err, FsError::Path(_)), "{err}");
+        assert!(
+            root.path().join("c").exists(),
+            "nothing removed by a refused call"
+        );
+        remove(root.path(), &[".".into()], true).unwrap();
         assert!(root.path().is_dir());
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
         // Missing paths are not an error.
-        remove(root.path(), &["nope".into()]).unwrap();
+        remove(root.path(), &["nope".into()], false).unwrap();
     }
 
     #[test]
@@ -290,7 +305,7 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         std::fs::write(outside.path().join("keep"), "x").unwrap();
         std::os::unix::fs::symlink(outside.path(), root.path().join("link")).unwrap();
-        remove(root.path(), &["link".into()]).unwrap();
+        remove(root.path(), &["link".into()], false).unwrap();
         assert!(outside.path().join("keep").exists());
         assert!(std::fs::symlink_metadata(root.path().join("link")).is_err());
     }

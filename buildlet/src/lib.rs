@@ -3,7 +3,9 @@
 //! coordinator and `gomote` use, `tarball` is the extraction policy.
 
 pub mod auth;
+pub mod cgroup;
 pub mod client;
+pub mod contain;
 pub mod exec;
 pub mod fsops;
 pub mod paths;

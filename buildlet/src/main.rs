@@ -5,6 +5,8 @@
 //! - Reverse mode: `buildlet --reverse https://HOST:PORT --host-type H --workdir DIR
 //!   --ca-file F (--builder-key-file F | --host-token-id ID --host-token-file F)` dials
 //!   the coordinator and serves the same service over the tunnel (see `reverse.rs`).
+//! - Both modes take `--cgroup DIR|auto|none` (default auto): where each command's
+//!   process tree is contained (see `buildlet::contain`).
 //! - `buildlet keygen --master-key-file F --host-type H` prints a builder key;
 //!   `buildlet version` prints the version.
 //!
@@ -23,10 +25,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use buildlet::auth::AuthPolicy;
+use buildlet::contain::CgroupChoice;
 use buildlet::server::{self, BuildletService, ServerConfig};
 use buildlet::tarball::Limits;
 use bytesize::ByteSize;
 use clap::{Parser, Subcommand};
+use revdial::accept::{ConnLimits, MIN_HEADER_BYTES};
 use tokio_util::sync::CancellationToken;
 
 mod reverse;
@@ -94,6 +98,100 @@ struct ListenArgs {
     /// Most entries a tarball may have.
     #[arg(long, default_value_t = 1_000_000)]
     max_tar_entries: u64,
+    /// PutTarFromUrl: longest wait to connect to the URL's server.
+    #[arg(long, default_value = "30s")]
+    url_connect_timeout: humantime::Duration,
+    /// PutTarFromUrl: longest wait for the response, and then for each piece of the body.
+    #[arg(long, default_value = "60s")]
+    url_read_timeout: humantime::Duration,
+    /// PutTarFromUrl: longest time for the whole download.
+    #[arg(long, default_value = "30m")]
+    url_fetch_timeout: humantime::Duration,
+    /// Where each command's process tree is contained: a cgroup directory (v1 or v2) the
+    /// buildlet may make children in, `auto` (its own cgroup, if it can make children
+    /// there) or `none` (child subreaper and an environment marker only).
+    #[arg(long, default_value = "auto")]
+    cgroup: CgroupChoice,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+/// Time limits and caps on listen-mode connections; defaults as the coordinator's
+/// `[connections]` table.
+#[derive(clap::Args, Debug)]
+struct ConnArgs {
+    /// Time from accept to a finished TLS handshake.
+    #[arg(long, default_value = "10s")]
+    handshake_timeout: humantime::Duration,
+    /// A connection with no call in flight this long is closed (open calls, however
+    /// long, are not cut).
+    #[arg(long, default_value = "60s")]
+    idle_timeout: humantime::Duration,
+    /// Interval of HTTP/2 PINGs on listen-mode connections; an unanswered PING closes
+    /// the connection after the same time again. (`--keepalive-interval` is the
+    /// reverse tunnel's.)
+    #[arg(long, default_value = "20s")]
+    listen_keepalive_interval: humantime::Duration,
+    /// Most connections open at once; default: the open-file limit (raised to its
+    /// hard limit at start) minus a reserve. At the cap the oldest connection with no
+    /// call in flight is closed to make room.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Most TLS handshakes in progress; at the cap the oldest is closed.
+    #[arg(long, default_value_t = 1024)]
+    max_handshakes: usize,
+    /// Largest request header block (HTTP/2 header list) accepted.
+    #[arg(long, default_value = "64KiB")]
+    max_header_bytes: ByteSize,
+}
+
+impl ConnArgs {
+    /// The acceptor's limits; checks them (bad values are bad usage).
+    fn limits(&self) -> anyhow::Result<ConnLimits> {
+        let mut bad = Vec::new();
+        for (flag, d) in [
+            ("--handshake-timeout", *self.handshake_timeout),
+            ("--idle-timeout", *self.idle_timeout),
+            (
+                "--listen-keepalive-interval",
+                *self.listen_keepalive_interval,
+            ),
+        ] {
+            if d.is_zero() {
+                bad.push(format!("{flag} must be longer than 0s"));
+            }
+        }
+        if self.max_connections == Some(0) {
+            bad.push("--max-connections must be at least 1".to_owned());
+        }
+        if self.max_handshakes == 0 {
+            bad.push("--max-handshakes must be at least 1".to_owned());
+        }
+        let header = self.max_header_bytes.as_u64();
+        let (min, max) = (MIN_HEADER_BYTES as u64, 16 << 20);
+        if !(min..=max).contains(&header) {
+            bad.push(format!(
+                "--max-header-bytes must be between {} and {}",
+                ByteSize::b(min),
+                ByteSize::b(max)
+            ));
+        }
+        if !bad.is_empty() {
+            bail!("{}", bad.join("; "));
+        }
+        let defaults = ConnLimits::default();
+        Ok(ConnLimits {
+            handshake_timeout: *self.handshake_timeout,
+            // Listen mode speaks HTTP/2 only; kept equal for completeness.
+            header_read_timeout: *self.handshake_timeout,
+            idle_timeout: *self.idle_timeout,
+            keepalive_interval: *self.listen_keepalive_interval,
+            keepalive_timeout: *self.listen_keepalive_interval,
+            max_connections: self.max_connections.unwrap_or(defaults.max_connections),
+            max_handshakes: self.max_handshakes,
+            max_header_bytes: usize::try_from(header).unwrap_or(defaults.max_header_bytes),
+        })
+    }
 }
 
 /// What the process does.
@@ -111,6 +209,7 @@ struct ListenConfig {
     identity: revdial::tls::Identity,
     client_ca: Option<String>,
     policy: AuthPolicy,
+    conn: ConnArgs,
 }
 
 /// Turns arguments into a mode, reading the files they name; binds nothing.
@@ -141,6 +240,9 @@ fn validate(cli: Cli) -> anyhow::Result<Mode> {
         missing.push("--tls-key");
     }
     let limits = tar_limits(&a);
+    let set_url_timeouts = url_timeouts(&a);
+    let cgroup = checked_cgroup(&a)?;
+    a.conn.limits()?;
     let (Some(listen), Some(workdir), Some(cert), Some(key)) =
         (a.listen, a.workdir, a.tls_cert, a.tls_key)
     else {
@@ -172,7 +274,9 @@ fn validate(cli: Cli) -> anyhow::Result<Mode> {
     }
     let mut server = ServerConfig::new(workdir);
     server.tar_limits = limits;
+    set_url_timeouts(&mut server);
     server.host_type = a.host_type;
+    server.cgroup = cgroup;
     // Make sure the config is usable before binding.
     let _ = revdial::tls::server_config(&identity, client_ca.as_deref(), &[revdial::tls::ALPN_H2])
         .context("building the tls config")?;
@@ -182,7 +286,31 @@ fn validate(cli: Cli) -> anyhow::Result<Mode> {
         identity,
         client_ca,
         policy: AuthPolicy::new(bearer.as_deref()),
+        conn: a.conn,
     })))
+}
+
+/// Sets the PutTarFromUrl bounds from the command line.
+fn url_timeouts(a: &ListenArgs) -> impl FnOnce(&mut ServerConfig) + use<> {
+    let (connect, read, whole) = (
+        a.url_connect_timeout.into(),
+        a.url_read_timeout.into(),
+        a.url_fetch_timeout.into(),
+    );
+    move |server| {
+        server.url_connect_timeout = connect;
+        server.url_read_timeout = read;
+        server.url_fetch_timeout = whole;
+    }
+}
+
+/// `--cgroup`, with a named directory checked to be a cgroup now (bad usage) rather
+/// than when the service starts.
+fn checked_cgroup(a: &ListenArgs) -> anyhow::Result<CgroupChoice> {
+    if let CgroupChoice::Dir(dir) = &a.cgroup {
+        buildlet::cgroup::Cgroup::open(dir).context("--cgroup")?;
+    }
+    Ok(a.cgroup.clone())
 }
 
 fn tar_limits(a: &ListenArgs) -> Limits {
@@ -195,6 +323,17 @@ fn tar_limits(a: &ListenArgs) -> Limits {
 
 async fn run_listen(cfg: Box<ListenConfig>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
+    // Before the connection cap is derived from it.
+    match revdial::accept::raise_nofile_limit() {
+        Ok(nofile) => tracing::info!(nofile, "open-file limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
+    let limits = cfg.conn.limits()?;
+    tracing::info!(
+        max_connections = limits.max_connections,
+        max_handshakes = limits.max_handshakes,
+        "connection limits"
+    );
     let svc =
         BuildletService::new(cfg.server, shutdown.clone()).context("preparing the workdir")?;
     let tls = revdial::tls::server_config(
@@ -208,6 +347,7 @@ async fn run_listen(cfg: Box<ListenConfig>) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
     tracing::info!(%addr, workdir = %svc.workdir().display(), "buildlet listening");
+    log_containment(&svc);
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "buildlet listening on {addr}").context("writing to stdout")?;
@@ -215,15 +355,14 @@ async fn run_listen(cfg: Box<ListenConfig>) -> anyhow::Result<()> {
     }
     tokio::spawn(watch_signals(shutdown.clone()));
     let routes = server::authenticated_routes(svc.clone(), cfg.policy);
-    let serve = server::serve_tls(listener, tls, routes, shutdown.clone());
+    let serve = server::serve_tls_with(listener, tls, routes, limits, shutdown.clone());
     tokio::pin!(serve);
     tokio::select! {
-        res = &mut serve => res.context("serving")?,
+        () = &mut serve => {}
         _ = shutdown.cancelled() => {
             // Commands watch the token and are being killed; give calls a grace period.
-            match tokio::time::timeout(GRACE, &mut serve).await {
-                Ok(res) => res.context("serving")?,
-                Err(_) => tracing::warn!("calls still running after the grace period"),
+            if tokio::time::timeout(GRACE, &mut serve).await.is_err() {
+                tracing::warn!("calls still running after the grace period");
             }
         }
     }
@@ -233,6 +372,21 @@ async fn run_listen(cfg: Box<ListenConfig>) -> anyhow::Result<()> {
     }
     tracing::info!("buildlet stopped");
     Ok(())
+}
+
+/// One start-up line saying how commands are contained, with the cgroup a supervisor
+/// kills if this buildlet dies.
+fn log_containment(svc: &BuildletService) {
+    let c = svc.containment();
+    match c.cgroup_path() {
+        Some(cg) => {
+            tracing::info!(containment = c.description(), cgroup = %cg.display(), "commands contained in cgroups")
+        }
+        None => tracing::info!(
+            containment = c.description(),
+            "commands contained without cgroups (child subreaper)"
+        ),
+    }
 }
 
 async fn watch_signals(shutdown: CancellationToken) {

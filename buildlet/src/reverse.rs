@@ -12,7 +12,9 @@ use buildlet::server::{self, BuildletService, ServerConfig};
 use revdial::{Credential, DialerConfig};
 use tokio_util::sync::CancellationToken;
 
-use super::{GRACE, ListenArgs, tar_limits, watch_signals};
+use super::{
+    GRACE, ListenArgs, checked_cgroup, log_containment, tar_limits, url_timeouts, watch_signals,
+};
 
 /// Reverse-mode flags; `--workdir`, `--host-type` and the tar limits are shared with
 /// listen mode.
@@ -152,6 +154,8 @@ pub fn validate(r: ReverseArgs, a: ListenArgs) -> anyhow::Result<ReverseConfig> 
     }
     server.host_type = a.host_type.clone();
     server.tar_limits = tar_limits(&a);
+    url_timeouts(&a)(&mut server);
+    server.cgroup = checked_cgroup(&a)?;
     check_identity(&server.host_type, &server.hostname)?;
     let mut dialer = DialerConfig::new(
         url,
@@ -180,6 +184,7 @@ pub async fn run(cfg: ReverseConfig) -> anyhow::Result<()> {
         workdir = %svc.workdir().display(),
         "buildlet dialling the coordinator"
     );
+    log_containment(&svc);
     tokio::spawn(watch_signals(shutdown.clone()));
     // Returns after shutdown, once in-flight calls finished (bounded by the grace).
     let res = revdial::run_dialer(cfg.dialer, server::routes(svc.clone()), shutdown.clone()).await;

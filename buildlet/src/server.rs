@@ -5,12 +5,13 @@
 //! our own types in `exec`, `shell`, `fsops`, `paths` and `tarball`.
 //!
 //! Shutdown: the service holds a `CancellationToken` owned by the binary. `Halt`
-//! cancels it; every running command and shell watches it and kills its process group.
+//! cancels it; every running command and shell watches it and kills its process group
+//! and containment scope; [`BuildletService::drain`] then kills whatever is left.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -28,12 +29,10 @@ use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use std::task::{Context, Poll};
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tonic::transport::server::Connected;
+use revdial::accept::{Acceptor, ConnLimits, HttpVersions, Tracked, serve_http};
 
 use crate::auth::{AuthPolicy, PeerInfo};
+use crate::contain::{CgroupChoice, ContainError, Containment};
 use crate::exec::{self, CommandSpec, EnvMode, PrepareError};
 use crate::fsops::{self, FsError, ListOptions};
 use crate::paths::{self, PathError};
@@ -52,8 +51,6 @@ const GET_TAR_CHANNEL: usize = 8;
 const GET_TAR_CHUNK: usize = 64 * 1024;
 /// Entries per List response message.
 const LIST_BATCH: usize = 500;
-/// How long a TLS handshake may take before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the service needs to know. Build with [`ServerConfig::new`] and adjust.
 #[derive(Debug, Clone)]
@@ -69,10 +66,17 @@ pub struct ServerConfig {
     pub hostname: String,
     /// Bounds on each extracted tarball (also bounds PutTarFromUrl downloads).
     pub tar_limits: Limits,
-    /// Largest WriteFile contents; default 64 MiB.
+    /// Largest WriteFile contents; default 64 MiB (`buildfarm_proto::DEFAULT_MAX_MESSAGE_BYTES`).
     pub max_write_file_bytes: u64,
     /// Whole-request timeout of PutTarFromUrl downloads; default 30 minutes.
     pub url_fetch_timeout: Duration,
+    /// How long PutTarFromUrl waits to connect to the URL's server; default 30 seconds.
+    pub url_connect_timeout: Duration,
+    /// How long PutTarFromUrl waits for the response, and then for each piece of the
+    /// body, so a server that accepts and goes silent is given up on; default 60 seconds.
+    pub url_read_timeout: Duration,
+    /// Where commands are contained (`--cgroup`); default [`CgroupChoice::Auto`].
+    pub cgroup: CgroupChoice,
 }
 
 impl ServerConfig {
@@ -86,8 +90,11 @@ impl ServerConfig {
             host_type: String::new(),
             hostname: hostname(),
             tar_limits: Limits::default(),
-            max_write_file_bytes: 64 << 20,
+            max_write_file_bytes: buildfarm_proto::DEFAULT_MAX_MESSAGE_BYTES as u64,
             url_fetch_timeout: Duration::from_secs(30 * 60),
+            url_connect_timeout: Duration::from_secs(30),
+            url_read_timeout: Duration::from_secs(60),
+            cgroup: CgroupChoice::Auto,
         }
     }
 }
@@ -114,6 +121,8 @@ pub enum ServerError {
     },
     #[error("staging dir {staging} must not be inside the workdir {workdir}")]
     StagingInsideWorkdir { staging: PathBuf, workdir: PathBuf },
+    #[error("setting up process containment: {0}")]
+    Contain(#[from] ContainError),
 }
 
 /// The buildlet service. Cheap to clone.
@@ -129,6 +138,7 @@ struct Inner {
     running: Arc<AtomicU32>,
     started: Instant,
     http: OnceLock<reqwest::Client>,
+    contain: Arc<Containment>,
 }
 
 /// Counts a running command for Status while alive.
@@ -169,8 +179,10 @@ impl BuildletService {
                 workdir: config.workdir,
             });
         }
+        let contain = Containment::new(&config.cgroup, &config.workdir)?;
         Ok(BuildletService {
             inner: Arc::new(Inner {
+                contain,
                 config,
                 shutdown,
                 tasks: TaskTracker::new(),
@@ -186,6 +198,11 @@ impl BuildletService {
         &self.inner.config.workdir
     }
 
+    /// What contains the commands' process trees.
+    pub fn containment(&self) -> &Containment {
+        &self.inner.contain
+    }
+
     /// Commands and shells running now.
     pub fn running_commands(&self) -> u32 {
         self.inner.running.load(Ordering::SeqCst)
@@ -195,9 +212,23 @@ impl BuildletService {
     /// after cancelling the shutdown token. Returns false on timeout.
     pub async fn drain(&self, grace: Duration) -> bool {
         self.inner.tasks.close();
-        tokio::time::timeout(grace, self.inner.tasks.wait())
+        let drained = tokio::time::timeout(grace, self.inner.tasks.wait())
             .await
-            .is_ok()
+            .is_ok();
+        // Whatever the commands left (or a command still running after the grace).
+        let contain = self.inner.contain.clone();
+        if let Err(error) = tokio::task::spawn_blocking(move || contain.shutdown()).await {
+            tracing::warn!(%error, "killing leftover processes");
+        }
+        drained
+    }
+
+    /// A containment scope for one command, or the status that refuses the call.
+    fn scope(&self, kind: &str) -> Result<crate::contain::Scope, Status> {
+        self.inner.contain.scope(kind).map_err(|e| match e {
+            ContainError::ShuttingDown => Status::unavailable(e.to_string()),
+            e => Status::internal(e.to_string()),
+        })
     }
 
     fn into_server(self) -> BuildletServer<Self> {
@@ -211,9 +242,11 @@ impl BuildletService {
         if let Some(c) = self.inner.http.get() {
             return Ok(c);
         }
+        let config = &self.inner.config;
         let client = reqwest::Client::builder()
-            .timeout(self.inner.config.url_fetch_timeout)
-            .connect_timeout(Duration::from_secs(30))
+            .timeout(config.url_fetch_timeout)
+            .connect_timeout(config.url_connect_timeout)
+            .read_timeout(config.url_read_timeout)
             .build()
             .map_err(|e| Status::internal(format!("building http client: {e}")))?;
         Ok(self.inner.http.get_or_init(|| client))
@@ -250,6 +283,50 @@ impl BuildletService {
                 }
             }
         }
+    }
+}
+
+/// The PutTarFromUrl bounds, to say which one ran out.
+#[derive(Debug, Clone, Copy)]
+struct UrlTimeouts {
+    connect: Duration,
+    read: Duration,
+    overall: Duration,
+}
+
+impl UrlTimeouts {
+    fn of(config: &ServerConfig) -> Self {
+        UrlTimeouts {
+            connect: config.url_connect_timeout,
+            read: config.url_read_timeout,
+            overall: config.url_fetch_timeout,
+        }
+    }
+
+    /// A download error as a status naming the URL and, for a timeout, which bound
+    /// (DeadlineExceeded); other failures are FailedPrecondition (the URL's fault).
+    fn fetch_error(&self, url: &reqwest::Url, e: &reqwest::Error, started: Instant) -> Status {
+        let took = started.elapsed();
+        if !e.is_timeout() {
+            return Status::failed_precondition(format!("fetching {url}: {e}"));
+        }
+        let which = if e.is_connect() {
+            format!(
+                "could not connect within the connect timeout of {}",
+                humantime::format_duration(self.connect)
+            )
+        } else if took >= self.overall {
+            format!(
+                "the download took longer than the overall timeout of {}",
+                humantime::format_duration(self.overall)
+            )
+        } else {
+            format!(
+                "the server sent nothing for the read timeout of {}",
+                humantime::format_duration(self.read)
+            )
+        };
+        Status::deadline_exceeded(format!("fetching {url}: {which}"))
     }
 }
 
@@ -421,12 +498,14 @@ impl Buildlet for BuildletService {
         }
         // Refuse a bad dir before downloading anything.
         paths::resolve_existing_safe(self.workdir(), &req.dir).map_err(path_status)?;
+        let timeouts = UrlTimeouts::of(&self.inner.config);
+        let started = Instant::now();
         let resp = self
             .http()?
             .get(url.clone())
             .send()
             .await
-            .map_err(|e| Status::failed_precondition(format!("fetching {url}: {e}")))?;
+            .map_err(|e| timeouts.fetch_error(&url, &e, started))?;
         let code = resp.status();
         if !code.is_success() {
             let msg = format!("fetching {url}: http status {code}");
@@ -438,11 +517,18 @@ impl Buildlet for BuildletService {
         }
         let upload_error = Arc::new(Mutex::new(None));
         let record = upload_error.clone();
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let record_timeout = timed_out.clone();
         let max = self.inner.config.tar_limits.max_bytes;
         let mut seen = 0u64;
+        let body_url = url.clone();
         let data = resp.bytes_stream().map(move |r| {
             let chunk = r.map_err(|e| {
-                let why = format!("downloading: {e}");
+                let status = timeouts.fetch_error(&body_url, &e, started);
+                if status.code() == tonic::Code::DeadlineExceeded {
+                    record_timeout.store(true, Ordering::SeqCst);
+                }
+                let why = status.message().to_owned();
                 if let Ok(mut g) = record.lock() {
                     *g = Some(why.clone());
                 }
@@ -457,7 +543,19 @@ impl Buildlet for BuildletService {
             }
             Ok(chunk)
         });
-        let resp = self.extract(&req.dir, data, upload_error).await?;
+        let resp = self
+            .extract(&req.dir, data, upload_error)
+            .await
+            .map_err(|status| {
+                if timed_out.load(Ordering::SeqCst) {
+                    let msg = status.message();
+                    Status::deadline_exceeded(
+                        msg.strip_prefix("upload interrupted: ").unwrap_or(msg),
+                    )
+                } else {
+                    status
+                }
+            })?;
         tracing::info!(%url, dir = req.dir, entries = resp.entries, "put_tar_from_url");
         Ok(Response::new(resp))
     }
@@ -525,12 +623,13 @@ impl Buildlet for BuildletService {
             Err(PrepareError::Path(p)) => return Err(path_status(p)),
             Err(e) => return Err(Status::invalid_argument(e.to_string())),
         };
+        let scope = self.scope("exec")?;
         let (tx, rx) = mpsc::channel(EXEC_CHANNEL);
         let guard = RunningGuard::new(&self.inner.running);
         let shutdown = self.inner.shutdown.clone();
         self.inner.tasks.spawn(async move {
             let _guard = guard;
-            exec::run(prepared, tx, shutdown).await;
+            exec::run(prepared, tx, shutdown, scope).await;
         });
         let out = ReceiverStream::new(rx).map(|ev| Ok(exec_event_to_pb(ev)));
         Ok(Response::new(Box::pin(out)))
@@ -584,10 +683,10 @@ impl Buildlet for BuildletService {
         &self,
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::RemoveResponse>, Status> {
-        let paths = request.into_inner().paths;
+        let pb::RemoveRequest { paths, allow_root } = request.into_inner();
         let root = self.workdir().to_owned();
-        tracing::info!(?paths, "remove");
-        tokio::task::spawn_blocking(move || fsops::remove(&root, &paths))
+        tracing::info!(?paths, allow_root, "remove");
+        tokio::task::spawn_blocking(move || fsops::remove(&root, &paths, allow_root))
             .await
             .map_err(blocking_failed)?
             .map_err(fs_status)?;
@@ -649,6 +748,13 @@ impl Buildlet for BuildletService {
             hostname: c.hostname.clone(),
             goos: goos().into(),
             goarch: goarch().into(),
+            containment: self.inner.contain.description().to_owned(),
+            cgroup: self
+                .inner
+                .contain
+                .cgroup_path()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default(),
         }))
     }
 
@@ -696,8 +802,8 @@ impl Buildlet for BuildletService {
             term: start.term,
         };
         let workdir = self.workdir().to_owned();
-        let env = exec::build_env(std::env::vars(), EnvMode::Add, &[], &[], &workdir)
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let env = exec::build_env(std::env::vars(), EnvMode::Add, &start.env, &[], &workdir)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         for sub in ["tmp", "gocache"] {
             let _ = std::fs::create_dir_all(workdir.join(sub));
         }
@@ -719,12 +825,13 @@ impl Buildlet for BuildletService {
                 })
             });
         tracing::info!(argv = ?spec.argv, "shell");
+        let scope = self.scope("shell")?;
         let (tx, rx) = mpsc::channel(EXEC_CHANNEL);
         let guard = RunningGuard::new(&self.inner.running);
         let shutdown = self.inner.shutdown.clone();
         self.inner.tasks.spawn(async move {
             let _guard = guard;
-            shell::run(workdir, spec, env, Box::pin(input), tx, shutdown).await;
+            shell::run(workdir, spec, env, Box::pin(input), tx, shutdown, scope).await;
         });
         let out = ReceiverStream::new(rx).map(|ev| Ok(shell_event_to_pb(ev)));
         Ok(Response::new(Box::pin(out)))
@@ -772,111 +879,73 @@ pub fn authenticated_routes(svc: BuildletService, policy: AuthPolicy) -> Routes 
     ))
 }
 
-/// A server-side TLS connection that tells tonic (and so [`AuthPolicy`]) who the peer is.
-struct TlsConn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
-
-impl Connected for TlsConn {
-    type ConnectInfo = PeerInfo;
-
-    fn connect_info(&self) -> PeerInfo {
-        let (tcp, session) = self.0.get_ref();
-        PeerInfo {
-            remote_addr: tcp.peer_addr().ok(),
-            verified_client_cert: session.peer_certificates().is_some_and(|c| !c.is_empty()),
-        }
-    }
-}
-
-impl AsyncRead for TlsConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-}
-
-/// Serves `routes` over TLS on `listener` until `shutdown` is cancelled, then finishes
-/// in-flight calls and returns. Handshakes run concurrently (one slow client cannot
-/// stall the accept loop) and are dropped after a timeout.
+/// Serves `routes` over TLS on `listener` with the default [`ConnLimits`] until
+/// `shutdown`; see [`serve_tls_with`].
 pub async fn serve_tls(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     routes: Routes,
     shutdown: CancellationToken,
-) -> Result<(), tonic::transport::Error> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let incoming = async_stream::stream! {
-        let mut handshakes = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((tcp, peer)) => {
-                        let _ = tcp.set_nodelay(true);
-                        let acceptor = acceptor.clone();
-                        handshakes.spawn(async move {
-                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                                Ok(Ok(tls)) => Some(TlsConn(tls)),
-                                Ok(Err(e)) => {
-                                    tracing::info!(%peer, error = %e, "tls handshake failed");
-                                    None
-                                }
-                                Err(_) => {
-                                    tracing::info!(%peer, "tls handshake timed out");
-                                    None
-                                }
-                            }
-                        });
+) {
+    serve_tls_with(listener, tls, routes, ConnLimits::default(), shutdown).await
+}
+
+/// Serves `routes` (gRPC over HTTP/2) over TLS on `listener` until `shutdown` is
+/// cancelled, then gives in-flight calls a grace period and returns once every
+/// connection is closed. Connections go through the bounded acceptor of
+/// `revdial::accept`: caps on open connections and handshakes, a handshake timeout,
+/// an idle timeout (no call in flight), HTTP/2 keep-alive and a header size limit.
+pub async fn serve_tls_with(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    routes: Routes,
+    limits: ConnLimits,
+    shutdown: CancellationToken,
+) {
+    let tls = tokio_rustls::TlsAcceptor::from(tls);
+    let acceptor = Acceptor::new(limits);
+    let conns = TaskTracker::new();
+    while let Some((tcp, peer, conn)) = acceptor.accept(&listener, &shutdown).await {
+        let (tls, routes, shutdown) = (tls.clone(), routes.clone(), shutdown.clone());
+        conns.spawn(async move {
+            let h = conn.handle();
+            let limit = h.limits().handshake_timeout;
+            let stream = tokio::select! {
+                r = tokio::time::timeout(limit, tls.accept(tcp)) => match r {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(error)) => {
+                        tracing::info!(%peer, %error, "tls handshake failed");
+                        return;
                     }
-                    Err(e) => {
-                        // E.g. out of file descriptors: back off instead of spinning.
-                        tracing::warn!(error = %e, "accepting connection");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    Err(_) => {
+                        tracing::info!(%peer, ?limit, "tls handshake timed out");
+                        return;
                     }
                 },
-                Some(done) = handshakes.join_next() => {
-                    if let Ok(Some(tls)) = done {
-                        yield Ok::<_, io::Error>(tls);
-                    }
-                }
+                _ = h.killed() => return,
+                _ = shutdown.cancelled() => return,
+            };
+            h.handshake_done();
+            let info = PeerInfo {
+                remote_addr: Some(peer),
+                verified_client_cert: stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .is_some_and(|c| !c.is_empty()),
+            };
+            // The auth interceptor reads this from every request's extensions.
+            let svc = tower::ServiceExt::map_request(routes, move |mut req: http::Request<_>| {
+                req.extensions_mut().insert(info.clone());
+                req
+            });
+            let io = hyper_util::rt::TokioIo::new(Tracked::new(stream, conn));
+            match serve_http(io, svc, &h, HttpVersions::Http2Only, &shutdown).await {
+                Ok(closed) => tracing::debug!(%peer, ?closed, "connection closed"),
+                Err(error) => tracing::debug!(%peer, %error, "connection ended with an error"),
             }
-        }
-    };
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await
+        });
+    }
+    conns.close();
+    conns.wait().await;
 }

@@ -1,7 +1,8 @@
 //! The interactive shell behind `gomote ssh`: a command on a fresh PTY in its own
 //! session, PTY output streamed out, caller input written in, window resizes applied,
 //! and one exit event at the end. The session's process group is killed (and the PTY
-//! closed, which hangs up the session) when the call ends for any reason.
+//! closed, which hangs up the session) when the call ends for any reason, and so is
+//! everything that left the group, through the session's containment [`Scope`].
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -17,6 +18,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::contain::Scope;
 use crate::exec::{GroupKiller, Outcome, look_path};
 
 /// How long to keep reading output the PTY still holds once the command has exited.
@@ -70,6 +72,7 @@ fn spawn(
     workdir: &Path,
     spec: &ShellSpec,
     mut env: Vec<(String, String)>,
+    scope: &mut Scope,
 ) -> io::Result<(tokio::process::Child, AsyncFd<OwnedFd>)> {
     let pty = openpty(&winsize(spec.rows, spec.cols), None).map_err(io::Error::from)?;
     let term = if spec.term.is_empty() {
@@ -127,7 +130,7 @@ fn spawn(
     }
     // `cmd` holds the slave ends; dropping it after spawn leaves only the child's, so
     // reading the master reports EIO once the session is gone.
-    let child = cmd.spawn()?;
+    let child = scope.spawn(&mut cmd)?;
     drop(cmd);
     let flags = fcntl(pty.master.as_fd(), FcntlArg::F_GETFL).map_err(io::Error::from)?;
     let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
@@ -174,11 +177,13 @@ pub async fn run(
     mut input: impl Stream<Item = ShellInput> + Unpin,
     tx: mpsc::Sender<ShellEvent>,
     shutdown: CancellationToken,
+    mut scope: Scope,
 ) {
     let start = Instant::now();
-    let (mut child, master) = match spawn(&workdir, &spec, env) {
+    let (mut child, master) = match spawn(&workdir, &spec, env, &mut scope) {
         Ok(x) => x,
         Err(e) => {
+            scope.finish().await;
             let _ = tx
                 .send(ShellEvent::Exit(Outcome::failed(format!(
                     "starting shell: {e}"
@@ -198,7 +203,7 @@ pub async fn run(
                 Ok(n) => {
                     let data = Bytes::copy_from_slice(&buf[..n]);
                     if tx.send(ShellEvent::Data(data)).await.is_err() {
-                        return; // caller gone: `group` and `child` drops kill the session
+                        break None; // caller gone
                     }
                 }
                 Err(e) => {
@@ -219,15 +224,21 @@ pub async fn run(
                 }
                 None => input_open = false,
             },
-            st = child.wait() => break st,
+            st = child.wait() => break Some(st),
             _ = shutdown.cancelled() => {
                 group.kill();
-                break child.wait().await;
+                break Some(child.wait().await);
             }
-            _ = tx.closed() => return,
+            _ = tx.closed() => break None,
         }
     };
     group.kill();
+    let Some(status) = status else {
+        let _ = child.wait().await;
+        scope.finish().await;
+        return;
+    };
+    scope.finish().await;
     // Output the command wrote just before exiting may still sit in the PTY.
     let drain = async {
         while output_open {

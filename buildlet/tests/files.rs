@@ -236,7 +236,7 @@ async fn write_list_remove_workdir_and_status() {
         .expect("remove");
     assert!(!b.workdir.join("a/b.txt").exists());
     assert!(b.workdir.join("a/skip/inner").exists());
-    c.remove(&["."]).await.expect("remove .");
+    c.remove_all().await.expect("remove all");
     assert!(b.workdir.is_dir(), "workdir itself was removed");
     assert_eq!(std::fs::read_dir(&b.workdir).expect("read").count(), 0);
 
@@ -326,4 +326,153 @@ async fn paths_escaping_the_workdir_are_refused() {
         "something outside changed"
     );
     assert!(std::fs::symlink_metadata(b.workdir.join("link")).is_err());
+}
+
+#[tokio::test]
+async fn removing_the_workdir_root_is_refused_unless_asked_for() {
+    let b = TestBuildlet::start().await;
+    let c = b.client().await;
+    c.write_file("keep/a.txt", 0, "a").await.expect("write");
+    c.write_file("b.txt", 0, "b").await.expect("write");
+    let before = tree(&b.workdir);
+    // What a stray empty argument or a computed path produces never empties the
+    // workdir, even next to an ordinary path.
+    for root in ["", "./", "./.", "keep/..", "keep/../."] {
+        let err = c.remove(&["b.txt", root]).await.expect_err(root);
+        assert_eq!(err.code(), ErrorCode::InvalidArgument, "{root:?}: {err}");
+        // ".." is refused by the path policy; the others as the workdir itself.
+        let msg = err.to_string();
+        assert!(
+            msg.contains("workdir itself") || msg.contains("\"..\""),
+            "{root:?}: {msg}"
+        );
+    }
+    // Through the raw service (as the coordinator forwards `gomote rm`), "." too needs
+    // allow_root.
+    let mut raw = c.raw();
+    for root in [".", ""] {
+        let err = raw
+            .remove(buildfarm_proto::buildlet::RemoveRequest {
+                paths: vec![root.into()],
+                allow_root: false,
+            })
+            .await
+            .expect_err(root);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{root:?}: {err}");
+    }
+    assert_eq!(
+        tree(&b.workdir),
+        before,
+        "a refused remove changed the workdir"
+    );
+
+    // Asked for explicitly, the workdir is emptied but kept.
+    raw.remove(buildfarm_proto::buildlet::RemoveRequest {
+        paths: vec![String::new()],
+        allow_root: true,
+    })
+    .await
+    .expect("remove with allow_root");
+    assert!(b.workdir.is_dir());
+    assert_eq!(std::fs::read_dir(&b.workdir).expect("read").count(), 0);
+    c.write_file("c.txt", 0, "c").await.expect("write");
+    c.remove_all().await.expect("remove_all");
+    assert_eq!(std::fs::read_dir(&b.workdir).expect("read").count(), 0);
+}
+
+/// A TCP server that accepts connections and reads them but never answers.
+async fn silent_server() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            // Keep the connection open and silent.
+            held.push(conn);
+        }
+    });
+    (format!("http://{addr}"), task)
+}
+
+/// A server that answers with headers and a little of the body, then goes silent.
+async fn stalling_server(body: Vec<u8>) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/gzip\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(&body[..body.len() / 2]).await;
+            let _ = conn.flush().await;
+            held.push(conn);
+        }
+    });
+    (format!("http://{addr}"), task)
+}
+
+#[tokio::test]
+async fn put_tar_from_url_gives_up_on_a_server_that_never_answers() {
+    let b = TestBuildlet::start_with_args(
+        Options::default(),
+        &["--url-read-timeout", "2s", "--url-connect-timeout", "2s"],
+    )
+    .await;
+    let c = b.client().await;
+    let (base, server) = silent_server().await;
+    let url = format!("{base}/never.tar.gz");
+    let started = std::time::Instant::now();
+    // The outer bound only keeps a regression from hanging the test.
+    let err = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        c.put_tar_from_url(&url, "x"),
+    )
+    .await
+    .expect("put_tar_from_url waited on a silent server for 2 minutes")
+    .expect_err("a silent server's download succeeded");
+    assert_eq!(err.code(), ErrorCode::DeadlineExceeded, "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains(&url), "names the URL: {msg}");
+    assert!(
+        msg.contains("read timeout of 2s"),
+        "names the timeout: {msg}"
+    );
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "gave up before the timeout"
+    );
+
+    // A server that stalls halfway through the body is given up on the same way, and
+    // nothing of the half-received tarball lands in the workdir.
+    let big = vec![7u8; 200_000];
+    let body = tgz(&[("big.bin", 0o644, big.as_slice())]);
+    let (base, stalling) = stalling_server(body).await;
+    let url = format!("{base}/half.tar.gz");
+    let err = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        c.put_tar_from_url(&url, ""),
+    )
+    .await
+    .expect("put_tar_from_url waited on a stalled body for 2 minutes")
+    .expect_err("a stalled download succeeded");
+    assert_eq!(err.code(), ErrorCode::DeadlineExceeded, "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&url) && msg.contains("read timeout of 2s"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read_dir(&b.workdir).expect("read").count(), 0);
+    server.abort();
+    stalling.abort();
 }

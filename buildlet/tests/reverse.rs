@@ -155,6 +155,13 @@ struct Proc {
     log_path: PathBuf,
 }
 
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let log = self.log();
+        common::kill_and_remove_container(&mut self.child, &log);
+    }
+}
+
 impl Proc {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
@@ -299,6 +306,45 @@ async fn exec_put_and_get_run_through_the_tunnel_and_halt_stops_it() {
     assert!(st.success(), "exit {st:?}\n{}", p.log());
     wait_lost(&mut events, info.id, SOON).await;
     assert!(farm.listener.registry().is_empty());
+}
+
+/// Containment works in reverse mode too: a process the command detached with setsid
+/// dies with the command, and Status says what contains commands.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_detached_process_dies_with_its_command_in_reverse_mode() {
+    let farm = Farm::start().await;
+    let mut events = farm.listener.registry().subscribe();
+    let p = farm.spawn_good("rev-contain");
+    let info = wait_connected(&mut events, "rev-contain", &p).await;
+    let c = farm.client(info.id);
+    let st = c.status().await.expect("status");
+    assert!(
+        st.containment == "subreaper" || st.containment.ends_with(&st.cgroup),
+        "{st:?}"
+    );
+    // A unique duration marks the detached sleeper in /proc.
+    let marker = format!("300.0{}", std::process::id());
+    let sleeper_alive = || {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .map(|c| c == format!("sleep\0{marker}\0").into_bytes())
+                    .unwrap_or(false)
+            })
+    };
+    let script = format!(
+        "setsid sleep {marker} & i=0; while [ $i -lt 200 ] && ! pgrep -fx 'sleep {marker}' >/dev/null; do sleep 0.05; i=$((i+1)); done; pgrep -fx 'sleep {marker}' >/dev/null && echo detached"
+    );
+    let (code, out) = run(&c, &script).await;
+    assert_eq!((code, out.trim()), (Some(0), "detached"));
+    assert!(
+        common::eventually(SOON, || !sleeper_alive()).await,
+        "the detached sleeper outlived its command\n{}",
+        p.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::farm::{Farm, FarmEvent, InstanceGrant, now_ms};
+use crate::git::PatchError;
 use crate::tokens;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -24,11 +25,65 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 /// Largest patch a try run accepts.
 pub const MAX_PATCH_BYTES: usize = 16 << 20;
 
+/// Who refused an oversized message, for [`over_limit_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitHolder {
+    /// The coordinator's API (`limits.max_message_bytes`).
+    Coordinator,
+    /// A gomote instance's buildlet, behind the coordinator's proxy.
+    Buildlet,
+}
+
+/// tonic refuses a message over its size limit with `OutOfRange` and a decoder message
+/// ("decoded message length too large ..."), which tells a user neither which limit it is
+/// nor what to do. This turns such a status into `ResourceExhausted` naming the limit;
+/// any other status gives `None`.
+pub fn over_limit_status(status: &Status, holder: LimitHolder) -> Option<Status> {
+    if status.code() != tonic::Code::OutOfRange {
+        return None;
+    }
+    let msg = status.message();
+    let msg = msg.strip_prefix("buildlet: ").unwrap_or(msg);
+    // Only a refused request can be helped by streaming; a refused response cannot.
+    let (direction, advice, rest) = if let Some(rest) =
+        msg.strip_prefix("Error, decoded message length too large: found ")
+    {
+        (
+            "received",
+            "; send files with `gomote put` or `gomote puttar`, which stream them in chunks",
+            rest,
+        )
+    } else if let Some(rest) = msg.strip_prefix("Error, encoded message length too large: found ") {
+        ("sent", "", rest)
+    } else {
+        return None;
+    };
+    // "<found> bytes, the limit is: <limit> bytes"
+    let found = rest.split(' ').next().unwrap_or("?");
+    let limit = rest
+        .split("the limit is: ")
+        .nth(1)
+        .and_then(|l| l.split(' ').next())
+        .unwrap_or("?");
+    let (whose, knob) = match holder {
+        LimitHolder::Coordinator => (
+            "the coordinator's",
+            " (limits.max_message_bytes in its config)",
+        ),
+        LimitHolder::Buildlet => ("the buildlet's", ""),
+    };
+    Some(Status::resource_exhausted(format!(
+        "a {direction} message of {found} bytes is over {whose} limit of {limit} bytes per message{knob}{advice}"
+    )))
+}
+
 /// A borrowed buildlet.
 pub struct Instance {
     pub info: cp::Instance,
     last_used_ms: Mutex<i64>,
     grant: Mutex<Option<InstanceGrant>>,
+    /// The owner's allowance this instance uses; given back with the grant.
+    ticket: Mutex<Option<InstanceTicket>>,
     raw: buildlet::client::RawClient,
     lost: tokio_util::sync::CancellationToken,
 }
@@ -39,10 +94,34 @@ impl Instance {
     }
 }
 
+/// How many gomote instances each user holds, live or still being created, for
+/// `limits.gomote_instances_per_user`.
+type HeldByUser = Arc<Mutex<HashMap<String, usize>>>;
+
+/// One instance of a user's allowance, taken when a create starts and given back when
+/// dropped: when the create is abandoned or fails, or the instance is destroyed or expires.
+struct InstanceTicket {
+    held: HeldByUser,
+    user: String,
+}
+
+impl Drop for InstanceTicket {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = held.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.user);
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Api {
     farm: Arc<Farm>,
     instances: Arc<Mutex<HashMap<String, Arc<Instance>>>>,
+    held: HeldByUser,
 }
 
 impl Api {
@@ -50,6 +129,7 @@ impl Api {
         let api = Api {
             farm: farm.clone(),
             instances: Arc::new(Mutex::new(HashMap::new())),
+            held: Arc::new(Mutex::new(HashMap::new())),
         };
         let sweeper = api.clone();
         farm.tasks.spawn(async move { sweeper.expire_loop().await });
@@ -70,6 +150,48 @@ impl Api {
             .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
         tokens::verify(&self.farm.master_key, token.trim())
             .ok_or_else(|| Status::permission_denied("invalid user token"))
+    }
+
+    /// Takes one of `user`'s instances, or refuses with `ResourceExhausted` naming the
+    /// limit when the user already holds `limits.gomote_instances_per_user` (live ones
+    /// and creates still waiting count alike, so parallel creates cannot get around it).
+    fn take_ticket(&self, user: &str) -> Result<InstanceTicket, Status> {
+        let limit = self.farm.config.limits.gomote_instances_per_user as usize;
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let n = held.get(user).copied().unwrap_or(0);
+        if n >= limit {
+            drop(held);
+            let live = self
+                .instances
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .filter(|i| i.info.owner == user)
+                .count()
+                .min(n);
+            let what = if live == n {
+                format!("{n} live gomote instances")
+            } else {
+                format!(
+                    "{n} gomote instances ({live} live, {} being created)",
+                    n - live
+                )
+            };
+            warn!(
+                user,
+                held = n,
+                limit,
+                "gomote create refused: instance limit"
+            );
+            return Err(Status::resource_exhausted(format!(
+                "user {user} has {what}; the limit is {limit} (limits.gomote_instances_per_user): destroy one first"
+            )));
+        }
+        held.insert(user.to_owned(), n + 1);
+        Ok(InstanceTicket {
+            held: self.held.clone(),
+            user: user.to_owned(),
+        })
     }
 
     fn instance(&self, user: &str, name: &str) -> Result<Arc<Instance>, Status> {
@@ -95,6 +217,34 @@ impl Api {
         Ok(inst)
     }
 
+    /// The builder whose environment an exec on `inst` gets: the instance's own, or
+    /// `other` (`gomote run --builderenv`), which must run on the same host type, since
+    /// its env is only meaningful on that kind of machine.
+    fn env_builder(
+        &self,
+        inst: &Instance,
+        other: &str,
+    ) -> Result<&buildfarm_config::Builder, Status> {
+        let name = if other.is_empty() {
+            inst.info.builder.as_str()
+        } else {
+            other
+        };
+        let builder = self
+            .farm
+            .config
+            .builder(name)
+            .ok_or_else(|| Status::not_found(format!("unknown builder {name:?}")))?;
+        if builder.host_type != inst.info.host_type {
+            return Err(Status::invalid_argument(format!(
+                "builder {name} runs on host type {}, but instance {} is a {} buildlet; \
+                 --builderenv takes a builder of host type {}",
+                builder.host_type, inst.info.name, inst.info.host_type, inst.info.host_type
+            )));
+        }
+        Ok(builder)
+    }
+
     fn remove_instance(&self, name: &str) -> bool {
         let removed = self
             .instances
@@ -102,8 +252,10 @@ impl Api {
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
         if let Some(inst) = removed {
-            // Releasing the grant gives the buildlet and its slot back.
+            // Releasing the grant gives the buildlet and its slot back, and the ticket
+            // the owner's allowance.
             inst.grant.lock().unwrap_or_else(|e| e.into_inner()).take();
+            inst.ticket.lock().unwrap_or_else(|e| e.into_inner()).take();
             info!(instance = name, "gomote instance destroyed");
             true
         } else {
@@ -164,7 +316,6 @@ macro_rules! instance_request {
 
 instance_request! {
     cp::InstanceWriteFileRequest => bp::WriteFileRequest,
-    cp::InstanceExecRequest => bp::ExecRequest,
     cp::InstanceGetTarRequest => bp::GetTarRequest,
     cp::InstanceRemoveRequest => bp::RemoveRequest,
     cp::InstanceListRequest => bp::ListRequest,
@@ -186,6 +337,9 @@ impl Api {
 }
 
 fn proxy_status(e: Status) -> Status {
+    if let Some(s) = over_limit_status(&e, LimitHolder::Buildlet) {
+        return s;
+    }
     // Keep the buildlet's code (Unavailable for a lost buildlet, InvalidArgument for bad
     // paths) and say where it came from.
     Status::new(e.code(), format!("buildlet: {}", e.message()))
@@ -232,7 +386,12 @@ impl Coordinator for Api {
                 builder.host_type
             )));
         }
+        let ticket = self.take_ticket(&user)?;
         let request_id = uuid::Uuid::now_v7().to_string();
+        // Past the interactive share of the host type the request waits in the queue
+        // (shown with its place in line) rather than failing: the share frees up as soon
+        // as any instance is destroyed or expires, and the per-user limit above bounds how
+        // many requests one user can leave waiting.
         let mut rx = self.farm.request_instance(&request_id, &builder.host_type);
         let api = self.clone();
         let farm = self.farm.clone();
@@ -244,6 +403,7 @@ impl Coordinator for Api {
                     phase: cp::create_instance_response::Phase::Queued as i32,
                     waiters_ahead: ahead,
                     instance: None,
+                    waiting_for: farm.interactive_share_full(&builder.host_type).unwrap_or_default(),
                 };
                 let granted = tokio::select! {
                     g = &mut rx => Some(g),
@@ -273,6 +433,7 @@ impl Coordinator for Api {
                 raw: lease.client.raw(),
                 lost: lease.lost.clone(),
                 grant: Mutex::new(Some((lease, slot))),
+                ticket: Mutex::new(Some(ticket)),
             });
             api.instances.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), inst);
             info!(instance = %name, user = %user, "gomote instance created");
@@ -280,6 +441,7 @@ impl Coordinator for Api {
                 phase: cp::create_instance_response::Phase::Ready as i32,
                 waiters_ahead: 0,
                 instance: Some(info),
+                waiting_for: String::new(),
             };
         };
         Ok(Response::new(Box::pin(stream)))
@@ -290,13 +452,21 @@ impl Coordinator for Api {
         req: Request<cp::ListInstancesRequest>,
     ) -> Result<Response<cp::ListInstancesResponse>, Status> {
         let user = self.user(&req)?;
+        let idle_ms = self.farm.config.coordinator.gomote_idle_timeout.as_millis() as i64;
         let mut instances: Vec<cp::Instance> = self
             .instances
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
             .filter(|i| i.info.owner == user)
-            .map(|i| i.info.clone())
+            .map(|i| {
+                // Every use pushes the expiry back (see `expire_loop`).
+                let last_used = *i.last_used_ms.lock().unwrap_or_else(|e| e.into_inner());
+                cp::Instance {
+                    expires_unix: (last_used + idle_ms) / 1000,
+                    ..i.info.clone()
+                }
+            })
             .collect();
         instances.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Response::new(cp::ListInstancesResponse { instances }))
@@ -337,14 +507,33 @@ impl Coordinator for Api {
             .ok_or_else(|| Status::invalid_argument("empty put_tar stream"))?;
         let inst = self.instance(&user, &first.instance)?;
         let head = first.request.into_iter();
-        // A client error mid-stream ends the upload; the buildlet then refuses the
-        // truncated tarball.
-        let rest =
-            tokio_stream::StreamExt::filter_map(incoming, |m| m.ok().and_then(|m| m.request));
+        // A client error mid-stream (e.g. a message over the size limit) ends the upload;
+        // the buildlet then refuses the truncated tarball, and the caller is told the
+        // client-side error, which is the cause.
+        let client_error: Arc<Mutex<Option<Status>>> = Arc::default();
+        let keep = client_error.clone();
+        let rest = incoming
+            .scan((), move |_, m| {
+                futures::future::ready(match m {
+                    Ok(m) => Some(m.request),
+                    Err(e) => {
+                        *keep.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                        None
+                    }
+                })
+            })
+            .filter_map(futures::future::ready);
         let outbound = futures::stream::iter(head).chain(rest);
         let mut raw = inst.raw.clone();
-        let resp = raw.put_tar(outbound).await.map_err(proxy_status)?;
-        Ok(resp)
+        let resp = raw.put_tar(outbound).await;
+        if let Some(e) = client_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            return Err(e);
+        }
+        resp.map_err(proxy_status)
     }
 
     async fn write_file(
@@ -361,8 +550,21 @@ impl Coordinator for Api {
         &self,
         req: Request<cp::InstanceExecRequest>,
     ) -> Result<Response<Self::ExecStream>, Status> {
-        let (mut raw, inner) = self.target(req)?;
-        let s = raw.exec(inner).await.map_err(proxy_status)?;
+        let user = self.user(&req)?;
+        let r = req.into_inner();
+        let inst = self.instance(&user, &r.instance)?;
+        let mut inner = r
+            .request
+            .ok_or_else(|| Status::invalid_argument("missing request"))?;
+        let builder = self.env_builder(&inst, &r.builder_env)?;
+        // As a build step of the builder would run: its env first, the caller's on top.
+        let mut env: Vec<String> = crate::runner::builder_env(&self.farm.config, builder)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        env.append(&mut inner.env);
+        inner.env = env;
+        let s = inst.raw.clone().exec(inner).await.map_err(proxy_status)?;
         Ok(Response::new(forward(s.into_inner())))
     }
 
@@ -409,7 +611,21 @@ impl Coordinator for Api {
             .await?
             .ok_or_else(|| Status::invalid_argument("empty shell stream"))?;
         let inst = self.instance(&user, &first.instance)?;
-        let head = first.input.into_iter();
+        let mut head = first.input;
+        if let Some(bp::ShellInput {
+            msg: Some(bp::shell_input::Msg::Start(start)),
+        }) = head.as_mut()
+        {
+            // The shell acts like the builder, as `exec` does.
+            let builder = self.env_builder(&inst, &first.builder_env)?;
+            let mut env: Vec<String> = crate::runner::builder_env(&self.farm.config, builder)
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            env.append(&mut start.env);
+            start.env = env;
+        }
+        let head = head.into_iter();
         let rest = tokio_stream::StreamExt::filter_map(incoming, |m| m.ok().and_then(|m| m.input));
         let outbound = futures::stream::iter(head).chain(rest);
         let s = inst
@@ -428,6 +644,14 @@ impl Coordinator for Api {
     ) -> Result<Response<cp::SubmitTryResponse>, Status> {
         let user = self.user(&req)?;
         let r = req.into_inner();
+        // Below `limits.max_message_bytes` (64 MiB by default), so this is what an
+        // oversized patch meets.
+        if r.patch.len() > MAX_PATCH_BYTES {
+            return Err(Status::resource_exhausted(format!(
+                "patch is {} bytes; the limit for a try patch is {MAX_PATCH_BYTES} bytes",
+                r.patch.len()
+            )));
+        }
         let repo = self
             .farm
             .config
@@ -436,6 +660,7 @@ impl Coordinator for Api {
         let mirror = self.farm.mirrors.get(&repo.name).ok_or_else(|| {
             Status::failed_precondition(format!("repo {} has no mirror", repo.name))
         })?;
+        // Shape and paths, before any git (`crate::try_patch`).
         if !r.patch.is_empty() {
             crate::try_patch::check(&r.patch, MAX_PATCH_BYTES)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -446,7 +671,23 @@ impl Coordinator for Api {
         let rev = mirror
             .resolve(&r.rev)
             .await
-            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+            .map_err(|e| Status::invalid_argument(mirror.scrub(&format!("{e:#}"))))?;
+        // A patch that cannot apply would fail on every builder after queueing; refuse it
+        // now, before anything is stored.
+        if !r.patch.is_empty() {
+            match mirror.check_patch(&rev, &r.patch).await {
+                Ok(()) => {}
+                Err(e @ PatchError::DoesNotApply { .. }) => {
+                    return Err(Status::invalid_argument(e.to_string()));
+                }
+                Err(PatchError::Check(e)) => {
+                    warn!(repo = %repo.name, error = %format!("{e:#}"), "patch check failed");
+                    return Err(Status::unavailable(
+                        "the coordinator could not check the patch; try again later",
+                    ));
+                }
+            }
+        }
         let try_builders: Vec<String> = self
             .farm
             .config
@@ -614,4 +855,64 @@ async fn try_state(farm: &Farm, try_id: &str) -> Result<cp::TryState, Status> {
         done: all_final,
         verdict: verdict.to_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoder_limit_errors_become_resource_exhausted_naming_the_limit() {
+        let decoded = Status::out_of_range(
+            "Error, decoded message length too large: found 2097162 bytes, the limit is: 1048576 bytes",
+        );
+        let s = over_limit_status(&decoded, LimitHolder::Coordinator).expect("rewritten");
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            s.message().starts_with(
+                "a received message of 2097162 bytes is over the coordinator's limit of 1048576 bytes per message (limits.max_message_bytes in its config)"
+            ),
+            "{}",
+            s.message()
+        );
+
+        let proxied = proxy_status(Status::out_of_range(
+            "Error, decoded message length too large: found 70000000 bytes, the limit is: 67174400 bytes",
+        ));
+        assert_eq!(proxied.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            proxied
+                .message()
+                .contains("over the buildlet's limit of 67174400 bytes"),
+            "{}",
+            proxied.message()
+        );
+
+        // Anything else keeps its code and message.
+        assert!(
+            over_limit_status(
+                &Status::out_of_range("offset past end"),
+                LimitHolder::Coordinator
+            )
+            .is_none()
+        );
+        assert!(
+            over_limit_status(
+                &Status::internal("Error, decoded message length too large: found 1 bytes"),
+                LimitHolder::Coordinator
+            )
+            .is_none()
+        );
+        let other = proxy_status(Status::invalid_argument("path escapes the workdir"));
+        assert_eq!(other.code(), tonic::Code::InvalidArgument);
+        assert_eq!(other.message(), "buildlet: path escapes the workdir");
+    }
+
+    #[test]
+    fn the_config_default_message_limit_is_the_wire_default() {
+        assert_eq!(
+            buildfarm_config::Limits::default().max_message_bytes(),
+            buildfarm_proto::DEFAULT_MAX_MESSAGE_BYTES
+        );
+    }
 }

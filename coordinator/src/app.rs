@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +25,7 @@ use crate::http::{AppState, router};
 use crate::pool::Pool;
 use crate::pool::local::{LocalPool, LocalPoolOptions};
 use crate::pool::reverse::ReversePool;
+use crate::pool::sandbox::{Sandbox, SandboxOptions, force_remove};
 use crate::server::{Endpoint, serve};
 
 /// Settings that are not part of the config file.
@@ -31,6 +33,9 @@ use crate::server::{Endpoint, serve};
 pub struct StartOptions {
     /// The `buildlet` binary the local pool runs; default: next to this executable.
     pub buildlet_bin: Option<PathBuf>,
+    /// The config file the coordinator was started with: it may hold secrets (webhook
+    /// secrets, a database password), so sandboxed buildlets see an empty file there.
+    pub config_file: Option<PathBuf>,
 }
 
 /// A started coordinator.
@@ -42,6 +47,8 @@ pub struct Running {
     /// The CA that signed the coordinator's certificate (clients trust it).
     pub ca_pem: String,
     pub ca_file: PathBuf,
+    /// The local buildlets' sandbox, when there is a local pool.
+    pub sandbox: Option<Arc<Sandbox>>,
 }
 
 impl Running {
@@ -54,6 +61,9 @@ impl Running {
             .is_err()
         {
             warn!("some tasks did not stop within the grace period");
+        }
+        if let Some(sandbox) = &self.sandbox {
+            sandbox.remove_root_if_idle();
         }
     }
 }
@@ -109,6 +119,179 @@ fn load_or_issue(
     Ok((id, c, k))
 }
 
+/// Buildlet stderr logs, under the data dir: the operator reads them, builds cannot.
+const BUILDLET_LOGS: &str = "buildlet-logs";
+
+/// A digest of the canonical data dir, from which per-farm defaults are derived.
+fn data_dir_hash(data_dir: &Path) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data_dir.as_os_str().as_encoded_bytes()).into()
+}
+
+/// The default workdir root: `<temp dir>/buildfarm-<hash of the data dir>`.
+pub fn default_workdir_root(data_dir: &Path) -> PathBuf {
+    let h = data_dir_hash(data_dir);
+    std::env::temp_dir().join(format!("buildfarm-{}", hex::encode(&h[..6])))
+}
+
+/// The default first sandbox uid: 1,500,000 plus 1024 × a number below 2^20 taken from
+/// the data dir, so farms on one machine (tests, too) almost never share a uid range.
+pub fn default_uid_base(data_dir: &Path) -> u32 {
+    let h = data_dir_hash(data_dir);
+    let bucket = u32::from_be_bytes([0, h[0] & 0x0f, h[1], h[2]]);
+    1_500_000 + 1024 * bucket
+}
+
+/// Resolves the `[sandbox]` settings and prepares the sandbox, when there is a local pool.
+async fn prepare_sandbox(
+    config: &Config,
+    data_dir: &Path,
+    opts: &StartOptions,
+) -> Result<Option<Arc<Sandbox>>> {
+    let slots: usize = config
+        .host_types
+        .iter()
+        .map(|h| match &h.pool {
+            PoolConfig::Local(l) => l.count as usize,
+            _ => 0,
+        })
+        .sum();
+    if slots == 0 {
+        return Ok(None);
+    }
+    let s = &config.sandbox;
+    let buildlet_bin = match &opts.buildlet_bin {
+        Some(b) => b.clone(),
+        None => default_buildlet_bin()?,
+    };
+    let buildlet_bin = buildlet_bin
+        .canonicalize()
+        .with_context(|| format!("the buildlet binary {}", buildlet_bin.display()))?;
+    let workdir_root = s
+        .workdir_root
+        .clone()
+        .unwrap_or_else(|| default_workdir_root(data_dir));
+    // Checked before start-up cleanup empties the root.
+    let root = workdir_root
+        .canonicalize()
+        .unwrap_or_else(|_| std::path::absolute(&workdir_root).unwrap_or(workdir_root.clone()));
+    let mut writable_paths = Vec::new();
+    for p in &s.writable_paths {
+        let c = p
+            .canonicalize()
+            .with_context(|| format!("[sandbox] writable_paths: {}", p.display()))?;
+        for (what, dir) in [("data dir", data_dir), ("workdir root", root.as_path())] {
+            if c.starts_with(dir) || dir.starts_with(&c) {
+                bail!(
+                    "[sandbox] writable_paths: {} must be outside the {what} {} and not contain it",
+                    c.display(),
+                    dir.display()
+                );
+            }
+        }
+        writable_paths.push(c);
+    }
+    let sandbox = Sandbox::prepare(SandboxOptions {
+        mode: s.mode,
+        data_dir: data_dir.to_owned(),
+        workdir_root,
+        uid_base: s.uid_base.unwrap_or_else(|| default_uid_base(data_dir)),
+        slots,
+        writable_paths,
+        secret_files: secret_files(config, data_dir)
+            .into_iter()
+            .chain(
+                opts.config_file
+                    .iter()
+                    .filter_map(|f| f.canonicalize().ok()),
+            )
+            .collect(),
+        buildlet_bin,
+    })
+    .await?;
+    // Where workdirs were kept before they moved out of the data dir.
+    let legacy = data_dir.join("buildlets");
+    if legacy.exists() {
+        info!(dir = %legacy.display(), "removing local buildlet workdirs left in the data dir by an older version");
+        force_remove(&legacy).with_context(|| format!("removing {}", legacy.display()))?;
+    }
+    // Logs of a previous run's buildlets: their workdirs are gone, so are they.
+    let logs = data_dir.join(BUILDLET_LOGS);
+    if let Ok(rd) = std::fs::read_dir(&logs) {
+        let stale = rd.flatten().count();
+        if stale > 0 {
+            info!(dir = %logs.display(), files = stale, "removing a previous run's buildlet logs");
+            force_remove(&logs).with_context(|| format!("removing {}", logs.display()))?;
+        }
+    }
+    Ok(Some(sandbox))
+}
+
+/// Files only the coordinator may read: master key, private keys, the SQLite database.
+fn secret_files(config: &Config, data_dir: &Path) -> Vec<PathBuf> {
+    let mut files = vec![config.coordinator.master_key_path()];
+    if let Some(k) = &config.coordinator.tls_key {
+        files.push(k.clone());
+    }
+    if let Ok(rd) = std::fs::read_dir(data_dir.join("tls")) {
+        files.extend(
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "key")),
+        );
+    }
+    let url = config.coordinator.store_url();
+    if let Some(rest) = url
+        .strip_prefix("sqlite://")
+        .or(url.strip_prefix("sqlite:"))
+    {
+        let db = PathBuf::from(rest.split('?').next().unwrap_or(rest));
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let mut p = db.clone().into_os_string();
+            p.push(suffix);
+            files.push(PathBuf::from(p));
+        }
+    }
+    files
+        .into_iter()
+        .map(|f| f.canonicalize().unwrap_or(f))
+        .collect()
+}
+
+/// Makes the data dir (and its `tls/`) 0700 and each existing secret file 0600, logging
+/// each change: a data dir made by an older version, or by hand, may be open to others.
+fn tighten_modes(data_dir: &Path, secret_files: &[PathBuf]) {
+    use std::os::unix::fs::PermissionsExt;
+    let tighten = |path: &Path, mode: u32| {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        let old = meta.permissions().mode() & 0o7777;
+        if old & 0o077 == 0 {
+            return;
+        }
+        match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+            Ok(()) => info!(
+                path = %path.display(),
+                old_mode = format!("{old:o}"),
+                new_mode = format!("{mode:o}"),
+                "made a secret readable only by the coordinator"
+            ),
+            Err(error) => warn!(
+                path = %path.display(),
+                old_mode = format!("{old:o}"),
+                %error,
+                "cannot restrict the mode of a secret; other users may read it"
+            ),
+        }
+    };
+    tighten(data_dir, 0o700);
+    tighten(&data_dir.join("tls"), 0o700);
+    for f in secret_files {
+        tighten(f, 0o600);
+    }
+}
+
 fn default_buildlet_bin() -> Result<PathBuf> {
     if let Ok(p) = std::env::var("BUILDFARM_BUILDLET") {
         return Ok(PathBuf::from(p));
@@ -130,9 +313,14 @@ fn default_buildlet_bin() -> Result<PathBuf> {
 /// Starts a coordinator on `listener` with `config`.
 pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) -> Result<Running> {
     let data_dir = config.coordinator.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)
+    let config_connections = config.connections.clone();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
+    tighten_modes(&data_dir, &secret_files(&config, &data_dir));
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -158,9 +346,15 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
         &[tls::ALPN_REVDIAL, tls::ALPN_H2, tls::ALPN_HTTP1],
     )?;
 
+    // Before anything else is started: a sandbox that cannot work is a start-up error.
+    let sandbox = prepare_sandbox(&config, &data_dir, &opts).await?;
+
     let store = buildfarm_store::open(&config.coordinator.store_url())
         .await
         .with_context(|| format!("opening store {}", config.coordinator.store_url()))?;
+    // The store may have just created the database (and its WAL files) with the umask's
+    // mode; keys were made since the first pass too.
+    tighten_modes(&data_dir, &secret_files(&config, &data_dir));
 
     let mut mirrors = HashMap::new();
     for repo in &config.repos {
@@ -177,39 +371,30 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
     let registry = revdial_listener.registry();
 
     let mut pools: HashMap<String, Arc<dyn Pool>> = HashMap::new();
-    let mut local_parts = None;
+    let local_parts = match sandbox.clone() {
+        Some(sandbox) => {
+            let (client, _, _) = load_or_issue(&tls_dir, "coordinator-client", || {
+                Ok(ca.issue_client("coordinator")?)
+            })?;
+            Some((sandbox, Arc::new(ca), client))
+        }
+        None => None,
+    };
     for ht in &config.host_types {
         match &ht.pool {
             PoolConfig::Local(l) => {
-                let (bin, server_cert, server_key, client) = match &local_parts {
-                    Some(p) => Clone::clone(p),
-                    None => {
-                        let bin = match &opts.buildlet_bin {
-                            Some(b) => b.clone(),
-                            None => default_buildlet_bin()?,
-                        };
-                        let (_, sc, sk) = load_or_issue(&tls_dir, "local-buildlet", || {
-                            Ok(ca.issue_server(&["localhost", "127.0.0.1"])?)
-                        })?;
-                        let (client, _, _) = load_or_issue(&tls_dir, "coordinator-client", || {
-                            Ok(ca.issue_client("coordinator")?)
-                        })?;
-                        let parts = (bin, sc, sk, client);
-                        local_parts = Some(parts.clone());
-                        parts
-                    }
+                let Some((sandbox, ca, client)) = &local_parts else {
+                    bail!("local pool {} without a sandbox", ht.name);
                 };
                 let pool = LocalPool::new(
                     LocalPoolOptions {
                         host_type: ht.name.clone(),
                         count: l.count as usize,
-                        buildlet_bin: bin,
-                        root: data_dir.join("buildlets"),
-                        server_cert,
-                        server_key,
-                        ca_file: ca_file.clone(),
+                        sandbox: sandbox.clone(),
+                        ca: ca.clone(),
                         ca_pem: ca_pem.clone(),
-                        client_identity: client,
+                        log_dir: data_dir.join(BUILDLET_LOGS),
+                        client_identity: client.clone(),
                         start_timeout: Duration::from_secs(30),
                     },
                     tasks.clone(),
@@ -254,11 +439,24 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
         poll_kick: poll_kick.clone(),
         web: crate::http::WebState::start(&farm, Some(revdial_listener.clone()))?,
     };
+    // Before the connection cap is derived from it: every descriptor the hard limit
+    // allows, less a reserve for our own files.
+    match revdial::accept::raise_nofile_limit() {
+        Ok(nofile) => info!(nofile, "open-file limit"),
+        Err(error) => warn!(%error, "cannot raise the open-file limit"),
+    }
+    let limits = crate::server::conn_limits(&config_connections);
+    info!(
+        max_connections = limits.max_connections,
+        max_handshakes = limits.max_handshakes,
+        "connection limits"
+    );
     let endpoint = Endpoint {
         router: router(state),
         tls: server_tls,
         revdial: revdial_listener.clone(),
         allow_plaintext: addr.ip().is_loopback(),
+        limits,
     };
     tasks.spawn(farm.clone().dispatch_loop());
     tasks.spawn(crate::poller::poll_loop(farm.clone(), poll_kick));
@@ -278,5 +476,27 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
         tasks,
         ca_pem,
         ca_file,
+        sandbox,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_farm_defaults_are_stable_distinct_and_in_range() {
+        let a = Path::new("/var/lib/buildfarm");
+        let b = Path::new("/srv/other-farm");
+        assert_eq!(default_uid_base(a), default_uid_base(a));
+        assert_ne!(default_uid_base(a), default_uid_base(b));
+        for p in [a, b] {
+            let base = default_uid_base(p);
+            assert!((1_500_000..1_500_000 + 1024 * (1 << 20)).contains(&base));
+            assert_eq!((base - 1_500_000) % 1024, 0);
+            let root = default_workdir_root(p);
+            assert!(root.starts_with(std::env::temp_dir()) && !root.starts_with(p));
+        }
+        assert_ne!(default_workdir_root(a), default_workdir_root(b));
+    }
 }

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use buildfarm_config::Config;
-use buildfarm_scheduler::{Policy, PushError, Scheduler, Timestamp, WorkClass, WorkId, WorkItem};
+use buildfarm_scheduler::{
+    HostUsage, Policy, PushError, Scheduler, Timestamp, WorkClass, WorkId, WorkItem,
+};
 use buildfarm_store::{Build, BuildKind, BuildState, Store};
 use tokio::sync::{Notify, broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -48,21 +50,33 @@ pub struct ActiveBuild {
 pub struct Slot {
     farm: Arc<Farm>,
     host_type: String,
+    /// Counted against the interactive share too (a gomote instance).
+    interactive: bool,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(n) = self
+        if let Some(held) = self
             .farm
             .in_flight
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get_mut(&self.host_type)
         {
-            *n = n.saturating_sub(1);
+            held.total = held.total.saturating_sub(1);
+            if self.interactive {
+                held.interactive = held.interactive.saturating_sub(1);
+            }
         }
         self.farm.wake.notify_one();
     }
+}
+
+/// Slots held on one host type.
+#[derive(Debug, Default, Clone, Copy)]
+struct Held {
+    total: usize,
+    interactive: usize,
 }
 
 /// What a gomote `create` waits for.
@@ -97,7 +111,7 @@ pub struct Farm {
     pub base_url: Mutex<String>,
     pub started_at: SystemTime,
     scheduler: Mutex<Scheduler>,
-    in_flight: Mutex<HashMap<String, usize>>,
+    in_flight: Mutex<HashMap<String, Held>>,
     pub(crate) active: Mutex<HashMap<String, ActiveBuild>>,
     gomote_waiters: Mutex<HashMap<String, oneshot::Sender<InstanceGrant>>>,
     wake: Notify,
@@ -117,6 +131,10 @@ fn now_ts() -> Timestamp {
 impl Farm {
     pub fn new(parts: FarmParts) -> Arc<Farm> {
         let (events, _) = broadcast::channel(1024);
+        let policy = Policy {
+            interactive_share_percent: parts.config.limits.interactive_share_percent,
+            ..Policy::default()
+        };
         Arc::new(Farm {
             config: parts.config,
             store: parts.store,
@@ -131,7 +149,7 @@ impl Farm {
             tasks: parts.tasks,
             base_url: Mutex::new(String::new()),
             started_at: SystemTime::now(),
-            scheduler: Mutex::new(Scheduler::new(Policy::default())),
+            scheduler: Mutex::new(Scheduler::new(policy)),
             in_flight: Mutex::new(HashMap::new()),
             active: Mutex::new(HashMap::new()),
             gomote_waiters: Mutex::new(HashMap::new()),
@@ -243,6 +261,31 @@ impl Farm {
             .remove(&WorkId(format!("gomote:{request_id}")));
     }
 
+    /// When interactive work already holds its share of `host_type`, says so (for the
+    /// gomote create progress line); `None` while there is room.
+    pub fn interactive_share_full(&self, host_type: &str) -> Option<String> {
+        let capacity = self.pools.get(host_type)?.capacity();
+        let limit = self
+            .scheduler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .policy()
+            .interactive_limit(capacity);
+        let held = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(host_type)
+            .map_or(0, |h| h.interactive);
+        // With no capacity at all the wait is the pool's, not the share's.
+        (capacity > 0 && held >= limit).then(|| {
+            format!(
+                "gomote instances hold {held} of host type {host_type}'s {capacity} buildlets, its interactive share ({}%, limits.interactive_share_percent); try and post-submit builds get the rest",
+                self.config.limits.interactive_share_percent
+            )
+        })
+    }
+
     pub fn queue_position(&self, request_id: &str) -> Option<usize> {
         self.scheduler
             .lock()
@@ -342,17 +385,24 @@ impl Farm {
                 let capacity = pool.capacity();
                 let item = {
                     let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-                    let n = in_flight.entry(host_type.clone()).or_insert(0);
-                    if *n >= capacity {
-                        break;
-                    }
+                    let held = in_flight.entry(host_type.clone()).or_default();
+                    // The scheduler decides, from the counts, whether anything fits and
+                    // whether interactive work is past its share.
+                    let usage = HostUsage {
+                        capacity,
+                        in_use: held.total,
+                        interactive_in_use: held.interactive,
+                    };
                     let item = self
                         .scheduler
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .pop_next(&host_type, now_ts());
-                    if item.is_some() {
-                        *n += 1;
+                        .pop_within(&host_type, now_ts(), usage);
+                    if let Some(item) = &item {
+                        held.total += 1;
+                        if item.class == WorkClass::Interactive {
+                            held.interactive += 1;
+                        }
                     }
                     item
                 };
@@ -360,6 +410,7 @@ impl Farm {
                 let slot = Slot {
                     farm: self.clone(),
                     host_type: host_type.clone(),
+                    interactive: item.class == WorkClass::Interactive,
                 };
                 self.start_item(item, pool.clone(), slot);
             }

@@ -28,6 +28,57 @@ pub struct Mirror {
     pub url: String,
     dir: PathBuf,
     cache_dir: PathBuf,
+    /// Server paths to hide from messages users see, with what stands in for each,
+    /// longest first (see [`Mirror::scrub`]).
+    hidden: Vec<(String, &'static str)>,
+}
+
+/// Why a try patch was refused at submit time.
+#[derive(Debug, thiserror::Error)]
+pub enum PatchError {
+    /// The patch is not a patch, or does not apply to the revision; `message` is git's,
+    /// with server paths removed.
+    #[error("the patch does not apply to {rev}: {message}")]
+    DoesNotApply { rev: String, message: String },
+    /// The check itself could not run (git missing, disk full); not the patch's fault.
+    #[error("checking the patch: {0:#}")]
+    Check(anyhow::Error),
+}
+
+/// Runs git with `input` on its stdin and returns its output whatever the exit status;
+/// `env` adds variables (e.g. a private `GIT_INDEX_FILE`).
+async fn git_with_input(
+    args: &[&str],
+    cwd: Option<&Path>,
+    env: &[(&str, &Path)],
+    input: &[u8],
+) -> Result<std::process::Output> {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = Command::new("git");
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    let mut child = cmd
+        .spawn()
+        .context("running git (is it installed? apt-get install git)")?;
+    let mut stdin = child.stdin.take().context("git stdin")?;
+    // Written while the output is read, so a large patch cannot deadlock against a
+    // full stderr pipe; a write error (git exited early) shows in the exit status.
+    let write = async move {
+        let _ = stdin.write_all(input).await;
+        drop(stdin);
+    };
+    let (_, out) = tokio::join!(write, child.wait_with_output());
+    out.context("waiting for git")
 }
 
 async fn git(args: &[&str], cwd: Option<&Path>) -> Result<Vec<u8>> {
@@ -84,11 +135,83 @@ impl Mirror {
                 .await
                 .with_context(|| format!("cloning repo {name} from {url}"))?;
         }
+        let hidden = hidden_paths(&[
+            (dir.clone(), "<mirror>"),
+            (cache_dir.clone(), "<cache>"),
+            (data_dir.to_owned(), "<data>"),
+        ]);
         Ok(Mirror {
             name: name.to_owned(),
             url: url.to_owned(),
             dir,
             cache_dir,
+            hidden,
+        })
+    }
+
+    /// `text` with the coordinator's own paths (mirror, caches, data dir)
+    /// replaced by placeholders, for messages that reach users and public build logs.
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for (path, stand_in) in &self.hidden {
+            out = out.replace(path.as_str(), stand_in);
+        }
+        out
+    }
+
+    /// Checks that `patch` applies to `rev` with `git apply --check`, against the
+    /// commit's tree in a private index (no checkout), before a try run is stored.
+    pub async fn check_patch(&self, rev: &str, patch: &[u8]) -> Result<(), PatchError> {
+        check_ref("revision", rev).map_err(PatchError::Check)?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".patch-check-")
+            .tempdir_in(&self.cache_dir)
+            .context("creating patch check dir")
+            .map_err(PatchError::Check)?;
+        let index = tmp.path().join("index");
+        let env = [("GIT_INDEX_FILE", index.as_path())];
+        let git_dir = self.git_dir_arg();
+        let out = git_with_input(&[&git_dir, "read-tree", rev], None, &env, b"")
+            .await
+            .map_err(PatchError::Check)?;
+        if !out.status.success() {
+            return Err(PatchError::Check(anyhow::anyhow!(
+                "git read-tree {rev}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let out = git_with_input(
+            &[
+                &git_dir,
+                "apply",
+                "--check",
+                "--cached",
+                "--whitespace=nowarn",
+                "-",
+            ],
+            None,
+            &env,
+            patch,
+        )
+        .await
+        .map_err(PatchError::Check)?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let mut message = self.scrub(String::from_utf8_lossy(&out.stderr).trim());
+        if message.is_empty() {
+            message = format!("git apply exited with {}", out.status);
+        }
+        // git speaks of its index, which here is the revision's tree.
+        let message = message
+            .replace(
+                ": does not exist in index",
+                ": does not exist in that revision",
+            )
+            .replace('\n', "; ");
+        Err(PatchError::DoesNotApply {
+            rev: rev.to_owned(),
+            message,
         })
     }
 
@@ -167,7 +290,14 @@ impl Mirror {
     }
 
     /// The source of `rev` (plus `patch`, if any) as a tar.gz, made once and cached.
+    /// Errors name no server path: they end up in public build logs.
     pub async fn source_tarball(&self, rev: &str, patch: Option<&[u8]>) -> Result<PathBuf> {
+        self.make_source_tarball(rev, patch)
+            .await
+            .map_err(|e| anyhow::anyhow!(self.scrub(&format!("{e:#}"))))
+    }
+
+    async fn make_source_tarball(&self, rev: &str, patch: Option<&[u8]>) -> Result<PathBuf> {
         check_ref("revision", rev)?;
         let key = match patch {
             None => rev.to_owned(),
@@ -210,12 +340,20 @@ impl Mirror {
             );
         }
         if let Some(patch) = patch {
-            let patch_file = tmp.path().join("change.patch");
-            tokio::fs::write(&patch_file, patch).await?;
-            let patch_s = patch_file.to_string_lossy().into_owned();
-            git(&["apply", "--whitespace=nowarn", &patch_s], Some(&work))
-                .await
-                .with_context(|| format!("applying the patch on {rev}"))?;
+            // On stdin, so git's messages name no file of ours.
+            let out = git_with_input(
+                &["apply", "--whitespace=nowarn", "-"],
+                Some(&work),
+                &[],
+                patch,
+            )
+            .await?;
+            if !out.status.success() {
+                bail!(
+                    "applying the patch on {rev}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
         }
         let staged = tmp.path().join("out.tar.gz");
         let (src, dst) = (work.clone(), staged.clone());
@@ -230,6 +368,25 @@ impl Mirror {
         debug!(repo = %self.name, rev, "made source tarball");
         Ok(path)
     }
+}
+
+/// Each path in its given and canonical form (deduplicated), longest first so a longer
+/// path is replaced before a prefix of it.
+fn hidden_paths(paths: &[(PathBuf, &'static str)]) -> Vec<(String, &'static str)> {
+    let mut out: Vec<(String, &'static str)> = Vec::new();
+    for (path, stand_in) in paths {
+        let canonical = std::fs::canonicalize(path).ok();
+        for p in std::iter::once(path.clone()).chain(canonical) {
+            let s = p.to_string_lossy().trim_end_matches('/').to_owned();
+            // A bare relative name ("data") would also match words in git's messages.
+            let specific = p.is_absolute() || s.contains('/');
+            if specific && s.len() > 1 && !out.iter().any(|(seen, _)| *seen == s) {
+                out.push((s, stand_in));
+            }
+        }
+    }
+    out.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+    out
 }
 
 fn parse_log(text: &str) -> Result<Vec<CommitInfo>> {
@@ -320,6 +477,93 @@ mod tests {
         assert_eq!(commits[0].subject, "fix: thing");
         assert!(commits[1].parents.is_empty());
         assert_eq!(commits[1].commit_time, 1_600_000_000);
+    }
+
+    fn sh_git(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("git");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    #[tokio::test]
+    async fn patches_are_checked_against_the_revision_and_errors_name_no_server_path() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let repo = tmp.path().join("repo");
+        std::fs::create_dir_all(&repo).expect("mkdir");
+        sh_git(&repo, &["init", "--quiet", "--initial-branch=main"]);
+        std::fs::write(repo.join("a.txt"), "one\ntwo\n").expect("write");
+        sh_git(&repo, &["add", "-A"]);
+        sh_git(&repo, &["commit", "--quiet", "-m", "first"]);
+        let rev = sh_git(&repo, &["rev-parse", "HEAD"]);
+        std::fs::write(repo.join("a.txt"), "one\n2\n").expect("write");
+        std::fs::write(repo.join("new.txt"), "new\n").expect("write");
+        sh_git(&repo, &["add", "-A"]);
+        let good = format!("{}\n", sh_git(&repo, &["diff", "--cached", "--binary"]));
+        let data = tmp.path().join("data");
+        let mirror = Mirror::open("r", &repo.to_string_lossy(), &data)
+            .await
+            .expect("mirror");
+
+        mirror
+            .check_patch(&rev, good.as_bytes())
+            .await
+            .expect("good patch");
+        let bad = good.replace("-two", "-zwei");
+        let err = mirror
+            .check_patch(&rev, bad.as_bytes())
+            .await
+            .expect_err("conflicting patch accepted");
+        let msg = err.to_string();
+        assert!(matches!(err, PatchError::DoesNotApply { .. }), "{msg}");
+        assert!(msg.contains("a.txt"), "{msg}");
+        let err = mirror
+            .check_patch(&rev, b"garbage\n")
+            .await
+            .expect_err("garbage accepted");
+        assert!(err.to_string().contains("No valid patches"), "{err}");
+        for msg in [msg, err.to_string()] {
+            assert!(!msg.contains(&*tmp.path().to_string_lossy()), "{msg}");
+        }
+
+        // The runner's path: the same refusal, scrubbed, from source_tarball.
+        let err = mirror
+            .source_tarball(&rev, Some(bad.as_bytes()))
+            .await
+            .expect_err("conflicting patch applied");
+        let msg = format!("{err:#}");
+        assert!(msg.contains("a.txt"), "{msg}");
+        assert!(!msg.contains(&*tmp.path().to_string_lossy()), "{msg}");
+        mirror
+            .source_tarball(&rev, Some(good.as_bytes()))
+            .await
+            .expect("good patch applies");
+        let err = mirror.resolve("nope").await.expect_err("unknown rev");
+        let scrubbed = mirror.scrub(&format!("{err:#}"));
+        assert!(scrubbed.contains("<mirror>"), "{scrubbed}");
+        assert!(
+            !scrubbed.contains(&*tmp.path().to_string_lossy()),
+            "{scrubbed}"
+        );
+    }
+
+    #[test]
+    fn scrub_replaces_longer_paths_first_and_skips_bare_names() {
+        let hidden = hidden_paths(&[
+            (PathBuf::from("/srv/bf"), "<data>"),
+            (PathBuf::from("/srv/bf/git/x.git"), "<mirror>"),
+            (PathBuf::from("data"), "<data>"),
+        ]);
+        let names: Vec<&str> = hidden.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(names, ["/srv/bf/git/x.git", "/srv/bf"]);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod charts;
 pub mod dashboard;
 pub mod logs;
 pub mod metrics;
+pub mod not_found;
 pub mod status;
 
 use std::sync::Arc;
@@ -83,8 +84,26 @@ async fn sample_loop(farm: Arc<Farm>, web: Arc<WebState>) {
 }
 
 pub fn router(state: AppState) -> Router {
-    let grpc =
-        tonic::service::Routes::new(CoordinatorServer::new(state.api.clone())).into_axum_router();
+    let max_message = state.farm.config.limits.max_message_bytes();
+    let grpc = tonic::service::Routes::new(
+        CoordinatorServer::new(state.api.clone())
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+    )
+    .into_axum_router()
+    .layer(axum::middleware::map_response(name_message_limit));
+    for repo in state
+        .farm
+        .config
+        .repos
+        .iter()
+        .filter(|r| r.danger_accept_unsigned_webhooks)
+    {
+        warn!(
+            repo = %repo.name,
+            "danger_accept_unsigned_webhooks: anyone who can reach the coordinator can trigger polls of this repo"
+        );
+    }
     let pages = Router::new()
         .route("/", get(status_page))
         .route("/healthz", get(|| async { "ok" }))
@@ -101,7 +120,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/builds/{id}", get(logs::build_json))
         .route("/webhook/{repo}", post(webhook))
         .with_state(state);
-    pages.merge(grpc)
+    // Not `merge`: the gRPC router's fallback answers every unknown path with an empty
+    // gRPC UNIMPLEMENTED (HTTP 200). gRPC requests are told apart by their content type.
+    pages.fallback_service(tower::service_fn(move |req| {
+        not_found::fallback(grpc.clone(), req)
+    }))
 }
 
 /// A build as scripts and pages see it.
@@ -180,10 +203,12 @@ impl IntoResponse for PageError {
     }
 }
 
-/// A view as HTML, or as JSON with `?format=json`.
+/// A view as HTML, or as JSON with `?format=json`; a missing thing is a 404 page in
+/// the same form.
 fn page<V: Template + Serialize>(view: Result<V, PageError>, f: &FormatQuery) -> Response {
     let view = match view {
         Ok(v) => v,
+        Err(PageError::NotFound(what)) => return not_found::not_found("", &what, f.json()),
         Err(e) => return e.into_response(),
     };
     if f.json() {
@@ -350,8 +375,32 @@ async fn builds_json(State(state): State<AppState>, Query(q): Query<BuildsQuery>
     }
 }
 
-/// A push webhook: a POST for a repo with a `webhook_secret`, whose body carries a valid
-/// `X-Hub-Signature-256` (GitHub style), triggers an immediate poll (`crate::webhook`).
+/// Rewrites tonic's "decoded message length too large" refusals (a trailers-only
+/// response: the status is in the headers) into `ResourceExhausted` naming
+/// `limits.max_message_bytes`; see [`crate::api::over_limit_status`].
+async fn name_message_limit(mut resp: Response) -> Response {
+    // Cheap check first: only OutOfRange (11) can be a size refusal.
+    if resp.headers().get("grpc-status").map(|v| v.as_bytes()) != Some(b"11") {
+        return resp;
+    }
+    let Some(status) = tonic::Status::from_header_map(resp.headers()) else {
+        return resp;
+    };
+    if let Some(named) =
+        crate::api::over_limit_status(&status, crate::api::LimitHolder::Coordinator)
+    {
+        resp.headers_mut().remove("grpc-message");
+        if let Err(e) = named.add_header(resp.headers_mut()) {
+            warn!(error = %e, "could not rewrite a message-size status");
+        }
+    }
+    resp
+}
+
+/// A push webhook: a POST for a known repo triggers an immediate poll. The body must
+/// carry a valid `X-Hub-Signature-256` (GitHub style) under the repo's `webhook_secret`;
+/// a repo without a secret refuses webhooks (403) unless it sets
+/// `danger_accept_unsigned_webhooks`.
 async fn webhook(
     State(state): State<AppState>,
     Path(repo): Path<String>,
@@ -361,13 +410,21 @@ async fn webhook(
     let signature = headers
         .get(crate::webhook::SIGNATURE_HEADER)
         .map(|v| v.as_bytes());
-    if let Err(e) = crate::webhook::check_push(&state.farm.config, &repo, signature, &body) {
-        warn!(repo, error = %e, "webhook refused");
-        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::FORBIDDEN);
-        return (status, format!("{e}\n")).into_response();
-    }
+    let push = match crate::webhook::check_push(&state.farm.config, &repo, signature, &body) {
+        Ok(push) => push,
+        Err(e) => {
+            warn!(repo, error = %e, "webhook refused");
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::FORBIDDEN);
+            return (status, format!("{e}\n")).into_response();
+        }
+    };
     state.poll_kick.notify_one();
-    (StatusCode::ACCEPTED, "poll scheduled\n").into_response()
+    let answer = if push.signed {
+        "poll scheduled\n"
+    } else {
+        "poll scheduled (unsigned)\n"
+    };
+    (StatusCode::ACCEPTED, answer).into_response()
 }
 
 #[cfg(test)]

@@ -191,6 +191,7 @@ async fn run(mut config: Config, builtin: bool, cli: &Cli) -> Result<()> {
         listener,
         StartOptions {
             buildlet_bin: cli.buildlet.clone(),
+            config_file: cli.config.clone(),
         },
     )
     .await?;

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use buildfarm_config::Builder;
+use buildfarm_config::{Builder, Config};
 use buildfarm_store::{Build, BuildKind, BuildState};
 use buildlet::client::ExecSpec;
 use tokio_util::sync::CancellationToken;
@@ -213,6 +213,20 @@ async fn run_attempt(
     }
 }
 
+/// The environment every command of `builder` runs with, before any step's own env: the
+/// host type's env, then the builder's. Later entries win (the buildlet applies them in
+/// order), so the builder overrides its host type. Gomote commands get the same.
+pub fn builder_env(config: &Config, builder: &Builder) -> Vec<(String, String)> {
+    config
+        .host_type(&builder.host_type)
+        .map(|h| &h.env)
+        .into_iter()
+        .flatten()
+        .chain(builder.env.iter())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// Runs one step, appending its output to the log as it arrives.
 async fn run_step(
     client: &buildlet::client::BuildletClient,
@@ -270,20 +284,15 @@ async fn steps(
     }
     log.note(&format!("source pushed to {SRC_DIR}/"));
 
-    let host_env = farm
-        .config
-        .host_type(&builder.host_type)
-        .map(|h| h.env.clone())
-        .unwrap_or_default();
+    let base_env = builder_env(&farm.config, builder);
     for step in &builder.steps {
         let Some((cmd, args)) = step.command.split_first() else {
             continue;
         };
-        let env: Vec<(String, String)> = host_env
+        let env: Vec<(String, String)> = base_env
             .iter()
-            .chain(builder.env.iter())
-            .chain(step.env.iter())
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .cloned()
+            .chain(step.env.iter().map(|(k, v)| (k.clone(), v.clone())))
             .collect();
         log.note(&format!("step {}: {}", step.name, step.command.join(" ")));
         let mut spec = ExecSpec::new(cmd.clone())

@@ -3,14 +3,18 @@
 //! (handed to the revdial listener); any other TLS connection, and plaintext HTTP when
 //! allowed (loopback by default), is served by the HTTP router, which carries the
 //! status pages, the JSON API, the webhook and the public gRPC API alike.
+//!
+//! Every connection goes through the bounded acceptor of `revdial::accept`: caps on
+//! open connections and handshakes, a handshake timeout covering the TLS handshake and
+//! the sorting, and HTTP header, idle and keep-alive limits once served (the
+//! `[connections]` config table).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
+use buildfarm_config::ConnectionsConfig;
+use hyper_util::rt::TokioIo;
+use revdial::accept::{Acceptor, Closed, Conn, ConnLimits, HttpVersions, Tracked};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -18,7 +22,6 @@ use tracing::{debug, warn};
 
 /// First byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct Endpoint {
@@ -27,6 +30,29 @@ pub struct Endpoint {
     pub revdial: revdial::Listener,
     /// Serve plaintext HTTP too (the status page in a browser without certificates).
     pub allow_plaintext: bool,
+    /// Time limits and caps on every connection.
+    pub limits: ConnLimits,
+}
+
+/// The acceptor limits of a `[connections]` table; an unset `max_connections` is
+/// derived from the open-file limit (raise it first, see
+/// `revdial::accept::raise_nofile_limit`).
+pub fn conn_limits(c: &ConnectionsConfig) -> ConnLimits {
+    let defaults = ConnLimits::default();
+    ConnLimits {
+        handshake_timeout: c.handshake_timeout,
+        header_read_timeout: c.header_read_timeout,
+        idle_timeout: c.idle_timeout,
+        keepalive_interval: c.keepalive_interval,
+        // One bound for both: a PING unanswered for an interval means a dead peer.
+        keepalive_timeout: c.keepalive_interval,
+        max_connections: c
+            .max_connections
+            .map_or(defaults.max_connections, |n| n as usize),
+        max_handshakes: c.max_handshakes as usize,
+        max_header_bytes: usize::try_from(c.max_header_bytes.as_u64())
+            .unwrap_or(defaults.max_header_bytes),
+    }
 }
 
 /// Accepts connections until `shutdown`; each is served in a task owned by `tasks`.
@@ -36,76 +62,123 @@ pub async fn serve(
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(ep.tls.clone());
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(error) => {
-                    warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let (ep, acceptor, shutdown) = (ep.clone(), acceptor.clone(), shutdown.clone());
+    let acceptor = Acceptor::new(ep.limits.clone());
+    let tls = tokio_rustls::TlsAcceptor::from(ep.tls.clone());
+    while let Some((tcp, peer, conn)) = acceptor.accept(&listener, &shutdown).await {
+        let (ep, tls, shutdown) = (ep.clone(), tls.clone(), shutdown.clone());
         tasks.spawn(async move {
-            if let Err(e) = handle(tcp, peer, ep, acceptor, shutdown).await {
-                debug!(%peer, error = %e, "connection ended with an error");
+            match handle(tcp, peer, conn, ep, tls, shutdown).await {
+                Ok(closed) => debug!(%peer, ?closed, "connection closed"),
+                Err(e) => debug!(%peer, error = %e, "connection ended with an error"),
             }
         });
     }
 }
 
+/// What a connection turned out to be after its handshake.
+enum Sorted {
+    Revdial(Tracked<tokio_rustls::server::TlsStream<TcpStream>>),
+    HttpTls(Tracked<tokio_rustls::server::TlsStream<TcpStream>>),
+    HttpPlain(Tracked<TcpStream>),
+    Refused,
+}
+
 async fn handle(
     tcp: TcpStream,
     peer: SocketAddr,
+    conn: Conn,
     ep: Endpoint,
-    acceptor: tokio_rustls::TlsAcceptor,
+    tls: tokio_rustls::TlsAcceptor,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let _ = tcp.set_nodelay(true);
+) -> anyhow::Result<Closed> {
+    let limit = conn.limits().handshake_timeout;
+    // One deadline for the first byte, the TLS handshake and the ALPN sorting; an
+    // eviction (the acceptor needs the slot) ends it early.
+    let sorted = tokio::select! {
+        r = tokio::time::timeout(limit, sort(tcp, peer, conn, &ep, &tls)) => match r {
+            Ok(r) => r?,
+            Err(_) => {
+                debug!(%peer, ?limit, "handshake timed out");
+                return Ok(Closed::Finished);
+            }
+        },
+        _ = shutdown.cancelled() => return Ok(Closed::Shutdown),
+    };
+    let router = ep.router;
+    let served = match sorted {
+        Sorted::Revdial(io) => {
+            let h = io.conn().handle();
+            // Refusals are logged and counted by the listener. Until it lets the host
+            // in, the connection may be evicted like any unauthenticated one.
+            tokio::select! {
+                r = ep.revdial.accept(io, peer) => { r?; }
+                _ = h.killed() => return Ok(Closed::Killed),
+            }
+            // The tunnel (and the slot it holds) lives on after this returns.
+            h.pin();
+            return Ok(Closed::Finished);
+        }
+        Sorted::HttpTls(io) => serve_http(io, router, &shutdown).await,
+        Sorted::HttpPlain(io) => serve_http(io, router, &shutdown).await,
+        Sorted::Refused => return Ok(Closed::Finished),
+    };
+    served.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Peeks the first byte, does TLS when it is a handshake, and sorts by ALPN. Gives up
+/// when the acceptor evicts the connection.
+async fn sort(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    conn: Conn,
+    ep: &Endpoint,
+    tls: &tokio_rustls::TlsAcceptor,
+) -> anyhow::Result<Sorted> {
     let mut first = [0u8; 1];
-    let n = tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await??;
+    let n = tokio::select! {
+        r = tcp.peek(&mut first) => r?,
+        _ = conn.killed() => return Ok(Sorted::Refused),
+    };
     if n == 0 {
-        return Ok(());
+        return Ok(Sorted::Refused);
     }
     if first[0] == TLS_HANDSHAKE {
-        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await??;
-        let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-        if alpn.as_deref() == Some(revdial::tls::ALPN_REVDIAL) {
-            ep.revdial.accept(tls, peer).await?;
-            return Ok(());
+        let stream = tokio::select! {
+            r = tls.accept(tcp) => r?,
+            _ = conn.killed() => return Ok(Sorted::Refused),
+        };
+        let revdial = stream.get_ref().1.alpn_protocol() == Some(revdial::tls::ALPN_REVDIAL);
+        let io = Tracked::new(stream, conn);
+        io.conn().handshake_done();
+        if revdial {
+            return Ok(Sorted::Revdial(io));
         }
-        serve_http(TokioIo::new(tls), ep.router, shutdown).await
+        Ok(Sorted::HttpTls(io))
     } else if ep.allow_plaintext {
-        serve_http(TokioIo::new(tcp), ep.router, shutdown).await
+        conn.handshake_done();
+        Ok(Sorted::HttpPlain(Tracked::new(tcp, conn)))
     } else {
         warn!(%peer, "plaintext connection refused; this port speaks TLS");
-        Ok(())
+        Ok(Sorted::Refused)
     }
 }
 
-async fn serve_http<I>(
-    io: I,
+async fn serve_http<S>(
+    io: Tracked<S>,
     router: axum::Router,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()>
+    shutdown: &CancellationToken,
+) -> Result<Closed, Box<dyn std::error::Error + Send + Sync>>
 where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = TowerToHyperService::new(router);
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(io, svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r.map_err(|e| anyhow::anyhow!("{e}")),
-        _ = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            // Long streams (live logs, watches) would hold shutdown forever.
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-            Ok(())
-        }
-    }
+    // The slot travels inside the stream; the handle watches the connection's state.
+    let conn = io.conn().handle();
+    revdial::accept::serve_http(
+        TokioIo::new(io),
+        router,
+        &conn,
+        HttpVersions::Auto,
+        shutdown,
+    )
+    .await
 }

@@ -18,8 +18,12 @@ pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
 pub enum WebhookError {
     #[error("unknown repo {0:?}")]
     UnknownRepo(String),
-    /// The config documents that a repo without `webhook_secret` takes no webhooks.
-    #[error("webhooks are not enabled for repo {0:?} (it has no webhook_secret)")]
+    /// A repo without `webhook_secret` takes no webhooks unless it opts in with
+    /// `danger_accept_unsigned_webhooks`.
+    #[error(
+        "webhooks for repo {0:?} are refused: it has no webhook_secret to check a signature with \
+         (set webhook_secret, or danger_accept_unsigned_webhooks = true to accept unsigned ones)"
+    )]
     NotEnabled(String),
     #[error("missing X-Hub-Signature-256")]
     MissingSignature,
@@ -40,18 +44,33 @@ impl WebhookError {
     }
 }
 
+/// A webhook call that passed [`check_push`].
+#[derive(Debug, Clone, Copy)]
+pub struct Push<'c> {
+    /// The repo to poll.
+    pub repo: &'c Repo,
+    /// False when accepted unsigned under `danger_accept_unsigned_webhooks`.
+    pub signed: bool,
+}
+
 /// Checks a push webhook for `repo` whose `X-Hub-Signature-256` header is `signature` (raw
-/// header bytes, if present) over `body`. Returns the repo to poll.
+/// header bytes, if present) over `body`.
 pub fn check_push<'c>(
     config: &'c Config,
     repo: &str,
     signature: Option<&[u8]>,
     body: &[u8],
-) -> Result<&'c Repo, WebhookError> {
+) -> Result<Push<'c>, WebhookError> {
     let Some(cfg) = config.repo(repo) else {
         return Err(WebhookError::UnknownRepo(repo.to_owned()));
     };
     let Some(secret) = &cfg.webhook_secret else {
+        if cfg.danger_accept_unsigned_webhooks {
+            return Ok(Push {
+                repo: cfg,
+                signed: false,
+            });
+        }
         return Err(WebhookError::NotEnabled(cfg.name.clone()));
     };
     let signature = signature.ok_or(WebhookError::MissingSignature)?;
@@ -64,7 +83,10 @@ pub fn check_push<'c>(
     // Constant time; a digest of the wrong length is a mismatch too.
     mac.verify_slice(&digest)
         .map_err(|_| WebhookError::Mismatch)?;
-    Ok(cfg)
+    Ok(Push {
+        repo: cfg,
+        signed: true,
+    })
 }
 
 /// The header value a sender with `secret` puts on `body`.
@@ -80,7 +102,7 @@ fn signer(secret: &[u8]) -> Hmac<Sha256> {
 }
 
 /// The config the fuzz body checks against: repo `signed` with secret `s3cret`, repo
-/// `open` without one.
+/// `open` without one, repo `unsigned` that opted in to unsigned calls.
 pub fn fuzz_config() -> Config {
     let text = r#"
 [[repos]]
@@ -91,6 +113,11 @@ webhook_secret = "s3cret"
 [[repos]]
 name = "open"
 url = "file:///nonexistent/open"
+
+[[repos]]
+name = "unsigned"
+url = "file:///nonexistent/unsigned"
+danger_accept_unsigned_webhooks = true
 "#;
     match Config::from_toml_str(text, "webhook fuzz config") {
         Ok(c) => c,
@@ -103,8 +130,8 @@ url = "file:///nonexistent/open"
 /// `repo \n signature-header \n body` (a missing part is absent); the check runs on it as
 /// given and again with the correct signature of the body. Panics when the outcome breaks
 /// the contract: only a `signed` request whose header is exactly the body's HMAC (hex in
-/// any case) is accepted, a correctly signed body is always accepted, and a one-bit change
-/// of the body is refused.
+/// any case), or any request for `unsigned`, is accepted; a correctly signed body is always
+/// accepted, and a one-bit change of the body is refused.
 pub fn fuzz_check(config: &Config, data: &[u8]) -> Result<(), WebhookError> {
     let mut parts = data.splitn(3, |&b| b == b'\n');
     let repo = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
@@ -112,7 +139,10 @@ pub fn fuzz_check(config: &Config, data: &[u8]) -> Result<(), WebhookError> {
     let body = parts.next().unwrap_or_default();
     let secret = b"s3cret";
 
-    let result = check_push(config, &repo, header, body).map(|_| ());
+    let result = check_push(config, &repo, header, body).map(|push| {
+        assert_eq!(push.repo.name, repo);
+        assert_eq!(push.signed, repo == "signed");
+    });
     let expected = sign(secret, body);
     let header_is_right = header.is_some_and(|h| {
         h.strip_prefix(b"sha256=")
@@ -120,7 +150,7 @@ pub fn fuzz_check(config: &Config, data: &[u8]) -> Result<(), WebhookError> {
     });
     assert_eq!(
         result.is_ok(),
-        repo == "signed" && header_is_right,
+        (repo == "signed" && header_is_right) || repo == "unsigned",
         "accepted {repo:?} with header {:?}: {result:?}",
         header.map(String::from_utf8_lossy)
     );

@@ -62,6 +62,14 @@ branches = ["main"]
     )
 }
 
+/// A `[sandbox]` table making `dir` visible and writable inside sandboxed buildlets
+/// (they have a private /tmp and, under root, their own uids), for marker files.
+fn shared_with_sandbox(dir: &Path) -> String {
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod shared dir");
+    format!("\n[sandbox]\nwritable_paths = [\"{}\"]\n", dir.display())
+}
+
 fn host_builder() -> String {
     match std::env::consts::ARCH {
         "aarch64" => "linux-arm64".into(),
@@ -204,8 +212,10 @@ name = "linux-amd64-slow"
 host_type = "local"
 repos = ["t"]
 steps = [{{ name = "hang-once", command = ["sh", "-c", "if [ ! -e {m} ]; then touch {m}; sleep 300; fi; echo second attempt passes"] }}]
+{shared}
 "#,
-        m = marker.display()
+        m = marker.display(),
+        shared = shared_with_sandbox(tmp0.path()),
     );
     let (tmp, _repo, cfg, rev) = setup(&extra);
     let data = tmp.path().join("data");
@@ -290,8 +300,10 @@ async fn restart_resumes(signal: nix::sys::signal::Signal) {
 name = "linux-amd64-gated"
 host_type = "local"
 steps = [{{ name = "wait", command = ["sh", "-c", "while [ ! -e {g} ]; do sleep 0.2; done; echo gate open"] }}]
+{shared}
 "#,
-        g = gate.display()
+        g = gate.display(),
+        shared = shared_with_sandbox(tmp0.path()),
     );
     let (tmp, _repo, cfg, rev) = setup(&extra);
     let data = tmp.path().join("data");
@@ -555,6 +567,91 @@ async fn a_push_webhook_triggers_a_poll_and_a_bad_signature_is_refused() {
     assert_eq!(resp.status().as_u16(), 202);
     let builds = farm.wait_final_builds("t", &rev, 3).await;
     assert_eq!(by_builder(&builds, &host_builder())["state"], "ok");
+    farm.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unsigned_webhook_is_refused_unless_the_repo_opts_in() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let closed = tmp.path().join("closed");
+    let open = tmp.path().join("open");
+    let first_rev = make_go_repo(&open);
+    make_go_repo(&closed);
+    // Polls only hourly: only the webhook can make a new commit show up in time. The
+    // builder does nothing, so the test waits on the webhook, not on Go.
+    let cfg_text = format!(
+        r#"
+[coordinator]
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+repo_poll_interval = "1h"
+
+[[host_types]]
+name = "local"
+pool = {{ kind = "local", count = 1 }}
+
+[[builders]]
+name = "linux-amd64"
+host_type = "local"
+steps = [{{ name = "noop", command = ["true"] }}]
+
+[[repos]]
+name = "closed"
+url = "{closed}"
+
+[[repos]]
+name = "open"
+url = "{open}"
+danger_accept_unsigned_webhooks = true
+"#,
+        data = data.display(),
+        closed = closed.display(),
+        open = open.display(),
+    );
+    let cfg = tmp.path().join("coordinator.toml");
+    std::fs::write(&cfg, cfg_text).expect("write config");
+    let farm = TestFarm::start(&cfg, &data).await;
+    // The start-up poll is done once the first commit is built.
+    farm.wait_final_builds("open", &first_rev, 1).await;
+
+    let body = br#"{"ref":"refs/heads/main"}"#.to_vec();
+    let resp = farm
+        .http
+        .post(format!("http://{}/webhook/closed", farm.addr))
+        .body(body.clone())
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(
+        resp.status().as_u16(),
+        403,
+        "unsigned, no secret, no opt-in"
+    );
+    let text = resp.text().await.expect("body");
+    assert!(
+        text.contains("webhooks for repo \"closed\" are refused: it has no webhook_secret"),
+        "{text}"
+    );
+
+    std::fs::write(
+        open.join("more.go"),
+        "package t\n\n// More is new.\nconst More = 2\n",
+    )
+    .expect("write");
+    git(&open, &["add", "-A"]);
+    git(&open, &["commit", "--quiet", "-m", "pushed commit"]);
+    let rev = git(&open, &["rev-parse", "HEAD"]);
+    let resp = farm
+        .http
+        .post(format!("http://{}/webhook/open", farm.addr))
+        .body(body)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status().as_u16(), 202, "unsigned, opted in");
+    let builds = farm.wait_final_builds("open", &rev, 1).await;
+    assert_eq!(builds[0]["state"], "ok", "{builds:#?}");
     farm.kill().await;
 }
 

@@ -475,3 +475,38 @@ async fn store_failure_is_the_first_warning() {
         "warnings come first"
     );
 }
+
+#[tokio::test]
+async fn not_found_is_a_404_page_or_json_with_the_path_escaped() {
+    use coordinator::http::not_found::{not_found, wants_json};
+    let body = |resp: axum::response::Response| async move {
+        let status = resp.status().as_u16();
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (status, ct, String::from_utf8_lossy(&bytes).into_owned())
+    };
+    let (status, ct, html) = body(not_found(EVIL, "there is no page at this address", false)).await;
+    assert_eq!(status, 404);
+    assert!(ct.starts_with("text/html"), "{ct}");
+    assert!(!html.contains("<script>"), "unescaped path: {html}");
+    settings().bind(|| insta::assert_snapshot!("not_found", html));
+
+    let (status, ct, json) = body(not_found("/api/x", "no build x", true)).await;
+    assert_eq!(status, 404);
+    assert!(ct.starts_with("application/json"), "{ct}");
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(
+        v,
+        serde_json::json!({"error": "not found", "path": "/api/x", "message": "no build x"})
+    );
+    assert!(wants_json(&"/api/builds/x".parse().expect("uri")));
+    assert!(wants_json(&"/build/x?format=json".parse().expect("uri")));
+    assert!(!wants_json(&"/build/x".parse().expect("uri")));
+}

@@ -28,3 +28,8 @@ pub use generated::buildfarm::buildlet::v1 as buildlet;
 pub use generated::buildfarm::coordinator::v1 as coordinator;
 /// The reverse-dial handshake frames.
 pub use generated::buildfarm::revdial::v1 as revdial;
+
+/// Default bound on one gRPC message, in bytes, for every service of the farm: the
+/// coordinator's API (`[limits] max_message_bytes` overrides it), the buildlet service and
+/// the clients of both. Bulk data (tarballs, files) travels as streams of smaller chunks.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;

@@ -6,6 +6,7 @@
 //! - [`Listener`] / [`serve`]: the coordinator's side; [`Registry`] lists the hosts.
 //! - [`run_dialer`]: the host's side.
 
+pub mod accept;
 mod auth;
 mod backoff;
 mod dialer;

@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::accept::{Acceptor, ConnLimits, Tracked};
 use crate::auth::Authenticator;
 use crate::handshake::{
     NONCE_LEN, Refusal, RefusalKind, ValidHello, challenge, validate_hello, verdict,
@@ -402,21 +403,27 @@ impl Monitor {
     }
 }
 
-/// Most TLS and revdial handshakes in progress at once; beyond it the accept loop
-/// waits (the kernel's backlog holds new connections).
+/// Most TLS and revdial handshakes in progress at once; at the cap the oldest is closed.
 const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// Accepts TCP connections on `tcp`, does TLS with `tls` (which must offer
 /// [`crate::tls::ALPN_REVDIAL`]) and hands revdial connections to `listener`, until
-/// `shutdown`. Handshakes run concurrently, each bounded by the listener's handshake
-/// timeout. Tunnels outlive this loop; stop them with [`Listener::shutdown`].
+/// `shutdown`. Connections go through the bounded acceptor of [`crate::accept`]
+/// (default caps; handshakes bounded by the listener's handshake timeout); a tunnel,
+/// once let in, keeps its slot and is never evicted. Tunnels outlive this loop; stop
+/// them with [`Listener::shutdown`].
 pub async fn serve(
     tcp: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     listener: Listener,
     shutdown: CancellationToken,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let tls_acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let acceptor = Acceptor::new(ConnLimits {
+        handshake_timeout: listener.config().handshake_timeout,
+        max_handshakes: MAX_PENDING_HANDSHAKES,
+        ..ConnLimits::default()
+    });
     let mut pending = JoinSet::new();
     if let Ok(addr) = tcp.local_addr() {
         info!(%addr, "revdial listener accepting");
@@ -424,40 +431,28 @@ pub async fn serve(
     loop {
         // Reap finished handshakes so the set does not grow.
         while pending.try_join_next().is_some() {}
-        if pending.len() >= MAX_PENDING_HANDSHAKES {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = pending.join_next() => continue,
-            }
-        }
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = tcp.accept() => match r {
-                Ok(c) => c,
-                Err(error) => {
-                    // Usually EMFILE: back off a little instead of spinning.
-                    warn!(%error, "accepting a tcp connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let Some((stream, peer, conn)) = acceptor.accept(&tcp, &shutdown).await else {
+            break;
         };
-        let _ = stream.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        let tls_acceptor = tls_acceptor.clone();
         let listener = listener.clone();
         let tls_timeout = listener.config().handshake_timeout;
         pending.spawn(
             async move {
-                let tls = match timeout(tls_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(error)) => {
-                        warn!(%peer, %error, "tls handshake with reverse dialer failed");
-                        return;
-                    }
-                    Err(_) => {
-                        warn!(%peer, "tls handshake with reverse dialer timed out");
-                        return;
-                    }
+                let h = conn.handle();
+                let tls = tokio::select! {
+                    r = timeout(tls_timeout, tls_acceptor.accept(stream)) => match r {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(error)) => {
+                            warn!(%peer, %error, "tls handshake with reverse dialer failed");
+                            return;
+                        }
+                        Err(_) => {
+                            warn!(%peer, "tls handshake with reverse dialer timed out");
+                            return;
+                        }
+                    },
+                    _ = h.killed() => return,
                 };
                 let alpn = tls.get_ref().1.alpn_protocol();
                 if alpn != Some(crate::tls::ALPN_REVDIAL) {
@@ -466,9 +461,16 @@ pub async fn serve(
                     return;
                 }
                 // Refusals are logged and counted by the listener.
-                if let Err(DialInError::Channel { peer, source }) = listener.accept(tls, peer).await
-                {
-                    warn!(%peer, error = %source, "reverse tunnel setup failed");
+                let accepted = tokio::select! {
+                    r = listener.accept(Tracked::new(tls, conn), peer) => r,
+                    _ = h.killed() => return,
+                };
+                match accepted {
+                    Ok(_) => h.pin(),
+                    Err(DialInError::Channel { peer, source }) => {
+                        warn!(%peer, error = %source, "reverse tunnel setup failed");
+                    }
+                    Err(_) => {}
                 }
             }
             .instrument(info_span!("revdial_accept", %peer)),

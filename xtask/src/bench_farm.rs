@@ -152,6 +152,7 @@ async fn start_coordinator(release: &Path, config: &str) -> Result<Running> {
         tcp,
         StartOptions {
             buildlet_bin: Some(release.join("buildlet")),
+            ..Default::default()
         },
     )
     .await

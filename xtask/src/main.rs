@@ -130,6 +130,11 @@ fn demo(root: &Path, args: &[String]) -> Result<()> {
             "the main job builds Go code but `go` was not found; install it with: sudo apt-get install golang-go"
         );
     }
+    if Command::new("bwrap").arg("--version").output().is_err() {
+        eprintln!(
+            "note: `bwrap` was not found, so local buildlets will run without a sandbox; install it with: sudo apt-get install bubblewrap"
+        );
+    }
     let mut build = cargo();
     build.current_dir(root).args([
         "build",

@@ -50,6 +50,27 @@ impl TestBuildlet {
     }
 
     pub async fn start_with(opts: Options) -> Self {
+        Self::start_full(opts, &[], None).await
+    }
+
+    /// Starts the buildlet with `extra` command-line arguments appended.
+    pub async fn start_with_args(opts: Options, extra: &[&str]) -> Self {
+        Self::start_full(opts, extra, None).await
+    }
+
+    /// Starts with `extra_args` added, on `workdir` if given (else `<dir>/work`).
+    pub async fn start_full(opts: Options, extra_args: &[&str], workdir: Option<&Path>) -> Self {
+        Self::start_custom(opts, extra_args, workdir, |_, _| {}).await
+    }
+
+    /// Like `start_full`, with `customize` called on the command (and the test dir,
+    /// holding the certificates) just before the buildlet is spawned.
+    pub async fn start_custom(
+        opts: Options,
+        extra_args: &[&str],
+        workdir: Option<&Path>,
+        customize: impl FnOnce(&mut Command, &Path),
+    ) -> Self {
         revdial::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = CertificateAuthority::generate("buildlet test ca").expect("ca");
@@ -63,7 +84,9 @@ impl TestBuildlet {
         std::fs::write(&ca_file, ca.cert_pem()).expect("write ca");
         let key_file = dir.path().join("auth.key");
         std::fs::write(&key_file, format!("{KEY}\n")).expect("write key");
-        let workdir = dir.path().join("work");
+        let workdir = workdir
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.path().join("work"));
         let outside = dir.path().join("outside");
         std::fs::create_dir_all(&outside).expect("outside dir");
         std::fs::write(outside.join("precious.txt"), "do not touch").expect("outside file");
@@ -80,6 +103,7 @@ impl TestBuildlet {
             .arg(&key)
             .arg("--host-type")
             .arg("host-test")
+            .args(extra_args)
             .env_remove("BUILDLET_AUTH_KEY")
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
@@ -92,6 +116,7 @@ impl TestBuildlet {
         if opts.bearer_key {
             cmd.arg("--auth-key-file").arg(&key_file);
         }
+        customize(&mut cmd, dir.path());
         let mut child = cmd.spawn().expect("spawn buildlet");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
@@ -144,6 +169,68 @@ impl TestBuildlet {
             Ok(Ok(st)) => st,
             other => panic!("buildlet did not exit: {other:?}\n{}", self.log()),
         }
+    }
+
+    /// The container cgroup the buildlet logged at start-up, if it uses one.
+    pub fn container_cgroup(&self) -> Option<PathBuf> {
+        logged_container(&self.log())
+    }
+}
+
+/// The container cgroup a buildlet's log names ("commands contained in cgroups").
+pub fn logged_container(log: &str) -> Option<PathBuf> {
+    let log = strip_ansi(log);
+    let line = log
+        .lines()
+        .find(|l| l.contains("commands contained in cgroups"))?;
+    let at = line.rfind("cgroup=")?;
+    Some(PathBuf::from(line[at + "cgroup=".len()..].trim()))
+}
+
+/// SIGKILLs a buildlet and, acting as its supervisor, removes the container cgroup its
+/// `log` names (a SIGKILLed buildlet leaves it on purpose), so tests leave none behind.
+pub fn kill_and_remove_container(child: &mut Child, log: &str) {
+    let Some(cg) = logged_container(log) else {
+        return;
+    };
+    if let Some(pid) = child.id() {
+        let _ = child.start_kill();
+        // Dead once it is a zombie (tokio reaps it later) or gone.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                Ok(stat) if !stat.contains(") Z ") => std::thread::sleep(Duration::from_millis(10)),
+                _ => break,
+            }
+        }
+    }
+    if let Ok(cg) = buildlet::cgroup::Cgroup::open(&cg) {
+        let _ = cg.remove(Duration::from_secs(5));
+    }
+}
+
+/// `text` without terminal colour sequences (`ESC [ ... m`), as tracing writes them.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl Drop for TestBuildlet {
+    fn drop(&mut self) {
+        let log = self.log();
+        kill_and_remove_container(&mut self.child, &log);
     }
 }
 

@@ -71,7 +71,11 @@ pub(crate) fn builtin(example_repo: &Path) -> Config {
             url: example_repo.to_string_lossy().into_owned(),
             branches: vec!["main".to_owned()],
             webhook_secret: None,
+            danger_accept_unsigned_webhooks: false,
         }],
+        limits: crate::Limits::default(),
+        sandbox: Default::default(),
+        connections: Default::default(),
     }
 }
 

@@ -5,7 +5,9 @@
 //! No I/O beyond [`Config::from_file`] reading one file.
 
 mod builtin;
+mod connections;
 mod error;
+mod limits;
 mod model;
 mod names;
 mod parse;
@@ -14,10 +16,12 @@ mod validate;
 use std::path::Path;
 
 pub use builtin::{CROSS_BUILDERS, LOCAL_HOST_TYPE, host_platform};
+pub use connections::ConnectionsConfig;
 pub use error::{ConfigError, ConfigErrors, ErrorKind, FieldPath, LoadError, Location};
+pub use limits::Limits;
 pub use model::{
     Builder, Config, CoordinatorConfig, DockerPool, Ec2Pool, Env, HostType, KubePool, LocalPool,
-    Pool, Repo, ReversePool, Secret, Step,
+    Pool, Repo, ReversePool, SandboxConfig, SandboxMode, Secret, Step,
 };
 pub use names::{
     BuilderName, BuilderNameError, KNOWN_GOARCH, KNOWN_GOOS, goarch_from_rust, goos_from_rust,

@@ -10,6 +10,9 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
+use crate::connections::ConnectionsConfig;
+use crate::limits::Limits;
+
 /// Environment variables as written in the file, sorted by name.
 pub type Env = BTreeMap<String, String>;
 
@@ -29,6 +32,18 @@ pub struct Config {
     /// Git repositories to watch. Default: none.
     #[serde(default)]
     pub repos: Vec<Repo>,
+    /// Fair shares between users and classes of work. Default: every field at its own
+    /// default.
+    #[serde(default)]
+    pub limits: Limits,
+    /// How local buildlets are kept away from the coordinator's secrets and from each
+    /// other. Default: every field at its own default.
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
+    /// Time limits and caps on connections to the coordinator's port. Default: every
+    /// field at its own default (see [`ConnectionsConfig`]).
+    #[serde(default)]
+    pub connections: ConnectionsConfig,
 }
 
 /// `[coordinator]`: settings of the coordinator process itself.
@@ -130,6 +145,66 @@ impl CoordinatorConfig {
             ),
         }
     }
+}
+
+/// `[sandbox]`: isolation of local buildlets (the `local` pool).
+///
+/// With bubblewrap, each local buildlet runs in its own mount, pid, IPC and UTS namespace:
+/// the host's filesystem read-only, a private `/tmp`, a fresh `/proc` and a minimal `/dev`,
+/// the data dir and every other buildlet's workdir not visible at all, its own workdir the
+/// only writable place, and every process of it killed when the buildlet or the coordinator
+/// dies. When the coordinator runs as root each buildlet also runs under its own uid/gid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// `auto`: bubblewrap when `bwrap` is on PATH and works, else no sandbox with a loud
+    /// warning; `bwrap`: bubblewrap, and refuse to start without a working one; `none`:
+    /// buildlets run as the coordinator's user and see what it sees. Default: `auto`.
+    #[serde(default)]
+    pub mode: SandboxMode,
+    /// Directory holding the local buildlets' workdirs and credentials. It must not be
+    /// inside the data dir (nor hold it); whatever a previous run left in it is removed at
+    /// start-up, so give it a directory of its own.
+    /// Default: none, meaning `<system temp dir>/buildfarm-<hash of the data dir's path>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir_root: Option<PathBuf>,
+    /// When the coordinator runs as root, buildlet slot `n` runs as uid and gid
+    /// `uid_base + n` (slots: the sum of the local pools' counts). Processes still running
+    /// under these uids at start-up are killed, so give each farm on a machine its own
+    /// range; at least 1000. Default: none, meaning `1500000 + 1024 × (a number below 2^20
+    /// derived from the data dir's path)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid_base: Option<u32>,
+    /// Host directories bound read-write into every sandbox at the same path (for example
+    /// a shared Go module cache). Every build can read and change them, so use them only
+    /// for caches you accept builds sharing. Absolute, outside the data dir and the workdir
+    /// root. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub writable_paths: Vec<PathBuf>,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            mode: SandboxMode::Auto,
+            workdir_root: None,
+            uid_base: None,
+            writable_paths: Vec::new(),
+        }
+    }
+}
+
+/// `[sandbox] mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxMode {
+    /// Bubblewrap when it is installed and works, else no sandbox (with a warning).
+    #[default]
+    Auto,
+    /// Bubblewrap, required.
+    Bwrap,
+    /// No sandbox.
+    None,
 }
 
 /// `[[host_types]]`: a kind of machine, and where machines of that kind come from.
@@ -329,10 +404,18 @@ pub struct Repo {
     /// Branches whose new commits get post-submit builds. Default: `["main"]`.
     #[serde(default = "default_branches")]
     pub branches: Vec<String>,
-    /// Shared secret that webhook calls for this repo must be signed with.
-    /// Default: none (webhooks for this repo are refused; polling still works).
+    /// Shared secret that webhook calls for this repo must be signed with
+    /// (`X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the body>`, as GitHub sends).
+    /// Default: none (webhooks for this repo are refused with 403 unless
+    /// `danger_accept_unsigned_webhooks` is set; polling still works).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_secret: Option<Secret>,
+    /// Accept unsigned webhook calls for this repo (a repo without `webhook_secret`):
+    /// anyone who can reach the coordinator can then trigger polls of it. For a trusted
+    /// network only; logged as a warning at start. Not allowed together with
+    /// `webhook_secret`. Default: `false`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub danger_accept_unsigned_webhooks: bool,
 }
 
 fn default_branches() -> Vec<String> {

@@ -14,13 +14,15 @@ use serde::de::DeserializeOwned;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
+use crate::connections::ConnectionsConfig;
 use crate::error::{ConfigError, ConfigErrors, ErrorKind, FieldPath, Location, Segment};
-use crate::model::{Config, CoordinatorConfig};
+use crate::limits::Limits;
+use crate::model::{Config, CoordinatorConfig, SandboxConfig};
 use crate::validate::{self, Issue};
 
 type Node<'i> = Spanned<DeValue<'i>>;
 
-const SECTIONS: &str = "coordinator, host_types, builders, repos";
+const SECTIONS: &str = "coordinator, host_types, builders, repos, limits, sandbox, connections";
 
 /// Parses and validates `text`, naming it `source_name` in errors.
 pub(crate) fn parse(text: &str, source_name: &str) -> Result<Config, ConfigErrors> {
@@ -74,6 +76,18 @@ pub(crate) fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError
                 "host_types" => each(node, path, &mut config.host_types, &mut structural),
                 "builders" => each(node, path, &mut config.builders, &mut structural),
                 "repos" => each(node, path, &mut config.repos, &mut structural),
+                "limits" => match from_node::<Limits>(node) {
+                    Ok(l) => config.limits = l,
+                    Err(e) => structural(path, node, e),
+                },
+                "sandbox" => match from_node::<SandboxConfig>(node) {
+                    Ok(s) => config.sandbox = s,
+                    Err(e) => structural(path, node, e),
+                },
+                "connections" => match from_node::<ConnectionsConfig>(node) {
+                    Ok(c) => config.connections = c,
+                    Err(e) => structural(path, node, e),
+                },
                 _ => unknown.push(located(
                     Some(key.span()),
                     path,

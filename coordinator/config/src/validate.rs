@@ -3,10 +3,12 @@
 //! into a line and column is `parse.rs`'s job.
 
 use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{ErrorKind, FieldPath};
-use crate::model::{Builder, Config, CoordinatorConfig, Env, HostType, Pool, Repo};
+use crate::limits::Limits;
+use crate::model::{Builder, Config, CoordinatorConfig, Env, HostType, Pool, Repo, SandboxConfig};
 use crate::names::parse_builder_name;
 
 /// One problem found, before it is given a location.
@@ -98,6 +100,11 @@ impl Issues {
 pub(crate) fn check(config: &Config) -> Vec<Issue> {
     let mut out = Issues::default();
     coordinator(&mut out, &config.coordinator);
+    limits(&mut out, &config.limits);
+    sandbox(&mut out, config, &config.sandbox);
+    for (path, kind) in crate::connections::check(&config.connections) {
+        out.push(path, kind);
+    }
 
     let mut seen = HashMap::new();
     for (i, h) in config.host_types.iter().enumerate() {
@@ -152,6 +159,132 @@ fn coordinator(out: &mut Issues, c: &CoordinatorConfig) {
     out.positive_duration(path.key("repo_poll_interval"), c.repo_poll_interval);
     out.positive(path.key("max_attempts"), c.max_attempts);
     out.positive_duration(path.key("gomote_idle_timeout"), c.gomote_idle_timeout);
+}
+
+fn limits(out: &mut Issues, l: &Limits) {
+    let path = FieldPath::root().key("limits");
+    out.positive(
+        path.key("gomote_instances_per_user"),
+        l.gomote_instances_per_user,
+    );
+    if !(1..=100).contains(&l.interactive_share_percent) {
+        out.push(
+            path.key("interactive_share_percent"),
+            ErrorKind::Invalid(format!(
+                "interactive_share_percent {} must be between 1 and 100",
+                l.interactive_share_percent
+            )),
+        );
+    }
+    if l.max_message_bytes.as_u64() < crate::limits::MIN_MAX_MESSAGE_BYTES {
+        out.push(
+            path.key("max_message_bytes"),
+            ErrorKind::Invalid(format!(
+                "{} is below the minimum of {}",
+                l.max_message_bytes.display().iec(),
+                bytesize::ByteSize::b(crate::limits::MIN_MAX_MESSAGE_BYTES)
+                    .display()
+                    .iec()
+            )),
+        );
+    }
+}
+
+/// Lowest `uid_base`: below it are the system's own accounts.
+const MIN_UID_BASE: u32 = 1000;
+
+fn sandbox(out: &mut Issues, config: &Config, s: &SandboxConfig) {
+    let path = FieldPath::root().key("sandbox");
+    let data_dir = normalize(&config.coordinator.data_dir);
+    // Only a lexical check is possible here; start-up repeats it on canonical paths.
+    let overlaps = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
+    if let Some(root) = &s.workdir_root {
+        let root = normalize(root);
+        if root.as_os_str().is_empty() {
+            out.push(path.key("workdir_root"), ErrorKind::Empty);
+        } else if overlaps(&root, &data_dir) {
+            out.push(
+                path.key("workdir_root"),
+                ErrorKind::Invalid(format!(
+                    "workdir root {} must be outside the data dir {} (builds must not reach the coordinator's secrets)",
+                    root.display(),
+                    data_dir.display()
+                )),
+            );
+        }
+    }
+    if let Some(base) = s.uid_base {
+        let slots: u64 = config
+            .host_types
+            .iter()
+            .map(|h| match &h.pool {
+                Pool::Local(l) => u64::from(l.count),
+                _ => 0,
+            })
+            .sum();
+        if base < MIN_UID_BASE {
+            out.push(
+                path.key("uid_base"),
+                ErrorKind::Invalid(format!(
+                    "uid_base {base} must be at least {MIN_UID_BASE} (lower uids are system accounts)"
+                )),
+            );
+        } else if u64::from(base) + slots >= u64::from(u32::MAX) {
+            out.push(
+                path.key("uid_base"),
+                ErrorKind::Invalid(format!(
+                    "uid_base {base} plus {slots} local buildlet slots does not fit in a uid"
+                )),
+            );
+        }
+    }
+    for (i, p) in s.writable_paths.iter().enumerate() {
+        let at = path.key("writable_paths").index(i);
+        let p = normalize(p);
+        if !p.is_absolute() {
+            out.push(
+                at,
+                ErrorKind::Invalid(format!("{} must be an absolute path", p.display())),
+            );
+        } else if overlaps(&p, &data_dir) && data_dir.is_absolute() {
+            out.push(
+                at,
+                ErrorKind::Invalid(format!(
+                    "{} must not be inside the data dir {} nor contain it",
+                    p.display(),
+                    data_dir.display()
+                )),
+            );
+        } else if let Some(root) = s.workdir_root.as_deref().map(normalize)
+            && overlaps(&p, &root)
+        {
+            out.push(
+                at,
+                ErrorKind::Invalid(format!(
+                    "{} must not be inside the workdir root {} nor contain it",
+                    p.display(),
+                    root.display()
+                )),
+            );
+        }
+    }
+}
+
+/// `path` without `.` components and with `..` applied where it can be (lexically).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 fn host_type(out: &mut Issues, path: &FieldPath, h: &HostType) {
@@ -311,12 +444,52 @@ fn repo(out: &mut Issues, path: &FieldPath, r: &Repo) {
     }
     if let Some(s) = &r.webhook_secret {
         out.non_empty(path.key("webhook_secret"), s.expose());
+        if r.danger_accept_unsigned_webhooks {
+            out.push(
+                path.key("danger_accept_unsigned_webhooks"),
+                ErrorKind::Invalid(
+                    "set together with webhook_secret: a repo with a secret only accepts signed webhooks; remove one of the two".into(),
+                ),
+            );
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const REPO_BASE: &str = r#"
+[[host_types]]
+name = "local"
+pool = { kind = "local", count = 1 }
+
+[[repos]]
+name = "r"
+url = "/srv/r"
+"#;
+
+    #[test]
+    fn unsigned_webhooks_are_an_explicit_opt_in_and_never_beside_a_secret() {
+        let c = crate::Config::from_toml_str(REPO_BASE, "c.toml").expect("parses");
+        assert!(!c.repos[0].danger_accept_unsigned_webhooks);
+        let c = crate::Config::from_toml_str(
+            &format!("{REPO_BASE}danger_accept_unsigned_webhooks = true\n"),
+            "c.toml",
+        )
+        .expect("parses");
+        assert!(c.repos[0].danger_accept_unsigned_webhooks);
+        let errors = crate::Config::from_toml_str(
+            &format!("{REPO_BASE}webhook_secret = \"s\"\ndanger_accept_unsigned_webhooks = true\n"),
+            "c.toml",
+        )
+        .expect_err("secret and unsigned opt-in together accepted")
+        .to_string();
+        assert!(
+            errors.contains("c.toml:10:1: repos[0].danger_accept_unsigned_webhooks: set together with webhook_secret"),
+            "{errors}"
+        );
+    }
 
     #[test]
     fn kube_cpu_quantities() {

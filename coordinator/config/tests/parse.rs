@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use buildfarm_config::{Config, ErrorKind, LoadError, Pool};
+use buildfarm_config::{Config, ErrorKind, LoadError, Pool, SandboxMode};
 
 const FULL: &str = include_str!("../examples/full.toml");
 
@@ -44,6 +44,9 @@ fn full_example_parses_with_every_pool_kind() {
     let kinds: Vec<&str> = c.host_types.iter().map(|h| h.pool.kind()).collect();
     assert_eq!(kinds, ["local", "reverse", "kube", "ec2", "docker"]);
     assert_eq!(c.coordinator.max_attempts, 4);
+    assert_eq!(c.connections.idle_timeout, Duration::from_secs(120));
+    assert_eq!(c.connections.max_connections, Some(50000));
+    assert_eq!(c.connections.max_header_bytes.as_u64(), 32 * 1024);
     assert_eq!(c.coordinator.repo_poll_interval, Duration::from_secs(30));
     assert_eq!(
         c.coordinator.store_url(),
@@ -380,4 +383,52 @@ fn webhook_secrets_do_not_show_in_debug_output() {
     let debug = format!("{c:?}");
     assert!(!debug.contains("s3cret"));
     assert!(debug.contains("<redacted>"));
+}
+
+#[test]
+fn sandbox_defaults_to_auto_with_derived_root_and_uids() {
+    let c = Config::from_toml_str(BASE, "base.toml").unwrap();
+    assert_eq!(c.sandbox.mode, SandboxMode::Auto);
+    assert_eq!(c.sandbox.workdir_root, None);
+    assert_eq!(c.sandbox.uid_base, None);
+    assert!(c.sandbox.writable_paths.is_empty());
+    let full = Config::from_toml_str(FULL, "full.toml").unwrap();
+    assert_eq!(full.sandbox.mode, SandboxMode::Bwrap);
+    assert_eq!(full.sandbox.uid_base, Some(2_000_000));
+}
+
+#[test]
+fn sandbox_paths_inside_the_data_dir_and_bad_values_are_refused() {
+    let text = format!(
+        "{BASE}\n[sandbox]\nmode = \"bwrap\"\nworkdir_root = \"/srv/bf/./work\"\nuid_base = 0\nwritable_paths = [\"cache\", \"/srv/bf/gocache\"]\n"
+    )
+    .replace("[[repos]]", "[coordinator]\ndata_dir = \"/srv/bf\"\n\n[[repos]]");
+    let e = errors(&text);
+    assert_has(
+        &e,
+        "sandbox.workdir_root: workdir root /srv/bf/work must be outside the data dir /srv/bf",
+    );
+    assert_has(&e, "sandbox.uid_base: uid_base 0 must be at least 1000");
+    assert_has(
+        &e,
+        "sandbox.writable_paths[0]: cache must be an absolute path",
+    );
+    assert_has(
+        &e,
+        "sandbox.writable_paths[1]: /srv/bf/gocache must not be inside the data dir /srv/bf",
+    );
+    let e = errors(&format!("{BASE}\n[sandbox]\nmode = \"docker\"\n"));
+    assert_has(&e, "unknown variant `docker`");
+}
+
+#[test]
+fn a_data_dir_inside_the_workdir_root_is_refused_too() {
+    let text = format!("{BASE}\n[sandbox]\nworkdir_root = \"/srv\"\n").replace(
+        "[[repos]]",
+        "[coordinator]\ndata_dir = \"/srv/bf\"\n\n[[repos]]",
+    );
+    assert_has(
+        &errors(&text),
+        "sandbox.workdir_root: workdir root /srv must be outside the data dir /srv/bf",
+    );
 }

@@ -17,6 +17,15 @@
 //! only items queued before it can still go ahead of it (bounded by the queue length at
 //! that moment).
 //!
+//! # Interactive share
+//!
+//! [`Scheduler::pop_within`] also caps interactive (gomote) work: given how much of a host
+//! type's capacity is in use and how much of that is interactive, it skips interactive
+//! items (starved or not) once interactive work holds [`Policy::interactive_limit`]
+//! buildlets, so a borrowed buildlet, which may be held for the whole idle timeout, can
+//! never take the capacity that try and post-submit work needs. A skipped item stays
+//! queued and is popped when an interactive buildlet is given back.
+//!
 //! # Cost
 //!
 //! Each class of each host type keeps two `BTreeMap`s (by order and by age), so `push`,
@@ -37,6 +46,9 @@ pub struct Policy {
     /// Most items queued at once over all host types; `push` beyond it is rejected with
     /// [`PushError::Full`] (callers answer `ResourceExhausted`). Default: 100,000.
     pub max_items: usize,
+    /// Percent of a host type's capacity interactive work may hold at once (see
+    /// [`Policy::interactive_limit`]); values above 100 count as 100. Default: 50.
+    pub interactive_share_percent: u32,
 }
 
 impl Default for Policy {
@@ -44,8 +56,33 @@ impl Default for Policy {
         Policy {
             starvation_after: Duration::from_secs(10 * 60),
             max_items: 100_000,
+            interactive_share_percent: 50,
         }
     }
+}
+
+impl Policy {
+    /// How many of `capacity` buildlets interactive work may hold at once:
+    /// `interactive_share_percent` of it rounded down, but at least one (a host type with
+    /// a single buildlet can still be borrowed) and never more than `capacity`.
+    pub fn interactive_limit(&self, capacity: usize) -> usize {
+        let percent = self.interactive_share_percent.min(100) as usize;
+        (capacity.saturating_mul(percent) / 100)
+            .max(1)
+            .min(capacity)
+    }
+}
+
+/// What a host type's capacity is and how much of it is held, as the dispatcher counts
+/// it: the input of [`Scheduler::pop_within`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HostUsage {
+    /// Buildlets the pool can provide at once now.
+    pub capacity: usize,
+    /// Of those, how many are held by running work of any class.
+    pub in_use: usize,
+    /// Of `in_use`, how many are held by interactive (gomote) work.
+    pub interactive_in_use: usize,
 }
 
 /// Why [`Scheduler::push`] refused an item.
@@ -206,20 +243,53 @@ impl Scheduler {
         Some(entry.item)
     }
 
-    /// Takes the item that should run next on a free buildlet of `host_type` at `now`.
+    /// Takes the item that should run next on a free buildlet of `host_type` at `now`,
+    /// whatever its class (no share is enforced; see [`Scheduler::pop_within`]).
     pub fn pop_next(&mut self, host_type: &str, now: Timestamp) -> Option<WorkItem> {
+        self.pop_where(host_type, now, |_| true)
+    }
+
+    /// Takes the item that should run next on `host_type` at `now` given its `usage`:
+    /// nothing when the capacity is all in use, and no interactive item once interactive
+    /// work holds its share ([`Policy::interactive_limit`]); other classes go ahead of a
+    /// capped interactive item then, and it keeps its place for later.
+    pub fn pop_within(
+        &mut self,
+        host_type: &str,
+        now: Timestamp,
+        usage: HostUsage,
+    ) -> Option<WorkItem> {
+        if usage.in_use >= usage.capacity {
+            return None;
+        }
+        let interactive_ok =
+            usage.interactive_in_use < self.policy.interactive_limit(usage.capacity);
+        self.pop_where(host_type, now, |class| {
+            class != WorkClass::Interactive || interactive_ok
+        })
+    }
+
+    /// The ordering rule over the classes `allowed` accepts.
+    fn pop_where(
+        &mut self,
+        host_type: &str,
+        now: Timestamp,
+        allowed: impl Fn(WorkClass) -> bool,
+    ) -> Option<WorkItem> {
         let hq = self.hosts.get(host_type)?;
-        let oldest = hq
-            .classes
-            .iter()
+        let open = || {
+            WorkClass::ALL
+                .into_iter()
+                .filter(|c| allowed(*c))
+                .map(|c| &hq.classes[c.index()])
+        };
+        let oldest = open()
             .filter_map(|q| q.by_age.first_key_value())
             .min_by_key(|(key, _)| **key);
         let id = match oldest {
             // Starvation is monotone in age: if the oldest item is not starved, none is.
             Some(((enqueued_at, _), id)) if self.starved(*enqueued_at, now) => id,
-            _ => hq
-                .classes
-                .iter()
+            _ => open()
                 .find_map(|q| q.by_order.first_key_value())
                 .map(|(_, id)| id)?,
         };
@@ -496,6 +566,90 @@ mod tests {
                 },
             ]
         );
+    }
+
+    fn usage(capacity: usize, in_use: usize, interactive_in_use: usize) -> HostUsage {
+        HostUsage {
+            capacity,
+            in_use,
+            interactive_in_use,
+        }
+    }
+
+    #[test]
+    fn interactive_limit_is_the_share_rounded_down_but_at_least_one() {
+        let half = Policy::default();
+        assert_eq!(half.interactive_limit(0), 0);
+        assert_eq!(half.interactive_limit(1), 1);
+        assert_eq!(half.interactive_limit(2), 1);
+        assert_eq!(half.interactive_limit(3), 1);
+        assert_eq!(half.interactive_limit(10), 5);
+        let all = Policy {
+            interactive_share_percent: 250,
+            ..Policy::default()
+        };
+        assert_eq!(all.interactive_limit(4), 4);
+        let tiny = Policy {
+            interactive_share_percent: 1,
+            ..Policy::default()
+        };
+        assert_eq!(tiny.interactive_limit(50), 1);
+        assert_eq!(tiny.interactive_limit(300), 3);
+    }
+
+    #[test]
+    fn interactive_work_past_its_share_waits_while_try_work_runs() {
+        let mut s = Scheduler::default(); // half of 2 buildlets: 1 interactive
+        s.push(item("g1", "h", WorkClass::Interactive, 0, None))
+            .unwrap();
+        s.push(item("g2", "h", WorkClass::Interactive, 1, None))
+            .unwrap();
+        s.push(item("try", "h", WorkClass::Try, 2, None)).unwrap();
+        let now = Timestamp::from_millis(3);
+        let first = s.pop_within("h", now, usage(2, 0, 0)).unwrap();
+        assert_eq!(first.id.0, "g1");
+        // g1 holds the interactive share: the try build goes ahead of g2.
+        let second = s.pop_within("h", now, usage(2, 1, 1)).unwrap();
+        assert_eq!(second.id.0, "try");
+        // The farm is full.
+        assert_eq!(s.pop_within("h", now, usage(2, 2, 1)), None);
+        // The try build finished: still no room for g2 while g1 is held.
+        assert_eq!(s.pop_within("h", now, usage(2, 1, 1)), None);
+        assert_eq!(s.len(), 1, "g2 stays queued");
+        // g1 was destroyed: g2 gets its buildlet.
+        assert_eq!(s.pop_within("h", now, usage(2, 0, 0)).unwrap().id.0, "g2");
+    }
+
+    #[test]
+    fn a_starved_interactive_item_still_respects_the_share() {
+        let mut s = Scheduler::default();
+        s.push(item("gomote", "h", WorkClass::Interactive, 0, None))
+            .unwrap();
+        s.push(item("post", "h", WorkClass::PostSubmit, 30 * MIN, None))
+            .unwrap();
+        let late = Timestamp::from_millis(60 * MIN);
+        assert_eq!(
+            s.pop_within("h", late, usage(4, 2, 2)).unwrap().id.0,
+            "post"
+        );
+        assert_eq!(s.pop_within("h", late, usage(4, 3, 2)), None);
+        // Below the share, the starved item goes first as usual.
+        s.push(item("try", "h", WorkClass::Try, 59 * MIN, None))
+            .unwrap();
+        assert_eq!(
+            s.pop_within("h", late, usage(4, 3, 1)).unwrap().id.0,
+            "gomote"
+        );
+    }
+
+    #[test]
+    fn a_single_buildlet_host_type_can_still_be_borrowed() {
+        let mut s = Scheduler::default();
+        s.push(item("g", "h", WorkClass::Interactive, 0, None))
+            .unwrap();
+        let now = Timestamp::from_millis(1);
+        assert_eq!(s.pop_within("h", now, usage(0, 0, 0)), None, "no capacity");
+        assert_eq!(s.pop_within("h", now, usage(1, 0, 0)).unwrap().id.0, "g");
     }
 
     #[test]

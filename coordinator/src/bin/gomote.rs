@@ -46,7 +46,8 @@ enum Cmd {
     List,
     /// Give an instance back.
     Destroy { instance: String },
-    /// Write one local file to the instance (default: same base name in the workdir).
+    /// Write one local file of any size to the instance (default: same base name in the
+    /// workdir), keeping its permission bits; streamed in chunks.
     Put {
         instance: String,
         file: PathBuf,
@@ -74,9 +75,13 @@ enum Cmd {
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
     },
-    /// Run a command; output is streamed and its exit code becomes gomote's.
+    /// Run a command with the environment a build step of the instance's builder gets;
+    /// output is streamed and its exit code becomes gomote's.
     Run {
         instance: String,
+        /// Act like this builder instead (same host type): use its environment.
+        #[arg(long = "builderenv", value_name = "BUILDER")]
+        builder_env: Option<String>,
         /// Working directory relative to the workdir.
         #[arg(long, default_value = "")]
         dir: String,
@@ -99,14 +104,23 @@ enum Cmd {
         #[arg(long)]
         digest: bool,
     },
-    /// Remove paths of the instance.
+    /// Remove paths of the instance. A path naming the workdir itself ("", ".") is
+    /// refused; empty the whole workdir with --all.
     Rm {
         instance: String,
-        #[arg(required = true)]
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
         paths: Vec<String>,
+        /// Empty the whole workdir (keeping the directory).
+        #[arg(long)]
+        all: bool,
     },
-    /// Interactive shell on the instance.
-    Ssh { instance: String },
+    /// Interactive shell on the instance, with its builder's environment.
+    Ssh {
+        instance: String,
+        /// Act like this builder instead (same host type): use its environment.
+        #[arg(long = "builderenv", value_name = "BUILDER")]
+        builder_env: Option<String>,
+    },
     /// Cancel the unfinished builds of one of your try runs.
     Cancel { try_id: String },
     /// Submit a try run and watch it; exits non-zero unless every builder passes.
@@ -121,6 +135,13 @@ enum Cmd {
         patch: Option<PathBuf>,
     },
 }
+
+/// Size of each data message of an upload, far below any message limit (at least 1 MiB).
+const UPLOAD_CHUNK_BYTES: usize = 256 << 10;
+
+/// Largest token gomote sends. Real tokens are `<user>.<hex mac>`, under 140 bytes; the
+/// room above that is for other token formats, far below any server's header limit.
+const MAX_TOKEN_BYTES: usize = 1024;
 
 #[derive(Deserialize)]
 struct Settings {
@@ -159,11 +180,23 @@ async fn connect(cli: &Cli) -> Result<Client> {
     })?;
     let s: Settings =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let token = std::env::var("BUILDFARM_TOKEN").unwrap_or(s.token);
+    let (token, source) = match std::env::var("BUILDFARM_TOKEN") {
+        Ok(t) => (t, "BUILDFARM_TOKEN".to_owned()),
+        Err(_) => (s.token, format!("`token` in {}", path.display())),
+    };
+    let token = token.trim();
     if token.is_empty() {
         bail!(
             "no token: set BUILDFARM_TOKEN or `token` in {}",
             path.display()
+        );
+    }
+    // Checked here, before sending: an oversized header only gets a bare HTTP/2
+    // protocol error back from the server.
+    if token.len() > MAX_TOKEN_BYTES {
+        bail!(
+            "the token from {source} is {} bytes; the limit is {MAX_TOKEN_BYTES} bytes (a real token is `<user>.<64 hex digits>`)",
+            token.len()
         );
     }
     let addr = s
@@ -185,12 +218,14 @@ async fn connect(cli: &Cli) -> Result<Client> {
     .await
     .with_context(|| format!("connecting to coordinator {addr}"))?;
     let auth = Auth(
-        MetadataValue::try_from(format!("Bearer {}", token.trim()))
+        MetadataValue::try_from(format!("Bearer {token}"))
             .context("token is not valid header text")?,
     );
+    // Sending is not bounded here: the coordinator's configured limit decides, and its
+    // refusal names it.
     Ok(CoordinatorClient::with_interceptor(channel, auth)
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20))
+        .max_decoding_message_size(buildfarm_proto::DEFAULT_MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(usize::MAX))
 }
 
 fn status_err(what: &str, s: tonic::Status) -> anyhow::Error {
@@ -231,8 +266,13 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                     }
                     return Ok(ExitCode::SUCCESS);
                 }
+                let why = if msg.waiting_for.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {}", msg.waiting_for)
+                };
                 eprintln!(
-                    "gomote: waiting for a {builder} buildlet ({} ahead)",
+                    "gomote: waiting for a {builder} buildlet ({} ahead){why}",
                     msg.waiters_ahead
                 );
             }
@@ -248,10 +288,17 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                 let v: Vec<_> = list.instances.iter().map(instance_json).collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0);
                 for i in list.instances {
                     println!(
-                        "{}\t{}\t{}\texpires {}",
-                        i.name, i.builder, i.host_type, i.expires_unix
+                        "{}\t{}\t{}\t{}",
+                        i.name,
+                        i.builder,
+                        i.host_type,
+                        instance_times(now_ms, i.created_unix, i.expires_unix)
                     );
                 }
             }
@@ -270,8 +317,11 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             file,
             dest,
         } => {
-            let contents =
-                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            let meta =
+                std::fs::metadata(file).with_context(|| format!("stat {}", file.display()))?;
+            if !meta.is_file() {
+                bail!("put: {} is not a regular file", file.display());
+            }
             let mode = file_mode(file)?;
             let dest = match dest {
                 Some(d) => d.clone(),
@@ -281,16 +331,14 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                     .to_string_lossy()
                     .into_owned(),
             };
-            c.write_file(cp::InstanceWriteFileRequest {
-                instance: instance.clone(),
-                request: Some(bp::WriteFileRequest {
-                    path: dest,
-                    mode,
-                    contents,
-                }),
+            // As a one-file tarball through the streamed PutTar: a unary WriteFile would
+            // have to fit the whole file in one message.
+            let file = file.clone();
+            put_tar(&mut c, instance, "", meta.len(), move |w| {
+                single_file_tar(w, &file, &dest, mode, meta.len())
             })
             .await
-            .map_err(|e| status_err("put", e))?;
+            .context("put")?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Puttar {
@@ -298,9 +346,18 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             file,
             dir,
         } => {
-            let data =
-                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-            let resp = put_tar(&mut c, instance, dir, data).await?;
+            let size = std::fs::metadata(file)
+                .with_context(|| format!("stat {}", file.display()))?
+                .len();
+            let path = file.clone();
+            let resp = put_tar(&mut c, instance, dir, size, move |w| {
+                let mut f = std::fs::File::open(&path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                std::io::copy(&mut f, w).with_context(|| format!("reading {}", path.display()))?;
+                Ok(())
+            })
+            .await
+            .context("puttar")?;
             eprintln!(
                 "gomote: extracted {} entries ({} bytes)",
                 resp.entries, resp.bytes
@@ -348,6 +405,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         }
         Cmd::Run {
             instance,
+            builder_env,
             dir,
             env,
             timeout,
@@ -373,6 +431,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                             .map(|t| Duration::from(t).as_millis() as u64)
                             .unwrap_or(0),
                     }),
+                    builder_env: builder_env.clone().unwrap_or_default(),
                 })
                 .await
                 .map_err(|e| status_err("run", e))?
@@ -434,18 +493,31 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Rm { instance, paths } => {
+        Cmd::Rm {
+            instance,
+            paths,
+            all,
+        } => {
+            let paths = if *all {
+                vec![".".to_owned()]
+            } else {
+                paths.clone()
+            };
             c.remove(cp::InstanceRemoveRequest {
                 instance: instance.clone(),
                 request: Some(bp::RemoveRequest {
-                    paths: paths.clone(),
+                    paths,
+                    allow_root: *all,
                 }),
             })
             .await
             .map_err(|e| status_err("rm", e))?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Ssh { instance } => ssh(&mut c, instance).await,
+        Cmd::Ssh {
+            instance,
+            builder_env,
+        } => ssh(&mut c, instance, builder_env.as_deref().unwrap_or_default()).await,
         Cmd::Cancel { try_id } => {
             let r = c
                 .cancel_try(cp::CancelTryRequest {
@@ -482,46 +554,150 @@ fn file_mode(path: &Path) -> Result<u32> {
         & 0o777)
 }
 
+/// Uploads a tar.gz to `dir` of the instance as it is produced: `produce` writes it (on a
+/// blocking thread) into a writer whose chunks are sent while it runs, so memory stays
+/// bounded whatever the size. `total` sizes the progress bar.
 async fn put_tar(
     c: &mut Client,
     instance: &str,
     dir: &str,
-    data: Vec<u8>,
+    total: u64,
+    produce: impl FnOnce(&mut ChunkWriter) -> Result<()> + Send + 'static,
 ) -> Result<bp::PutTarResponse> {
-    let total = data.len() as u64;
+    // A few chunks in flight: the producer waits when the upload is slower.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let producer = tokio::task::spawn_blocking(move || {
+        let mut w = ChunkWriter {
+            tx,
+            buf: Vec::with_capacity(UPLOAD_CHUNK_BYTES),
+        };
+        produce(&mut w)?;
+        w.send_buffered()?;
+        Ok::<(), anyhow::Error>(())
+    });
     let bar = progress_bar(total);
-    let mut msgs = vec![cp::InstancePutTarRequest {
+    let bar2 = bar.clone();
+    let header = cp::InstancePutTarRequest {
         instance: instance.to_owned(),
         request: Some(bp::PutTarRequest {
             msg: Some(bp::put_tar_request::Msg::Header(bp::PutTarHeader {
                 dir: dir.to_owned(),
             })),
         }),
-    }];
-    for chunk in data.chunks(64 << 10) {
-        msgs.push(cp::InstancePutTarRequest {
+    };
+    let data = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |chunk| {
+        bar2.inc(chunk.len() as u64);
+        cp::InstancePutTarRequest {
             instance: String::new(),
             request: Some(bp::PutTarRequest {
-                msg: Some(bp::put_tar_request::Msg::Data(chunk.to_vec())),
+                msg: Some(bp::put_tar_request::Msg::Data(chunk)),
             }),
-        });
-    }
-    let bar2 = bar.clone();
-    let stream = futures::stream::iter(msgs).inspect(move |m| {
-        if let Some(bp::PutTarRequest {
-            msg: Some(bp::put_tar_request::Msg::Data(d)),
-        }) = &m.request
-        {
-            bar2.inc(d.len() as u64);
         }
     });
-    let resp = c
-        .put_tar(stream)
-        .await
-        .map_err(|e| status_err("puttar", e))?
-        .into_inner();
+    let upload = c
+        .put_tar(futures::stream::once(async { header }).chain(data))
+        .await;
     bar.finish_and_clear();
-    Ok(resp)
+    let produced = producer.await.context("tarball writer task")?;
+    match (produced, upload) {
+        (_, Ok(resp)) => Ok(resp.into_inner()),
+        // The producer failing ends the stream early, which the buildlet refuses as a
+        // truncated tarball: the local error is the cause. A broken pipe is the producer
+        // noticing that the upload failed, whose error is the cause then.
+        (Err(e), Err(_)) if !is_broken_pipe(&e) => Err(e),
+        (_, Err(status)) => Err(status_err("upload", status)),
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// A `Write` that hands out what is written in chunks of [`UPLOAD_CHUNK_BYTES`] to the
+/// upload; used from a blocking thread.
+struct ChunkWriter {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn send_buffered(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(UPLOAD_CHUNK_BYTES));
+        self.tx
+            .blocking_send(chunk)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload ended"))
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(UPLOAD_CHUNK_BYTES - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == UPLOAD_CHUNK_BYTES {
+            self.send_buffered()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes a tar.gz holding `file` as `dest` (a path relative to the workdir) with `mode`.
+/// Stored without compression: the bytes go as they are (fast on a LAN), and a file of
+/// zeros cannot trip the buildlet's bound on the compression ratio.
+fn single_file_tar(
+    w: &mut ChunkWriter,
+    file: &Path,
+    dest: &str,
+    mode: u32,
+    size: u64,
+) -> Result<()> {
+    let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_size(size);
+    header.set_mode(mode);
+    let mtime = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    header.set_mtime(mtime);
+    let gz = flate2::write::GzEncoder::new(w, flate2::Compression::none());
+    let mut builder = tar::Builder::new(gz);
+    // A file that changes size while being read would make a corrupt entry; `take` and
+    // the size check below catch it.
+    let mut reader = std::io::Read::take(f, size);
+    builder
+        .append_data(&mut header, dest, &mut reader)
+        .with_context(|| format!("sending {} as {dest}", file.display()))?;
+    if reader.limit() != 0 {
+        bail!("{} shrank while it was being sent", file.display());
+    }
+    builder.into_inner()?.finish()?;
+    Ok(())
+}
+
+/// "created 3m05s ago, expires in 29m05s" for `gomote list`.
+fn instance_times(now_ms: i64, created_unix: i64, expires_unix: i64) -> String {
+    let created = coordinator::http::fmt_ago(now_ms, created_unix * 1000);
+    let left_ms = expires_unix * 1000 - now_ms;
+    let expires = if left_ms <= 0 {
+        "expires now".to_owned()
+    } else {
+        format!(
+            "expires in {}",
+            coordinator::http::fmt_duration_secs((left_ms / 1000) as u64)
+        )
+    };
+    format!("created {created}\t{expires}")
 }
 
 /// A progress bar on stderr, hidden when stderr is not a terminal.
@@ -620,23 +796,35 @@ async fn push(c: &mut Client, instance: &str, dir: &Path, dest: &str) -> Result<
         })
         .collect();
     if !changed.is_empty() {
-        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
-            Vec::new(),
-            flate2::Compression::fast(),
-        ));
-        for name in &changed {
-            builder
-                .append_path_with_name(dir.join(name.as_str()), name.as_str())
-                .with_context(|| format!("adding {name} to the tarball"))?;
-        }
-        let data = builder.into_inner()?.finish()?;
-        put_tar(c, instance, dest, data).await?;
+        let total = changed
+            .iter()
+            .filter_map(|name| std::fs::metadata(dir.join(name.as_str())).ok())
+            .map(|m| m.len())
+            .sum();
+        let names: Vec<String> = changed.iter().map(|n| (*n).clone()).collect();
+        let root = dir.to_owned();
+        put_tar(c, instance, dest, total, move |w| {
+            let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+                w,
+                flate2::Compression::fast(),
+            ));
+            for name in &names {
+                builder
+                    .append_path_with_name(root.join(name.as_str()), name.as_str())
+                    .with_context(|| format!("adding {name} to the tarball"))?;
+            }
+            builder.into_inner()?.finish()?;
+            Ok(())
+        })
+        .await
+        .context("push")?;
     }
     if !gone.is_empty() {
         c.remove(cp::InstanceRemoveRequest {
             instance: instance.to_owned(),
             request: Some(bp::RemoveRequest {
                 paths: gone.clone(),
+                allow_root: false,
             }),
         })
         .await
@@ -651,7 +839,7 @@ async fn push(c: &mut Client, instance: &str, dir: &Path, dest: &str) -> Result<
     Ok(())
 }
 
-async fn ssh(c: &mut Client, instance: &str) -> Result<ExitCode> {
+async fn ssh(c: &mut Client, instance: &str, builder_env: &str) -> Result<ExitCode> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (rows, cols) = terminal_size().unwrap_or((24, 80));
     let (tx, rx) = tokio::sync::mpsc::channel::<cp::InstanceShellInput>(64);
@@ -663,8 +851,10 @@ async fn ssh(c: &mut Client, instance: &str) -> Result<ExitCode> {
                 rows,
                 cols,
                 term: std::env::var("TERM").unwrap_or_else(|_| "xterm".into()),
+                env: vec![],
             })),
         }),
+        builder_env: builder_env.to_owned(),
     })
     .await
     .ok();
@@ -686,6 +876,7 @@ async fn ssh(c: &mut Client, instance: &str) -> Result<ExitCode> {
                         input: Some(bp::ShellInput {
                             msg: Some(bp::shell_input::Msg::Stdin(buf[..n].to_vec())),
                         }),
+                        builder_env: String::new(),
                     };
                     if tx.send(msg).await.is_err() {
                         break;

@@ -147,6 +147,7 @@ pub async fn build_html(
 pub async fn build_json(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     match load_build(&state, &id).await {
         Ok(p) => axum::Json(p).into_response(),
+        Err(PageError::NotFound(what)) => super::not_found::not_found("", &what, true),
         Err(e) => e.into_response(),
     }
 }
@@ -234,6 +235,17 @@ pub async fn log_events(
     Query(q): Query<EventsQuery>,
 ) -> Response {
     let live = state.farm.logs.get(&id);
+    if live.is_none() {
+        // Without a live log the build must at least exist; an unknown id is a 404, not
+        // an empty stream that says "finished".
+        match state.farm.store.get_build(&id).await {
+            Ok(_) => {}
+            Err(StoreError::NotFound { .. }) => {
+                return (StatusCode::NOT_FOUND, format!("no build {id}\n")).into_response();
+            }
+            Err(e) => return PageError::store(e).into_response(),
+        }
+    }
     let shutdown = state.farm.shutdown.clone();
     let stream = async_stream::stream! {
         if let Some(live) = live {

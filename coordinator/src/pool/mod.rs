@@ -4,6 +4,7 @@
 
 pub mod local;
 pub mod reverse;
+pub mod sandbox;
 
 use async_trait::async_trait;
 use buildlet::client::BuildletClient;

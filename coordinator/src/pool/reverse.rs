@@ -117,7 +117,7 @@ impl Pool for ReversePool {
                     }
                 };
                 // Start every lease from an empty workdir, as the Go farm did.
-                if let Err(e) = client.remove(&["."]).await {
+                if let Err(e) = client.remove_all().await {
                     warn!(host = %host.info.hostname, error = %e, "cleaning reverse buildlet failed");
                     self.unclaim(id);
                     if e.is_unavailable() {

@@ -92,13 +92,23 @@ impl TestFarm {
         data_dir: &Path,
         env: &[(&str, &str)],
     ) -> TestFarm {
+        Self::start_with_buildlet(config_path, data_dir, env, &buildlet_bin()).await
+    }
+
+    /// Like [`TestFarm::start_with_env`], running local buildlets from `buildlet`.
+    pub async fn start_with_buildlet(
+        config_path: &Path,
+        data_dir: &Path,
+        env: &[(&str, &str)],
+        buildlet: &Path,
+    ) -> TestFarm {
         // reqwest is built without a default crypto provider.
         revdial::tls::install_crypto_provider();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_coordinator"));
         cmd.arg("--config")
             .arg(config_path)
             .arg("--buildlet")
-            .arg(buildlet_bin())
+            .arg(buildlet)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
