@@ -663,7 +663,7 @@ impl Coordinator for Api {
         // Shape and paths, before any git (`crate::try_patch`).
         if !r.patch.is_empty() {
             crate::try_patch::check(&r.patch, MAX_PATCH_BYTES)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                .map_err(|e| Status::invalid_argument(format!("patch does not apply: {e}")))?;
         }
         if let Err(e) = mirror.fetch().await {
             warn!(repo = %repo.name, error = %format!("{e:#}"), "fetch before try failed");

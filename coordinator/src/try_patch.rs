@@ -25,7 +25,8 @@ pub enum PatchError {
     TooLarge { size: usize, limit: usize },
     #[error("patch line {line} contains a NUL byte (binary changes need `git diff --binary`)")]
     NulByte { line: usize },
-    #[error("not a patch: no `diff --git` or `---`/`+++` file header found")]
+    // git's own words for this, so the message reads the same whichever check caught it.
+    #[error("No valid patches in input: no `diff --git` or `---`/`+++` file header found")]
     NoFiles,
     #[error("patch line {line}: path {path:?} {reason}")]
     BadPath {
