@@ -177,6 +177,8 @@ impl Drop for Slot {
 pub struct Sandbox {
     /// The bwrap program; none when buildlets run without a sandbox.
     bwrap: Option<PathBuf>,
+    /// Why buildlets run without a sandbox (for the status page); none when sandboxed.
+    unsandboxed_reason: Option<String>,
     /// First uid/gid when each slot runs as its own user (coordinator is root).
     uid_base: Option<u32>,
     root: PathBuf,
@@ -191,8 +193,12 @@ pub struct Sandbox {
 impl Sandbox {
     /// Resolves the mode, cleans up after a previous run, and probes bwrap.
     pub async fn prepare(opts: SandboxOptions) -> Result<Arc<Sandbox>> {
+        let mut unsandboxed_reason = None;
         let bwrap = match opts.mode {
-            SandboxMode::None => None,
+            SandboxMode::None => {
+                unsandboxed_reason = Some("[sandbox] mode = \"none\"".to_owned());
+                None
+            }
             SandboxMode::Bwrap => Some(find_in_path("bwrap").with_context(|| {
                 "sandbox mode \"bwrap\" needs bubblewrap, but no `bwrap` was found on PATH \
                  (install Debian's bubblewrap package, or set [sandbox] mode = \"none\" to run \
@@ -202,6 +208,7 @@ impl Sandbox {
                 let found = find_in_path("bwrap");
                 if found.is_none() {
                     warn_unsandboxed("no `bwrap` found on PATH");
+                    unsandboxed_reason = Some("no `bwrap` found on PATH".to_owned());
                 }
                 found
             }
@@ -250,6 +257,7 @@ impl Sandbox {
         let slots = opts.slots.max(1);
         let mut sandbox = Sandbox {
             bwrap,
+            unsandboxed_reason,
             uid_base,
             root,
             data_dir: opts.data_dir.clone(),
@@ -276,7 +284,9 @@ impl Sandbox {
                      disabled; set [sandbox] mode = \"none\" to run builds unsandboxed)",
                 ));
             }
-            warn_unsandboxed(&format!("bwrap does not work here: {e:#}"));
+            let reason = format!("bwrap does not work here: {e:#}");
+            warn_unsandboxed(&reason);
+            sandbox.unsandboxed_reason = Some(reason);
             sandbox.bwrap = None;
             sandbox.uid_base = None;
             sandbox.buildlet_bin = opts.buildlet_bin.clone();
@@ -311,6 +321,19 @@ impl Sandbox {
     /// Whether buildlets run under bubblewrap.
     pub fn is_sandboxed(&self) -> bool {
         self.bwrap.is_some()
+    }
+
+    /// Why buildlets run without a sandbox (mode "none", or "auto" without a working
+    /// bwrap); `None` when they run under bubblewrap.
+    pub fn unsandboxed_reason(&self) -> Option<&str> {
+        match &self.bwrap {
+            Some(_) => None,
+            None => Some(
+                self.unsandboxed_reason
+                    .as_deref()
+                    .unwrap_or("no sandbox configured"),
+            ),
+        }
     }
 
     /// The workdir root.
@@ -750,6 +773,7 @@ mod tests {
     fn sandbox_for_plan(uid_base: Option<u32>, secret: PathBuf) -> Sandbox {
         Sandbox {
             bwrap: Some("/usr/bin/bwrap".into()),
+            unsandboxed_reason: None,
             uid_base,
             root: "/srv/work".into(),
             data_dir: "/srv/data".into(),
