@@ -11,7 +11,14 @@
 //! Containment: bwrap's `--die-with-parent` plus the coordinator's `PR_SET_PDEATHSIG` on
 //! bwrap mean that when the coordinator dies the sandbox's pid 1 dies, and the kernel kills
 //! every process of a pid namespace whose init exits; bwrap's init exits when the buildlet
-//! does. So killing the buildlet, bwrap, or the coordinator ends the whole tree.
+//! does. So killing the buildlet, bwrap, or the coordinator ends the whole tree. A child
+//! whose coordinator died before its `prctl` (it was reparented first) exits instead of
+//! running bwrap. One window remains, inside bwrap 0.8: its sandbox init (the clone that
+//! becomes pid 1) sets its own death signal only after the outer bwrap has released it
+//! (an eventfd write) and the mounts are made. A coordinator killed in those milliseconds
+//! takes the outer bwrap with it and leaves that init with ppid 1, either blocked on the
+//! eventfd forever (no children) or running the buildlet; the next start with the same
+//! data dir kills it (by uid and workdir root).
 //!
 //! Start-up: [`Sandbox::prepare`] kills processes left by a previous run (running as the
 //! sandbox uids, or with their cwd in the workdir root), empties the root, and probes
@@ -460,8 +467,10 @@ impl Sandbox {
             }
         }
         let ids = self.ids(slot.index);
+        // Taken before the fork: the child compares its parent with it.
+        let coordinator = nix::unistd::getpid();
         // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe system calls (setgroups, setgid, setuid, prctl, umask).
+        // async-signal-safe system calls (setgroups, setgid, setuid, prctl, getppid, umask).
         unsafe {
             cmd.pre_exec(move || {
                 if let Some((uid, gid)) = ids {
@@ -473,6 +482,13 @@ impl Sandbox {
                 // that crashed (kill_on_drop only covers orderly exits).
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
                     .map_err(std::io::Error::from)?;
+                // A coordinator that died before the prctl never sends the signal: we were
+                // already handed to another parent. Reproduced by SIGKILLing a coordinator
+                // while it spawns: the bwrap was left running with ppid 1.
+                // (ESRCH, not a message: no allocation between fork and exec.)
+                if nix::unistd::getppid() != coordinator {
+                    return Err(nix::errno::Errno::ESRCH.into());
+                }
                 nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
                 Ok(())
             });
