@@ -433,12 +433,6 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
 
     let api = Api::new(farm.clone());
     let poll_kick = Arc::new(Notify::new());
-    let state = AppState {
-        farm: farm.clone(),
-        api,
-        poll_kick: poll_kick.clone(),
-        web: crate::http::WebState::start(&farm, Some(revdial_listener.clone()))?,
-    };
     // Before the connection cap is derived from it: every descriptor the hard limit
     // allows, less a reserve for our own files.
     match revdial::accept::raise_nofile_limit() {
@@ -451,12 +445,27 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
         max_handshakes = limits.max_handshakes,
         "connection limits"
     );
+    let acceptor = revdial::accept::Acceptor::new(limits);
+    let web_parts = crate::http::WebParts {
+        revdial: Some(revdial_listener.clone()),
+        acceptor: Some(acceptor.clone()),
+        unsandboxed: sandbox
+            .as_ref()
+            .and_then(|s| s.unsandboxed_reason())
+            .map(str::to_owned),
+    };
+    let state = AppState {
+        farm: farm.clone(),
+        api,
+        poll_kick: poll_kick.clone(),
+        web: crate::http::WebState::start(&farm, web_parts)?,
+    };
     let endpoint = Endpoint {
         router: router(state),
         tls: server_tls,
         revdial: revdial_listener.clone(),
         allow_plaintext: addr.ip().is_loopback(),
-        limits,
+        acceptor,
     };
     tasks.spawn(farm.clone().dispatch_loop());
     tasks.spawn(crate::poller::poll_loop(farm.clone(), poll_kick));

@@ -43,19 +43,31 @@ pub struct WebState {
     pub metrics: Arc<metrics::Metrics>,
     /// For handshake counters in `/metrics`; `None` when the farm has no reverse port.
     pub revdial: Option<revdial::Listener>,
+    /// The port's connection counters, for `/metrics` and the status page.
+    pub acceptor: Option<revdial::accept::Acceptor>,
+    /// Why local buildlets run without a sandbox; `None` when they are sandboxed or
+    /// there is no local pool. Fixed at start-up.
+    pub unsandboxed: Option<String>,
+}
+
+/// What the pages report beyond the farm's own state.
+#[derive(Default)]
+pub struct WebParts {
+    pub revdial: Option<revdial::Listener>,
+    pub acceptor: Option<revdial::accept::Acceptor>,
+    pub unsandboxed: Option<String>,
 }
 
 impl WebState {
     /// Creates the state and starts its tasks (chart sampler, build-result counter)
     /// on the farm's task tracker; they stop when the farm shuts down.
-    pub fn start(
-        farm: &Arc<Farm>,
-        revdial: Option<revdial::Listener>,
-    ) -> anyhow::Result<Arc<WebState>> {
+    pub fn start(farm: &Arc<Farm>, parts: WebParts) -> anyhow::Result<Arc<WebState>> {
         let web = Arc::new(WebState {
             history: charts::History::default(),
             metrics: Arc::new(metrics::Metrics::new()?),
-            revdial,
+            revdial: parts.revdial,
+            acceptor: parts.acceptor,
+            unsandboxed: parts.unsandboxed,
         });
         farm.tasks.spawn(sample_loop(farm.clone(), web.clone()));
         farm.tasks
@@ -337,6 +349,7 @@ async fn metrics_page(State(state): State<AppState>) -> Response {
             .map(|r| r.list())
             .unwrap_or_default(),
         listener: state.web.revdial.as_ref().map(|l| l.metrics()),
+        connections: state.web.acceptor.as_ref().map(|a| a.stats()),
         store_ping: status::ping_store(farm.store.as_ref()).await,
         active_builds: farm.active_builds().len(),
     };

@@ -30,8 +30,9 @@ pub struct Endpoint {
     pub revdial: revdial::Listener,
     /// Serve plaintext HTTP too (the status page in a browser without certificates).
     pub allow_plaintext: bool,
-    /// Time limits and caps on every connection.
-    pub limits: ConnLimits,
+    /// Admits connections within their time limits and caps; made by the caller so the
+    /// pages can read its counters.
+    pub acceptor: Acceptor,
 }
 
 /// The acceptor limits of a `[connections]` table; an unset `max_connections` is
@@ -62,7 +63,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
-    let acceptor = Acceptor::new(ep.limits.clone());
+    let acceptor = ep.acceptor.clone();
     let tls = tokio_rustls::TlsAcceptor::from(ep.tls.clone());
     while let Some((tcp, peer, conn)) = acceptor.accept(&listener, &shutdown).await {
         let (ep, tls, shutdown) = (ep.clone(), tls.clone(), shutdown.clone());

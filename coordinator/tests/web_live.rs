@@ -1,7 +1,8 @@
 //! The pages of a running farm in a real browser: headless Chromium loads the status
 //! page and the dashboard (screenshots kept under `target/web-screenshots/` for a person
 //! to look at), watches a running build's log grow in its page without a reload (through
-//! the DevTools protocol on a pipe), and `promtool check metrics` accepts `/metrics`.
+//! the DevTools protocol on a pipe), `promtool check metrics` accepts `/metrics`, and
+//! the connection counters there and on the status page follow real connections.
 
 mod common;
 
@@ -57,12 +58,17 @@ branches = ["main"]
 }
 
 async fn start() -> (tempfile::TempDir, TestFarm, String) {
+    start_with("").await
+}
+
+/// A farm whose config ends with `extra` (TOML tables).
+async fn start_with(extra: &str) -> (tempfile::TempDir, TestFarm, String) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let repo = tmp.path().join("repo");
     let data = tmp.path().join("data");
     let rev = make_go_repo(&repo);
     let cfg = tmp.path().join("coordinator.toml");
-    std::fs::write(&cfg, config(&data, &repo)).expect("write config");
+    std::fs::write(&cfg, config(&data, &repo) + extra).expect("write config");
     let farm = TestFarm::start(&cfg, &data).await;
     (tmp, farm, rev)
 }
@@ -352,6 +358,12 @@ async fn metrics_pass_promtool() {
         "buildfarm_revdial_handshakes_refused_total{reason=\"bad_credential\"} 0",
         "buildfarm_store_up 1",
         "buildfarm_store_ping_seconds",
+        "buildfarm_connections_open ",
+        "buildfarm_connections_handshaking ",
+        "buildfarm_connections_accepted_total ",
+        "buildfarm_connections_evicted_total 0",
+        "buildfarm_connections_refused_total 0",
+        "buildfarm_accept_errors_total 0",
         "buildfarm_build_duration_seconds_bucket{builder=\"linux-amd64\",result=\"ok\"",
     ] {
         assert!(text.contains(name), "missing {name} in:\n{text}");
@@ -369,6 +381,110 @@ async fn metrics_pass_promtool() {
         "promtool: {}{}\n{text}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+    farm.kill().await;
+}
+
+/// The value of an unlabelled sample in Prometheus text.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (n, v) = l.split_once(' ')?;
+            (n == name).then(|| v.trim().parse::<f64>().ok())?
+        })
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+}
+
+/// Polls `/metrics` until `ok` holds of it.
+async fn metrics_until(farm: &TestFarm, what: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = farm.get_text("/metrics").await;
+        if ok(&text) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "never {what}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_counters_follow_real_connections() {
+    // Idle connections must outlive the test's waits on a loaded machine.
+    let (_tmp, farm, _rev) = start_with("\n[connections]\nhandshake_timeout = \"10m\"\n").await;
+    let before = farm.get_text("/metrics").await;
+    let accepted_before = sample(&before, "buildfarm_connections_accepted_total");
+    // Connected TCP that never sends a byte stays in its handshake (sniffing the first
+    // byte) until the handshake timeout.
+    const IDLE: usize = 5;
+    let mut idle = Vec::new();
+    for _ in 0..IDLE {
+        idle.push(
+            tokio::net::TcpStream::connect(&farm.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    let during = metrics_until(&farm, "counted the idle connections", |t| {
+        sample(t, "buildfarm_connections_handshaking") >= IDLE as f64
+            && sample(t, "buildfarm_connections_open") >= IDLE as f64 + 1.0
+            && sample(t, "buildfarm_connections_accepted_total") >= accepted_before + IDLE as f64
+    })
+    .await;
+    let open_during = sample(&during, "buildfarm_connections_open");
+    let status: Value = serde_json::from_str(&farm.get_text("/?format=json").await).expect("json");
+    let open_on_page = status["connections"]["open"]
+        .as_u64()
+        .expect("connections.open");
+    // The idle ones and the page request itself.
+    assert!(open_on_page > IDLE as u64, "{status}");
+    assert!(status["connections"]["max"].as_u64().expect("max") > open_on_page);
+    let html = farm.get_text("/").await;
+    assert!(html.contains("connection(s) open"), "{html}");
+    // bwrap is installed here: local buildlets are sandboxed, and no check says otherwise.
+    assert_eq!(status["local_sandboxed"], true, "{status}");
+    assert!(
+        !status["checks"].to_string().contains("sandbox"),
+        "{status}"
+    );
+
+    drop(idle);
+    let after = metrics_until(&farm, "saw the idle connections close", |t| {
+        sample(t, "buildfarm_connections_handshaking") == 0.0
+            && sample(t, "buildfarm_connections_open") < open_during
+    })
+    .await;
+    // Counters never go back.
+    assert!(
+        sample(&after, "buildfarm_connections_accepted_total")
+            >= sample(&during, "buildfarm_connections_accepted_total")
+    );
+    farm.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unsandboxed_local_buildlets_warn_on_the_status_page() {
+    let (_tmp, farm, _rev) = start_with("\n[sandbox]\nmode = \"none\"\n").await;
+    let status: Value = serde_json::from_str(&farm.get_text("/?format=json").await).expect("json");
+    assert_eq!(status["local_sandboxed"], false, "{status}");
+    let warned = status["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .any(|c| {
+            c["level"] == "warn"
+                && c["message"].as_str().is_some_and(|m| {
+                    m.starts_with(
+                        "local buildlets run without a sandbox ([sandbox] mode = \"none\")",
+                    )
+                })
+        });
+    assert!(warned, "{status}");
+    let html = farm.get_text("/").await;
+    assert!(
+        html.contains("<li class=\"warn\">local buildlets run without a sandbox"),
+        "{html}"
     );
     farm.kill().await;
 }

@@ -14,7 +14,7 @@ use coordinator::farm::ActiveBuild;
 use coordinator::http::charts::Sample;
 use coordinator::http::dashboard::{self, DashQuery};
 use coordinator::http::logs::build_page;
-use coordinator::http::status::{StatusInput, status_view};
+use coordinator::http::status::{ConnectionsView, StatusInput, status_view};
 use coordinator::pool::PoolStatus;
 
 /// 2024-01-01T00:00:00Z, the fixture's epoch.
@@ -431,6 +431,12 @@ fn status_input(recent: Vec<buildfarm_store::Build>) -> StatusInput {
                 in_use: (i % 3) as usize,
             })
             .collect(),
+        unsandboxed: None,
+        connections: Some(ConnectionsView {
+            open: 7,
+            handshaking: 1,
+            max: 4000,
+        }),
     }
 }
 
@@ -455,6 +461,60 @@ async fn status_page_snapshot() {
     let json = serde_json::to_value(&view).expect("json");
     assert_eq!(json["checks"][0]["level"], "error");
     assert_eq!(json["queue"].as_array().map(Vec::len), Some(3));
+    assert_eq!(json["local_sandboxed"], true);
+    assert_eq!(json["connections"]["open"], 7);
+    assert!(html.contains("7 of 4000 connection(s) open, 1 in handshake"));
+}
+
+#[tokio::test]
+async fn unsandboxed_local_buildlets_are_a_warning_and_sandboxed_ones_are_not() {
+    let sandboxed = status_view(status_input(vec![]), NOW);
+    assert!(
+        sandboxed
+            .checks
+            .iter()
+            .all(|c| !c.message.contains("sandbox")),
+        "{:?}",
+        sandboxed.checks
+    );
+    assert_eq!(sandboxed.local_sandboxed, Some(true));
+
+    let mut input = status_input(vec![]);
+    input.unsandboxed = Some("no `bwrap` found on PATH".into());
+    let view = status_view(input, NOW);
+    let warning = "local buildlets run without a sandbox (no `bwrap` found on PATH): builds can \
+                   read the coordinator's secrets (install bubblewrap and set [sandbox] mode = \"auto\")";
+    let check = view
+        .checks
+        .iter()
+        .find(|c| c.message == warning)
+        .unwrap_or_else(|| panic!("no sandbox warning in {:?}", view.checks));
+    assert_eq!(check.class(), "warn");
+    assert_eq!(view.local_sandboxed, Some(false));
+    let html = view.render().expect("render");
+    assert!(
+        html.contains("local buildlets run without a sandbox (no `bwrap` found on PATH)"),
+        "{html}"
+    );
+    let json = serde_json::to_value(&view).expect("json");
+    assert!(
+        json["checks"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .any(|c| c["level"] == "warn" && c["message"] == warning),
+        "{json}"
+    );
+    assert_eq!(json["local_sandboxed"], false);
+
+    // Alone, it replaces "all checks pass".
+    let mut input = status_input(vec![]);
+    input.pools.retain(|p| p.kind == "local");
+    input.queue.clear();
+    input.unsandboxed = Some("[sandbox] mode = \"none\"".into());
+    let view = status_view(input, NOW);
+    assert_eq!(view.checks.len(), 1, "{:?}", view.checks);
+    assert!(view.checks[0].message.contains("mode = \"none\""));
 }
 
 #[tokio::test]

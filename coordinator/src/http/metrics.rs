@@ -44,6 +44,12 @@ pub struct Metrics {
     handshakes_accepted: IntCounter,
     handshakes_refused: IntCounterVec,
     tunnels_lost: IntCounter,
+    connections_open: IntGauge,
+    connections_handshaking: IntGauge,
+    connections_accepted: IntCounter,
+    connections_evicted: IntCounter,
+    connections_refused: IntCounter,
+    accept_errors: IntCounter,
     store_up: IntGauge,
     store_ping: Gauge,
     active_builds: IntGauge,
@@ -58,6 +64,8 @@ pub struct ScrapeInput {
     pub pools: Vec<PoolStatus>,
     pub reverse_hosts: Vec<revdial::HostInfo>,
     pub listener: Option<revdial::ListenerMetrics>,
+    /// The coordinator port's bounded acceptor; `None` when not serving.
+    pub connections: Option<revdial::accept::AcceptStats>,
     /// How long a store ping took, or why it failed.
     pub store_ping: Result<Duration, String>,
     pub active_builds: usize,
@@ -187,6 +195,48 @@ impl Metrics {
                     "Reverse tunnels lost.",
                 )?,
             )?,
+            connections_open: reg(
+                &r,
+                IntGauge::new(
+                    "buildfarm_connections_open",
+                    "Connections open on the coordinator's port now (TLS, plaintext HTTP, reverse dial-ins).",
+                )?,
+            )?,
+            connections_handshaking: reg(
+                &r,
+                IntGauge::new(
+                    "buildfarm_connections_handshaking",
+                    "Connections on the coordinator's port still in their handshake.",
+                )?,
+            )?,
+            connections_accepted: reg(
+                &r,
+                IntCounter::new(
+                    "buildfarm_connections_accepted_total",
+                    "Connections the coordinator's port admitted.",
+                )?,
+            )?,
+            connections_evicted: reg(
+                &r,
+                IntCounter::new(
+                    "buildfarm_connections_evicted_total",
+                    "Idle or handshaking connections closed to make room at the connection cap.",
+                )?,
+            )?,
+            connections_refused: reg(
+                &r,
+                IntCounter::new(
+                    "buildfarm_connections_refused_total",
+                    "New connections closed at once because the cap was reached and every open one was busy.",
+                )?,
+            )?,
+            accept_errors: reg(
+                &r,
+                IntCounter::new(
+                    "buildfarm_accept_errors_total",
+                    "Failed accept calls on the coordinator's port (e.g. out of file descriptors).",
+                )?,
+            )?,
             store_up: reg(
                 &r,
                 IntGauge::new(
@@ -305,6 +355,15 @@ impl Metrics {
                     l.refused(kind),
                 );
             }
+        }
+        if let Some(c) = &input.connections {
+            self.connections_open.set(c.open as i64);
+            self.connections_handshaking.set(c.handshaking as i64);
+            // Monotonic in the acceptor; carried over as deltas.
+            advance(&self.connections_accepted, c.accepted_total);
+            advance(&self.connections_evicted, c.evicted_total);
+            advance(&self.connections_refused, c.refused_total);
+            advance(&self.accept_errors, c.accept_errors_total);
         }
         match &input.store_ping {
             Ok(d) => {
@@ -428,6 +487,14 @@ mod tests {
             }],
             reverse_hosts: vec![],
             listener: None,
+            connections: Some(revdial::accept::AcceptStats {
+                open: 3,
+                handshaking: 1,
+                accepted_total: 10,
+                evicted_total: 2,
+                refused_total: 1,
+                accept_errors_total: 0,
+            }),
             store_ping: Ok(Duration::from_millis(2)),
             active_builds: 1,
         };
@@ -442,11 +509,33 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("buildfarm_store_up 1"), "{text}");
+        assert!(text.contains("buildfarm_connections_open 3"), "{text}");
+        assert!(
+            text.contains("buildfarm_connections_accepted_total 10"),
+            "{text}"
+        );
+        assert!(
+            text.contains("buildfarm_connections_evicted_total 2"),
+            "{text}"
+        );
         input.queue.clear();
+        input.connections = Some(revdial::accept::AcceptStats {
+            open: 1,
+            handshaking: 0,
+            accepted_total: 14,
+            evicted_total: 2,
+            refused_total: 1,
+            accept_errors_total: 0,
+        });
         input.store_ping = Err("down".into());
         m.update(&input);
         let text = m.encode().expect("encode");
         assert!(!text.contains("buildfarm_queue_length{"), "{text}");
         assert!(text.contains("buildfarm_store_up 0"), "{text}");
+        assert!(text.contains("buildfarm_connections_open 1"), "{text}");
+        assert!(
+            text.contains("buildfarm_connections_accepted_total 14"),
+            "{text}"
+        );
     }
 }

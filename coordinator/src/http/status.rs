@@ -38,6 +38,30 @@ pub struct StatusInput {
     /// How long a store ping took, or why it failed.
     pub store_ping: Result<Duration, String>,
     pub history: Vec<Sample>,
+    /// Why local buildlets run without a sandbox; `None` when they are sandboxed or
+    /// there is no local pool.
+    pub unsandboxed: Option<String>,
+    /// The coordinator port's connections now; `None` when not serving.
+    pub connections: Option<ConnectionsView>,
+}
+
+/// The coordinator port's connections, as the bounded acceptor counts them.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ConnectionsView {
+    pub open: usize,
+    pub handshaking: usize,
+    pub max: usize,
+}
+
+impl ConnectionsView {
+    pub fn of(acceptor: &revdial::accept::Acceptor) -> Self {
+        let stats = acceptor.stats();
+        ConnectionsView {
+            open: stats.open,
+            handshaking: stats.handshaking,
+            max: acceptor.limits().max_connections,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
@@ -143,6 +167,9 @@ pub struct StatusView {
     pub recent: Vec<RecentView>,
     pub reverse_hosts: Vec<ReverseHostView>,
     pub gomote_instances: usize,
+    /// Whether local buildlets run in a sandbox; `None` without a local pool.
+    pub local_sandboxed: Option<bool>,
+    pub connections: Option<ConnectionsView>,
     pub history: Vec<Sample>,
     #[serde(skip)]
     pub charts: Vec<ChartView>,
@@ -155,13 +182,24 @@ fn unix_ms(t: SystemTime) -> i64 {
 }
 
 /// Health checks, errors first, then warnings; one "ok" line when all pass.
+/// `unsandboxed` says why local buildlets run without a sandbox, if they do.
 pub fn health_checks(
     pools: &[PoolStatus],
     queue: &[QueueStat],
     hosts: &[revdial::HostInfo],
     store: &Result<Duration, String>,
+    unsandboxed: Option<&str>,
 ) -> Vec<Check> {
     let mut checks = Vec::new();
+    if let Some(reason) = unsandboxed {
+        checks.push(Check {
+            level: Level::Warn,
+            message: format!(
+                "local buildlets run without a sandbox ({reason}): builds can read the \
+                 coordinator's secrets (install bubblewrap and set [sandbox] mode = \"auto\")"
+            ),
+        });
+    }
     if let Err(e) = store {
         checks.push(Check {
             level: Level::Error,
@@ -227,7 +265,13 @@ pub fn status_view(input: StatusInput, now_ms: i64) -> StatusView {
         &input.queue,
         &input.reverse_hosts,
         &input.store_ping,
+        input.unsandboxed.as_deref(),
     );
+    let local_sandboxed = input
+        .pools
+        .iter()
+        .any(|p| p.kind == "local")
+        .then_some(input.unsandboxed.is_none());
     let mut pools = input.pools;
     pools.sort_by(|a, b| a.host_type.cmp(&b.host_type));
     let mut queue: Vec<QueueView> = input
@@ -335,6 +379,8 @@ pub fn status_view(input: StatusInput, now_ms: i64) -> StatusView {
         recent,
         reverse_hosts,
         gomote_instances: input.gomote_instances,
+        local_sandboxed,
+        connections: input.connections,
         history: input.history,
         charts,
     }
@@ -377,6 +423,8 @@ pub async fn gather(state: &AppState) -> StatusInput {
         store_backend: farm.store.backend(),
         store_ping,
         history: state.web.history.snapshot(),
+        unsandboxed: state.web.unsandboxed.clone(),
+        connections: state.web.acceptor.as_ref().map(ConnectionsView::of),
     }
 }
 

@@ -11,7 +11,14 @@
 //! Containment: bwrap's `--die-with-parent` plus the coordinator's `PR_SET_PDEATHSIG` on
 //! bwrap mean that when the coordinator dies the sandbox's pid 1 dies, and the kernel kills
 //! every process of a pid namespace whose init exits; bwrap's init exits when the buildlet
-//! does. So killing the buildlet, bwrap, or the coordinator ends the whole tree.
+//! does. So killing the buildlet, bwrap, or the coordinator ends the whole tree. A child
+//! whose coordinator died before its `prctl` (it was reparented first) exits instead of
+//! running bwrap. One window remains, inside bwrap 0.8: its sandbox init (the clone that
+//! becomes pid 1) sets its own death signal only after the outer bwrap has released it
+//! (an eventfd write) and the mounts are made. A coordinator killed in those milliseconds
+//! takes the outer bwrap with it and leaves that init with ppid 1, either blocked on the
+//! eventfd forever (no children) or running the buildlet; the next start with the same
+//! data dir kills it (by uid and workdir root).
 //!
 //! Start-up: [`Sandbox::prepare`] kills processes left by a previous run (running as the
 //! sandbox uids, or with their cwd in the workdir root), empties the root, and probes
@@ -177,6 +184,8 @@ impl Drop for Slot {
 pub struct Sandbox {
     /// The bwrap program; none when buildlets run without a sandbox.
     bwrap: Option<PathBuf>,
+    /// Why buildlets run without a sandbox (for the status page); none when sandboxed.
+    unsandboxed_reason: Option<String>,
     /// First uid/gid when each slot runs as its own user (coordinator is root).
     uid_base: Option<u32>,
     root: PathBuf,
@@ -191,8 +200,12 @@ pub struct Sandbox {
 impl Sandbox {
     /// Resolves the mode, cleans up after a previous run, and probes bwrap.
     pub async fn prepare(opts: SandboxOptions) -> Result<Arc<Sandbox>> {
+        let mut unsandboxed_reason = None;
         let bwrap = match opts.mode {
-            SandboxMode::None => None,
+            SandboxMode::None => {
+                unsandboxed_reason = Some("[sandbox] mode = \"none\"".to_owned());
+                None
+            }
             SandboxMode::Bwrap => Some(find_in_path("bwrap").with_context(|| {
                 "sandbox mode \"bwrap\" needs bubblewrap, but no `bwrap` was found on PATH \
                  (install Debian's bubblewrap package, or set [sandbox] mode = \"none\" to run \
@@ -202,6 +215,7 @@ impl Sandbox {
                 let found = find_in_path("bwrap");
                 if found.is_none() {
                     warn_unsandboxed("no `bwrap` found on PATH");
+                    unsandboxed_reason = Some("no `bwrap` found on PATH".to_owned());
                 }
                 found
             }
@@ -250,6 +264,7 @@ impl Sandbox {
         let slots = opts.slots.max(1);
         let mut sandbox = Sandbox {
             bwrap,
+            unsandboxed_reason,
             uid_base,
             root,
             data_dir: opts.data_dir.clone(),
@@ -276,7 +291,9 @@ impl Sandbox {
                      disabled; set [sandbox] mode = \"none\" to run builds unsandboxed)",
                 ));
             }
-            warn_unsandboxed(&format!("bwrap does not work here: {e:#}"));
+            let reason = format!("bwrap does not work here: {e:#}");
+            warn_unsandboxed(&reason);
+            sandbox.unsandboxed_reason = Some(reason);
             sandbox.bwrap = None;
             sandbox.uid_base = None;
             sandbox.buildlet_bin = opts.buildlet_bin.clone();
@@ -311,6 +328,19 @@ impl Sandbox {
     /// Whether buildlets run under bubblewrap.
     pub fn is_sandboxed(&self) -> bool {
         self.bwrap.is_some()
+    }
+
+    /// Why buildlets run without a sandbox (mode "none", or "auto" without a working
+    /// bwrap); `None` when they run under bubblewrap.
+    pub fn unsandboxed_reason(&self) -> Option<&str> {
+        match &self.bwrap {
+            Some(_) => None,
+            None => Some(
+                self.unsandboxed_reason
+                    .as_deref()
+                    .unwrap_or("no sandbox configured"),
+            ),
+        }
     }
 
     /// The workdir root.
@@ -437,8 +467,10 @@ impl Sandbox {
             }
         }
         let ids = self.ids(slot.index);
+        // Taken before the fork: the child compares its parent with it.
+        let coordinator = nix::unistd::getpid();
         // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe system calls (setgroups, setgid, setuid, prctl, umask).
+        // async-signal-safe system calls (setgroups, setgid, setuid, prctl, getppid, umask).
         unsafe {
             cmd.pre_exec(move || {
                 if let Some((uid, gid)) = ids {
@@ -450,6 +482,13 @@ impl Sandbox {
                 // that crashed (kill_on_drop only covers orderly exits).
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
                     .map_err(std::io::Error::from)?;
+                // A coordinator that died before the prctl never sends the signal: we were
+                // already handed to another parent. Reproduced by SIGKILLing a coordinator
+                // while it spawns: the bwrap was left running with ppid 1.
+                // (ESRCH, not a message: no allocation between fork and exec.)
+                if nix::unistd::getppid() != coordinator {
+                    return Err(nix::errno::Errno::ESRCH.into());
+                }
                 nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
                 Ok(())
             });
@@ -750,6 +789,7 @@ mod tests {
     fn sandbox_for_plan(uid_base: Option<u32>, secret: PathBuf) -> Sandbox {
         Sandbox {
             bwrap: Some("/usr/bin/bwrap".into()),
+            unsandboxed_reason: None,
             uid_base,
             root: "/srv/work".into(),
             data_dir: "/srv/data".into(),
