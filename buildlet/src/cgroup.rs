@@ -564,16 +564,20 @@ pub fn own_cgroup(hierarchy: Hierarchy) -> Result<Option<Cgroup>, CgroupError> {
     }
 }
 
-/// The first of the process's own cgroups, in order v2, v1 pids, v1 freezer, under
+/// The hierarchies `--cgroup auto` tries, best first: v2 kills a whole tree in one
+/// write; v1 `pids` can stop forks while it kills; v1 `freezer` can stop the tree.
+pub const AUTO_ORDER: [Hierarchy; 3] = [
+    Hierarchy::V2,
+    Hierarchy::V1("pids"),
+    Hierarchy::V1("freezer"),
+];
+
+/// The first of the process's own cgroups, in [`AUTO_ORDER`], under
 /// which it can create (and remove) a child: the cgroup `--cgroup auto` uses. `None`
 /// with the reasons when none is usable.
 pub fn usable_own_cgroup() -> Result<Cgroup, Vec<String>> {
     let mut reasons = Vec::new();
-    for h in [
-        Hierarchy::V2,
-        Hierarchy::V1("pids"),
-        Hierarchy::V1("freezer"),
-    ] {
+    for h in AUTO_ORDER {
         match own_cgroup(h) {
             Ok(Some(cg)) => match probe(&cg) {
                 Ok(()) => return Ok(cg),
@@ -661,11 +665,7 @@ mod tests {
     /// writable cgroup mount, where that is a failure.
     fn test_roots() -> Vec<Cgroup> {
         let mut roots = Vec::new();
-        for h in [
-            Hierarchy::V2,
-            Hierarchy::V1("pids"),
-            Hierarchy::V1("freezer"),
-        ] {
+        for h in AUTO_ORDER {
             match own_cgroup(h) {
                 Ok(Some(cg)) => match probe(&cg) {
                     Ok(()) => roots.push(cg),

@@ -245,6 +245,24 @@ impl Api {
         Ok(builder)
     }
 
+    /// Puts the env of the builder `env_builder` picks in front of `caller_env`, as a
+    /// build step of that builder would run: its env first, the caller's on top.
+    fn with_builder_env(
+        &self,
+        inst: &Instance,
+        other: &str,
+        caller_env: &mut Vec<String>,
+    ) -> Result<(), Status> {
+        let builder = self.env_builder(inst, other)?;
+        let mut env: Vec<String> = crate::runner::builder_env(&self.farm.config, builder)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        env.append(caller_env);
+        *caller_env = env;
+        Ok(())
+    }
+
     fn remove_instance(&self, name: &str) -> bool {
         let removed = self
             .instances
@@ -556,14 +574,7 @@ impl Coordinator for Api {
         let mut inner = r
             .request
             .ok_or_else(|| Status::invalid_argument("missing request"))?;
-        let builder = self.env_builder(&inst, &r.builder_env)?;
-        // As a build step of the builder would run: its env first, the caller's on top.
-        let mut env: Vec<String> = crate::runner::builder_env(&self.farm.config, builder)
-            .into_iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        env.append(&mut inner.env);
-        inner.env = env;
+        self.with_builder_env(&inst, &r.builder_env, &mut inner.env)?;
         let s = inst.raw.clone().exec(inner).await.map_err(proxy_status)?;
         Ok(Response::new(forward(s.into_inner())))
     }
@@ -617,13 +628,7 @@ impl Coordinator for Api {
         }) = head.as_mut()
         {
             // The shell acts like the builder, as `exec` does.
-            let builder = self.env_builder(&inst, &first.builder_env)?;
-            let mut env: Vec<String> = crate::runner::builder_env(&self.farm.config, builder)
-                .into_iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            env.append(&mut start.env);
-            start.env = env;
+            self.with_builder_env(&inst, &first.builder_env, &mut start.env)?;
         }
         let head = head.into_iter();
         let rest = tokio_stream::StreamExt::filter_map(incoming, |m| m.ok().and_then(|m| m.input));

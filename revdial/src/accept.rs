@@ -90,20 +90,13 @@ impl Default for ConnLimits {
 /// Raises the soft open-file limit to the hard limit and returns the new soft limit.
 /// Call once at start, before [`default_max_connections`].
 pub fn raise_nofile_limit() -> io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let mut lim = get_nofile()?;
     if lim.rlim_cur < lim.rlim_max {
         let raised = libc::rlimit {
             rlim_cur: lim.rlim_max,
             rlim_max: lim.rlim_max,
         };
-        // SAFETY: as above.
+        // SAFETY: setrlimit only reads the struct we pass.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -114,6 +107,10 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 
 /// The current soft open-file limit.
 pub fn nofile_limit() -> io::Result<u64> {
+    Ok(get_nofile()?.rlim_cur)
+}
+
+fn get_nofile() -> io::Result<libc::rlimit> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -122,7 +119,7 @@ pub fn nofile_limit() -> io::Result<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(lim.rlim_cur)
+    Ok(lim)
 }
 
 /// The connection cap for the current open-file limit (see [`max_connections_for`]).
