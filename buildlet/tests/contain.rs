@@ -633,7 +633,11 @@ async fn an_unprivileged_buildlet_in_a_delegated_cgroup() {
     let delegated = RemoveCgroup(delegated);
     delegated.0.chown(NOBODY, NOBODY).expect("chown");
     let procs = delegated.0.procs_file().expect("procs file");
-    let mut b = TestBuildlet::start_custom(Options::default(), &[], None, |cmd, dir| {
+    let opts = Options {
+        copy_binary: true,
+        ..Options::default()
+    };
+    let mut b = TestBuildlet::start_custom(opts, &[], None, |cmd, dir| {
         for e in walkdir::WalkDir::new(dir).into_iter().flatten() {
             std::os::unix::fs::chown(e.path(), Some(NOBODY), Some(NOBODY)).expect("chown");
         }

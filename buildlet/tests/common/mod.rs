@@ -21,6 +21,9 @@ pub const KEY: &str = "test-bearer-key-0123456789";
 pub struct Options {
     pub client_ca: bool,
     pub bearer_key: bool,
+    /// Run a copy of the binary from the test dir: another user may not be able to
+    /// reach the target dir (CI keeps it under root's 0700 home).
+    pub copy_binary: bool,
 }
 
 impl Default for Options {
@@ -28,6 +31,7 @@ impl Default for Options {
         Options {
             client_ca: true,
             bearer_key: true,
+            copy_binary: false,
         }
     }
 }
@@ -92,7 +96,14 @@ impl TestBuildlet {
         std::fs::write(outside.join("precious.txt"), "do not touch").expect("outside file");
         let log = std::fs::File::create(dir.path().join("buildlet.log")).expect("log");
 
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_buildlet"));
+        let binary = if opts.copy_binary {
+            let copy = dir.path().join("buildlet");
+            std::fs::copy(env!("CARGO_BIN_EXE_buildlet"), &copy).expect("copy buildlet");
+            copy
+        } else {
+            PathBuf::from(env!("CARGO_BIN_EXE_buildlet"))
+        };
+        let mut cmd = Command::new(binary);
         cmd.arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--workdir")
