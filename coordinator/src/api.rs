@@ -132,7 +132,8 @@ impl Api {
             held: Arc::new(Mutex::new(HashMap::new())),
         };
         let sweeper = api.clone();
-        farm.tasks.spawn(async move { sweeper.expire_loop().await });
+        farm.tasks()
+            .spawn(async move { sweeper.expire_loop().await });
         api
     }
 
@@ -148,7 +149,7 @@ impl Api {
         let token = value
             .strip_prefix("Bearer ")
             .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
-        tokens::verify(&self.farm.master_key, token.trim())
+        tokens::verify(self.farm.master_key(), token.trim())
             .ok_or_else(|| Status::permission_denied("invalid user token"))
     }
 
@@ -156,7 +157,7 @@ impl Api {
     /// limit when the user already holds `limits.gomote_instances_per_user` (live ones
     /// and creates still waiting count alike, so parallel creates cannot get around it).
     fn take_ticket(&self, user: &str) -> Result<InstanceTicket, Status> {
-        let limit = self.farm.config.limits.gomote_instances_per_user as usize;
+        let limit = self.farm.config().limits.gomote_instances_per_user as usize;
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let n = held.get(user).copied().unwrap_or(0);
         if n >= limit {
@@ -232,7 +233,7 @@ impl Api {
         };
         let builder = self
             .farm
-            .config
+            .config()
             .builder(name)
             .ok_or_else(|| Status::not_found(format!("unknown builder {name:?}")))?;
         if builder.host_type != inst.info.host_type {
@@ -254,7 +255,7 @@ impl Api {
         caller_env: &mut Vec<String>,
     ) -> Result<(), Status> {
         let builder = self.env_builder(inst, other)?;
-        let mut env: Vec<String> = crate::runner::builder_env(&self.farm.config, builder)
+        let mut env: Vec<String> = crate::runner::builder_env(self.farm.config(), builder)
             .into_iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
@@ -282,10 +283,10 @@ impl Api {
     }
 
     async fn expire_loop(&self) {
-        let idle = self.farm.config.coordinator.gomote_idle_timeout;
+        let idle = self.farm.config().coordinator.gomote_idle_timeout;
         loop {
             tokio::select! {
-                _ = self.farm.shutdown.cancelled() => return,
+                _ = self.farm.shutdown_token().cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_secs(5).min(idle)) => {}
             }
             let cutoff = now_ms() - idle.as_millis() as i64;
@@ -394,11 +395,11 @@ impl Coordinator for Api {
         let builder_name = req.into_inner().builder;
         let builder = self
             .farm
-            .config
+            .config()
             .builder(&builder_name)
             .ok_or_else(|| Status::not_found(format!("unknown builder {builder_name:?}")))?
             .clone();
-        if !self.farm.pools.contains_key(&builder.host_type) {
+        if self.farm.pool(&builder.host_type).is_none() {
             return Err(Status::failed_precondition(format!(
                 "host type {} has no pool",
                 builder.host_type
@@ -436,7 +437,7 @@ impl Coordinator for Api {
             let n = uuid::Uuid::new_v4().simple().to_string();
             let name = format!("{user}-{}-{}", builder.name, &n[..6]);
             let now = now_ms();
-            let idle = farm.config.coordinator.gomote_idle_timeout.as_millis() as i64;
+            let idle = farm.config().coordinator.gomote_idle_timeout.as_millis() as i64;
             let info = cp::Instance {
                 name: name.clone(),
                 builder: builder.name.clone(),
@@ -470,7 +471,12 @@ impl Coordinator for Api {
         req: Request<cp::ListInstancesRequest>,
     ) -> Result<Response<cp::ListInstancesResponse>, Status> {
         let user = self.user(&req)?;
-        let idle_ms = self.farm.config.coordinator.gomote_idle_timeout.as_millis() as i64;
+        let idle_ms = self
+            .farm
+            .config()
+            .coordinator
+            .gomote_idle_timeout
+            .as_millis() as i64;
         let mut instances: Vec<cp::Instance> = self
             .instances
             .lock()
@@ -659,10 +665,10 @@ impl Coordinator for Api {
         }
         let repo = self
             .farm
-            .config
+            .config()
             .repo(&r.repo)
             .ok_or_else(|| Status::not_found(format!("unknown repo {:?}", r.repo)))?;
-        let mirror = self.farm.mirrors.get(&repo.name).ok_or_else(|| {
+        let mirror = self.farm.mirror(&repo.name).ok_or_else(|| {
             Status::failed_precondition(format!("repo {} has no mirror", repo.name))
         })?;
         // Shape and paths, before any git (`crate::try_patch`).
@@ -695,7 +701,7 @@ impl Coordinator for Api {
         }
         let try_builders: Vec<String> = self
             .farm
-            .config
+            .config()
             .try_builders(&repo.name)
             .into_iter()
             .map(|b| b.name.clone())
@@ -720,10 +726,10 @@ impl Coordinator for Api {
                 repo.name
             )));
         }
+        // Stored and queued as one operation; a full queue refuses it, storing nothing.
         let (run, builds) = self
             .farm
-            .store
-            .create_try(&NewTry {
+            .submit_try(&NewTry {
                 repo: repo.name.clone(),
                 rev,
                 patch: (!r.patch.is_empty()).then_some(r.patch),
@@ -731,12 +737,7 @@ impl Coordinator for Api {
                 user: user.clone(),
             })
             .await
-            .map_err(|e| Status::unavailable(format!("store: {e}")))?;
-        for b in &builds {
-            self.farm
-                .enqueue(b, None)
-                .map_err(|e| Status::internal(format!("{e:#}")))?;
-        }
+            .map_err(|e| e.to_status())?;
         info!(try_id = %run.id, user = %user, repo = %run.repo, rev = %run.rev, builders = builds.len(), "try run submitted");
         Ok(Response::new(cp::SubmitTryResponse { try_id: run.id }))
     }
@@ -749,7 +750,7 @@ impl Coordinator for Api {
         let try_id = req.into_inner().try_id;
         let run = self
             .farm
-            .store
+            .store()
             .get_try(&try_id)
             .await
             .map_err(|e| Status::not_found(format!("try run {try_id:?}: {e}")))?;
@@ -761,7 +762,7 @@ impl Coordinator for Api {
         }
         let builds = self
             .farm
-            .store
+            .store()
             .builds_for_try(&try_id)
             .await
             .map_err(|e| Status::unavailable(format!("store: {e}")))?;
@@ -786,16 +787,18 @@ impl Coordinator for Api {
         self.user(&req)?;
         let try_id = req.into_inner().try_id;
         self.farm
-            .store
+            .store()
             .get_try(&try_id)
             .await
             .map_err(|e| Status::not_found(format!("try run {try_id:?}: {e}")))?;
         let farm = self.farm.clone();
-        let mut events = farm.events.subscribe();
+        // Subscribed before the first read, so no change after it is missed.
+        let mut events = farm.subscribe();
         let stream = async_stream::try_stream! {
+            let mut builds = try_builds(&farm, &try_id).await?;
             let mut last: Option<cp::TryState> = None;
             loop {
-                let state = try_state(&farm, &try_id).await?;
+                let state = try_state(&farm, &try_id, &builds);
                 if last.as_ref() != Some(&state) {
                     last = Some(state.clone());
                     let done = state.done;
@@ -804,21 +807,18 @@ impl Coordinator for Api {
                         break;
                     }
                 }
-                // Wake on a change to one of this try's builds, or every second for
-                // elapsed times.
-                let wait = async {
-                    loop {
-                        match events.recv().await {
-                            Ok(FarmEvent::BuildChanged { try_id: Some(t), .. }) if t == try_id => return,
-                            Ok(_) => continue,
-                            Err(RecvError::Lagged(_)) => return,
-                            Err(RecvError::Closed) => return std::future::pending().await,
+                // Events carry each build's new state; the store is read again only
+                // after missing some.
+                match events.recv().await {
+                    Ok(FarmEvent::BuildChanged(b)) if b.try_id.as_deref() == Some(try_id.as_str()) => {
+                        match builds.iter_mut().find(|x| x.id == b.id) {
+                            Some(slot) => *slot = b,
+                            None => builds.push(b),
                         }
                     }
-                };
-                tokio::select! {
-                    _ = wait => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(_)) => builds = try_builds(&farm, &try_id).await?,
+                    Err(RecvError::Closed) => break,
                 }
             }
         };
@@ -826,12 +826,14 @@ impl Coordinator for Api {
     }
 }
 
-async fn try_state(farm: &Farm, try_id: &str) -> Result<cp::TryState, Status> {
-    let builds = farm
-        .store
+async fn try_builds(farm: &Farm, try_id: &str) -> Result<Vec<buildfarm_store::Build>, Status> {
+    farm.store()
         .builds_for_try(try_id)
         .await
-        .map_err(|e| Status::unavailable(format!("store: {e}")))?;
+        .map_err(|e| Status::unavailable(format!("store: {e}")))
+}
+
+fn try_state(farm: &Farm, try_id: &str, builds: &[buildfarm_store::Build]) -> cp::TryState {
     let base = farm.base_url();
     let now = now_ms();
     let builders = builds
@@ -849,17 +851,17 @@ async fn try_state(farm: &Farm, try_id: &str) -> Result<cp::TryState, Status> {
         })
         .collect();
     let all_final = builds.iter().all(|b| b.state.is_final());
-    let verdict = match try_verdict(&builds) {
+    let verdict = match try_verdict(builds) {
         Verdict::Pending => "pending",
         Verdict::Ok => "ok",
         Verdict::Failed => "failed",
     };
-    Ok(cp::TryState {
+    cp::TryState {
         try_id: try_id.to_owned(),
         builders,
         done: all_final,
         verdict: verdict.to_owned(),
-    })
+    }
 }
 
 #[cfg(test)]

@@ -427,8 +427,9 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
         data_dir: data_dir.clone(),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
+        tuning: crate::farm::Tuning::default(),
     });
-    *farm.base_url.lock().unwrap_or_else(|e| e.into_inner()) = format!("http://{addr}");
+    farm.set_base_url(format!("http://{addr}"));
     farm.resume().await?;
 
     let api = Api::new(farm.clone());
@@ -467,7 +468,7 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
         allow_plaintext: addr.ip().is_loopback(),
         acceptor,
     };
-    tasks.spawn(farm.clone().dispatch_loop());
+    farm.start();
     tasks.spawn(crate::poller::poll_loop(farm.clone(), poll_kick));
     tasks.spawn(serve(listener, endpoint, shutdown.clone(), tasks.clone()));
     {

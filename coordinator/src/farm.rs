@@ -1,88 +1,74 @@
-//! The running farm: shared state (config, store, pools, scheduler, live logs) and the
-//! dispatcher loop that pops work from the scheduler whenever a pool has room and
-//! starts it: a build (see `runner`) or a gomote instance request.
+//! The running farm: what it is made of (config, store, pools, mirrors, live logs),
+//! the one place build results are recorded, and the tasks that move work: the
+//! dispatch loop (woken by events only), the runner tasks it spawns, and the
+//! reconciler. Its fields are private; other modules use the narrow methods below and
+//! follow [`FarmEvent`]s, which carry the new state so listeners need not re-read the
+//! store.
+//!
+//! One owner per stage: the store owns the record, the [`Dispatcher`] owns queued and
+//! active work (registered active at pop, before anything is spawned), `runner` turns a
+//! build into an outcome, and [`Farm::record`] alone writes results.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use buildfarm_config::Config;
-use buildfarm_scheduler::{
-    HostUsage, Policy, PushError, Scheduler, Timestamp, WorkClass, WorkId, WorkItem,
-};
-use buildfarm_store::{Build, BuildKind, BuildState, Store};
-use tokio::sync::{Notify, broadcast, oneshot};
+use buildfarm_scheduler::{Policy, QueueStat, Timestamp};
+use buildfarm_store::{Build, BuildState, NewBuild, NewTry, Store, StoreError, TryRun};
+use tokio::sync::{broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
+use crate::dispatcher::{Cancelled, Dispatcher, QueueFull, Ready, Slot};
 use crate::git::Mirror;
 use crate::logs::LogHub;
-use crate::pool::{Lease, Pool};
+use crate::pool::Pool;
+use crate::reconcile::Reconciler;
+use crate::retry::{Backoff, store_op};
+use crate::runner::{RunEnv, RunOutcome};
+use crate::sources::SourceCache;
 
-/// A change other parts watch: try watchers, the status page.
+pub use crate::dispatcher::{ActiveBuild, InstanceGrant};
+
+/// A change other parts watch (try watchers, metrics, the status page), with the
+/// build's new state.
 #[derive(Debug, Clone)]
 pub enum FarmEvent {
-    BuildChanged {
-        build_id: String,
-        try_id: Option<String>,
-    },
+    BuildChanged(Build),
 }
 
-/// A build being run right now.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ActiveBuild {
-    pub build_id: String,
-    pub builder: String,
-    pub repo: String,
-    pub rev: String,
-    pub kind: &'static str,
-    pub buildlet: Option<String>,
-    pub attempt: u32,
-    pub started_unix_ms: i64,
-    #[serde(skip)]
-    pub cancel: CancellationToken,
+/// Knobs that are not in the config file: defaults for production, small values in
+/// tests.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Between retries of a store write during a build.
+    pub store_retry: Backoff,
+    /// Between attempts of a build after an infra failure.
+    pub attempt_backoff: Backoff,
+    /// How often the reconciler compares the store with the dispatcher.
+    pub reconcile_every: Duration,
+    /// Most work items queued at once; more is refused with `ResourceExhausted`.
+    pub max_queued: usize,
 }
 
-/// Holds one unit of a pool's capacity; dropping it frees the slot and wakes the
-/// dispatcher.
-pub struct Slot {
-    farm: Arc<Farm>,
-    host_type: String,
-    /// Counted against the interactive share too (a gomote instance).
-    interactive: bool,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        if let Some(held) = self
-            .farm
-            .in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(&self.host_type)
-        {
-            held.total = held.total.saturating_sub(1);
-            if self.interactive {
-                held.interactive = held.interactive.saturating_sub(1);
-            }
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            store_retry: Backoff::default(),
+            attempt_backoff: Backoff {
+                first: Duration::from_millis(200),
+                max: Duration::from_secs(10),
+            },
+            reconcile_every: Duration::from_secs(30),
+            max_queued: Policy::default().max_items,
         }
-        self.farm.wake.notify_one();
     }
 }
 
-/// Slots held on one host type.
-#[derive(Debug, Default, Clone, Copy)]
-struct Held {
-    total: usize,
-    interactive: usize,
-}
-
-/// What a gomote `create` waits for.
-pub type InstanceGrant = (Lease, Slot);
-
-/// What a farm is made of; see `main` for how each part is built.
+/// What a farm is made of; see `app` for how each part is built.
 pub struct FarmParts {
     pub config: Config,
     pub store: Arc<dyn Store>,
@@ -93,28 +79,64 @@ pub struct FarmParts {
     pub data_dir: PathBuf,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
+    pub tuning: Tuning,
+}
+
+/// A poll that went wrong, shown on the status page until that repo and branch poll
+/// cleanly again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PollProblem {
+    pub repo: String,
+    /// `None` when the whole repo failed (its fetch).
+    pub branch: Option<String>,
+    pub error: String,
+    pub at_unix_ms: i64,
+}
+
+/// Why new work was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    #[error(transparent)]
+    Full(#[from] QueueFull),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("build {build_id} names unknown builder {builder}")]
+    UnknownBuilder { build_id: String, builder: String },
+}
+
+impl EnqueueError {
+    /// The answer an API caller gets.
+    pub fn to_status(&self) -> tonic::Status {
+        match self {
+            EnqueueError::Full(e) => tonic::Status::resource_exhausted(e.to_string()),
+            EnqueueError::Store(e) => tonic::Status::unavailable(format!("store: {e}")),
+            EnqueueError::UnknownBuilder { .. } => {
+                tonic::Status::invalid_argument(self.to_string())
+            }
+        }
+    }
 }
 
 pub struct Farm {
-    pub config: Config,
-    pub store: Arc<dyn Store>,
-    pub pools: HashMap<String, Arc<dyn Pool>>,
-    pub mirrors: HashMap<String, Mirror>,
-    pub revdial_registry: Option<revdial::Registry>,
-    pub logs: LogHub,
-    pub master_key: Vec<u8>,
-    pub data_dir: PathBuf,
-    pub events: broadcast::Sender<FarmEvent>,
-    pub shutdown: CancellationToken,
-    pub tasks: TaskTracker,
+    config: Config,
+    store: Arc<dyn Store>,
+    pools: HashMap<String, Arc<dyn Pool>>,
+    mirrors: HashMap<String, Mirror>,
+    revdial_registry: Option<revdial::Registry>,
+    logs: LogHub,
+    master_key: Vec<u8>,
+    data_dir: PathBuf,
+    events: broadcast::Sender<FarmEvent>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
     /// Base URL of the HTTP side, for links in API answers.
-    pub base_url: Mutex<String>,
-    pub started_at: SystemTime,
-    scheduler: Mutex<Scheduler>,
-    in_flight: Mutex<HashMap<String, Held>>,
-    pub(crate) active: Mutex<HashMap<String, ActiveBuild>>,
-    gomote_waiters: Mutex<HashMap<String, oneshot::Sender<InstanceGrant>>>,
-    wake: Notify,
+    base_url: Mutex<String>,
+    started_at: SystemTime,
+    tuning: Tuning,
+    dispatcher: Arc<Dispatcher>,
+    sources: Arc<SourceCache>,
+    reconciler: Mutex<Reconciler>,
+    poll_problems: Mutex<Vec<PollProblem>>,
 }
 
 pub fn now_ms() -> i64 {
@@ -128,13 +150,34 @@ fn now_ts() -> Timestamp {
     Timestamp::from_millis(now_ms().max(0) as u64)
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes a build from the active set when its task ends, however it ends.
+struct ActiveGuard {
+    dispatcher: Arc<Dispatcher>,
+    build_id: String,
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.dispatcher.finish_active(&self.build_id);
+    }
+}
+
 impl Farm {
     pub fn new(parts: FarmParts) -> Arc<Farm> {
         let (events, _) = broadcast::channel(1024);
         let policy = Policy {
             interactive_share_percent: parts.config.limits.interactive_share_percent,
+            max_items: parts.tuning.max_queued,
             ..Policy::default()
         };
+        let sources = Arc::new(SourceCache::new(
+            parts.config.coordinator.source_cache_bytes.as_u64(),
+            parts.mirrors.values(),
+        ));
         Arc::new(Farm {
             config: parts.config,
             store: parts.store,
@@ -149,70 +192,165 @@ impl Farm {
             tasks: parts.tasks,
             base_url: Mutex::new(String::new()),
             started_at: SystemTime::now(),
-            scheduler: Mutex::new(Scheduler::new(policy)),
-            in_flight: Mutex::new(HashMap::new()),
-            active: Mutex::new(HashMap::new()),
-            gomote_waiters: Mutex::new(HashMap::new()),
-            wake: Notify::new(),
+            tuning: parts.tuning,
+            dispatcher: Dispatcher::new(policy),
+            sources,
+            reconciler: Mutex::new(Reconciler::default()),
+            poll_problems: Mutex::new(Vec::new()),
         })
     }
 
+    // ---- what the farm is made of (read-only) ----
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn pool(&self, host_type: &str) -> Option<&Arc<dyn Pool>> {
+        self.pools.get(host_type)
+    }
+
+    pub fn pools(&self) -> impl Iterator<Item = &Arc<dyn Pool>> {
+        self.pools.values()
+    }
+
+    pub fn mirror(&self, repo: &str) -> Option<&Mirror> {
+        self.mirrors.get(repo)
+    }
+
+    pub fn revdial_registry(&self) -> Option<&revdial::Registry> {
+        self.revdial_registry.as_ref()
+    }
+
+    pub fn logs(&self) -> &LogHub {
+        &self.logs
+    }
+
+    pub fn master_key(&self) -> &[u8] {
+        &self.master_key
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
+    }
+
+    pub fn started_at(&self) -> SystemTime {
+        self.started_at
+    }
+
+    pub fn sources(&self) -> &SourceCache {
+        &self.sources
+    }
+
     pub fn base_url(&self) -> String {
-        self.base_url
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.base_url).clone()
     }
 
-    pub fn notify_build(&self, build_id: &str, try_id: Option<&str>) {
-        let _ = self.events.send(FarmEvent::BuildChanged {
-            build_id: build_id.to_owned(),
-            try_id: try_id.map(str::to_owned),
-        });
+    pub fn set_base_url(&self, url: String) {
+        *lock(&self.base_url) = url;
     }
 
-    /// Queues a stored build for running. Post-submit work is ordered by the commit's
-    /// time (newest first); without one, by when the build was created.
-    pub fn enqueue(&self, build: &Build, commit_time_ms: Option<i64>) -> anyhow::Result<()> {
-        let builder = self.config.builder(&build.builder).ok_or_else(|| {
-            anyhow::anyhow!("build {} names unknown builder {}", build.id, build.builder)
-        })?;
-        let (class, commit_time) = match build.kind {
-            BuildKind::Try => (WorkClass::Try, None),
-            BuildKind::PostSubmit => {
-                let t = commit_time_ms.unwrap_or(build.created_at).max(0) as u64;
-                (WorkClass::PostSubmit, Some(Timestamp::from_millis(t)))
-            }
-        };
-        let pushed = self
-            .scheduler
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(WorkItem {
-                id: WorkId(format!("build:{}", build.id)),
-                host_type: builder.host_type.clone(),
-                class,
-                enqueued_at: now_ts(),
-                commit_time,
-            });
-        match pushed {
-            Ok(()) => {}
-            // Already queued (e.g. a poll racing a resume): nothing to do.
-            Err(PushError::DuplicateId(_)) => {}
-            Err(e) => anyhow::bail!("queueing build {}: {e}", build.id),
-        }
-        self.wake.notify_one();
+    pub fn subscribe(&self) -> broadcast::Receiver<FarmEvent> {
+        self.events.subscribe()
+    }
+
+    fn changed(&self, build: Build) {
+        let _ = self.events.send(FarmEvent::BuildChanged(build));
+    }
+
+    // ---- new work ----
+
+    fn host_type_of(&self, build: &Build) -> Result<String, EnqueueError> {
+        self.config
+            .builder(&build.builder)
+            .map(|b| b.host_type.clone())
+            .ok_or_else(|| EnqueueError::UnknownBuilder {
+                build_id: build.id.clone(),
+                builder: build.builder.clone(),
+            })
+    }
+
+    /// Queues a build that is already stored (resume, reconciler).
+    pub fn enqueue(&self, build: &Build, commit_time_ms: Option<i64>) -> Result<(), EnqueueError> {
+        let host_type = self.host_type_of(build)?;
+        self.dispatcher
+            .push_build(build, &host_type, commit_time_ms, now_ts())?;
         Ok(())
     }
 
-    /// Removes a queued build from the scheduler (cancel). False if it was not queued.
-    pub fn dequeue(&self, build_id: &str) -> bool {
-        self.scheduler
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&WorkId(format!("build:{build_id}")))
-            .is_some()
+    /// Stores and queues a new build as one operation. A full queue refuses it before
+    /// anything is stored; `None` when the store already has it (polling is idempotent).
+    /// Should the queue fill between the check and the push, the stored build waits for
+    /// the reconciler.
+    pub async fn enqueue_new(
+        &self,
+        new: &NewBuild,
+        commit_time_ms: Option<i64>,
+    ) -> Result<Option<Build>, EnqueueError> {
+        self.dispatcher.has_room(1)?;
+        let Some(build) = self.store.enqueue_build(new).await? else {
+            return Ok(None);
+        };
+        if let Err(e) = self.enqueue(&build, commit_time_ms) {
+            warn!(build_id = %build.id, error = %e, "stored build not queued; the reconciler will");
+        }
+        self.changed(build.clone());
+        Ok(Some(build))
     }
+
+    /// Stores a try run and queues its builds as one operation; a full queue refuses
+    /// the whole run before anything is stored.
+    pub async fn submit_try(&self, new: &NewTry) -> Result<(TryRun, Vec<Build>), EnqueueError> {
+        self.dispatcher.has_room(new.builders.len())?;
+        let (run, builds) = self.store.create_try(new).await?;
+        for b in &builds {
+            if let Err(e) = self.enqueue(b, None) {
+                warn!(build_id = %b.id, error = %e, "stored try build not queued; the reconciler will");
+            }
+            self.changed(b.clone());
+        }
+        Ok((run, builds))
+    }
+
+    /// Cancels a build, queued or running. False if it was neither (or already final).
+    pub async fn cancel_build(&self, build_id: &str) -> anyhow::Result<bool> {
+        match self.dispatcher.cancel(build_id) {
+            Some(Cancelled::Signalled) => Ok(true),
+            Some(Cancelled::Dequeued) => self.cancel_stored(build_id).await,
+            // Stored but in neither place (stranded): cancel it in the store.
+            None => {
+                let build = self.store.get_build(build_id).await?;
+                if build.state.is_final() {
+                    return Ok(false);
+                }
+                self.cancel_stored(build_id).await
+            }
+        }
+    }
+
+    async fn cancel_stored(&self, build_id: &str) -> anyhow::Result<bool> {
+        let cancelled = self.store.cancel_build(build_id).await?;
+        if cancelled {
+            let mut build = self.store.get_build(build_id).await?;
+            build.state = BuildState::Cancelled;
+            self.changed(build);
+        }
+        Ok(cancelled)
+    }
+
+    // ---- gomote requests ----
 
     /// Asks for an interactive (gomote) buildlet of `host_type`; the receiver gets the
     /// lease when the scheduler reaches the request. `request_id` identifies it for
@@ -222,61 +360,23 @@ impl Farm {
         request_id: &str,
         host_type: &str,
     ) -> oneshot::Receiver<InstanceGrant> {
-        let (tx, rx) = oneshot::channel();
-        self.gomote_waiters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(request_id.to_owned(), tx);
-        let pushed = self
-            .scheduler
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(WorkItem {
-                id: WorkId(format!("gomote:{request_id}")),
-                host_type: host_type.to_owned(),
-                class: WorkClass::Interactive,
-                enqueued_at: now_ts(),
-                commit_time: None,
-            });
-        if let Err(e) = pushed {
-            // The sender is dropped with the waiter, so the requester sees "unavailable".
-            warn!(request_id, error = %e, "gomote request not queued");
-            self.gomote_waiters
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(request_id);
-        }
-        self.wake.notify_one();
-        rx
+        self.dispatcher
+            .request_instance(request_id, host_type, now_ts())
     }
 
     pub fn cancel_instance_request(&self, request_id: &str) {
-        self.gomote_waiters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(request_id);
-        self.scheduler
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&WorkId(format!("gomote:{request_id}")));
+        self.dispatcher.cancel_instance_request(request_id)
+    }
+
+    pub fn queue_position(&self, request_id: &str) -> Option<usize> {
+        self.dispatcher.queue_position(request_id, now_ts())
     }
 
     /// When interactive work already holds its share of `host_type`, says so (for the
     /// gomote create progress line); `None` while there is room.
     pub fn interactive_share_full(&self, host_type: &str) -> Option<String> {
         let capacity = self.pools.get(host_type)?.capacity();
-        let limit = self
-            .scheduler
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .policy()
-            .interactive_limit(capacity);
-        let held = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(host_type)
-            .map_or(0, |h| h.interactive);
+        let (held, limit) = self.dispatcher.interactive_held(host_type, capacity);
         // With no capacity at all the wait is the pool's, not the share's.
         (capacity > 0 && held >= limit).then(|| {
             format!(
@@ -286,54 +386,26 @@ impl Farm {
         })
     }
 
-    pub fn queue_position(&self, request_id: &str) -> Option<usize> {
-        self.scheduler
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .position(&WorkId(format!("gomote:{request_id}")), now_ts())
-    }
+    // ---- views ----
 
-    pub fn queue_snapshot(&self) -> Vec<buildfarm_scheduler::QueueStat> {
-        self.scheduler
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .snapshot(now_ts())
+    pub fn queue_snapshot(&self) -> Vec<QueueStat> {
+        self.dispatcher.queue_snapshot(now_ts())
     }
 
     pub fn active_builds(&self) -> Vec<ActiveBuild> {
-        let mut v: Vec<ActiveBuild> = self
-            .active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        v.sort_by_key(|a| a.started_unix_ms);
-        v
+        self.dispatcher.active_builds()
     }
 
-    /// Cancels a build, queued or running. False if it was neither.
-    pub async fn cancel_build(self: &Arc<Self>, build_id: &str) -> anyhow::Result<bool> {
-        if self.dequeue(build_id) {
-            let build = self.store.get_build(build_id).await?;
-            let cancelled = self.store.cancel_build(build_id).await?;
-            self.notify_build(build_id, build.try_id.as_deref());
-            return Ok(cancelled);
-        }
-        let token = self
-            .active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(build_id)
-            .map(|a| a.cancel.clone());
-        match token {
-            Some(t) => {
-                t.cancel();
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+    pub fn poll_problems(&self) -> Vec<PollProblem> {
+        lock(&self.poll_problems).clone()
     }
+
+    /// Replaces the problems of the repos a poll pass covered.
+    pub fn set_poll_problems(&self, problems: Vec<PollProblem>) {
+        *lock(&self.poll_problems) = problems;
+    }
+
+    // ---- recovery ----
 
     /// Re-queues the work a previous coordinator left: queued builds, and running ones
     /// (whose open attempt the store records as an infra failure).
@@ -343,9 +415,12 @@ impl Farm {
         for b in &builds {
             match self.enqueue(b, None) {
                 Ok(()) => n += 1,
-                Err(e) => {
+                Err(e @ EnqueueError::UnknownBuilder { .. }) => {
                     warn!(build_id = %b.id, error = %e, "cannot resume build; cancelling it");
                     let _ = self.store.cancel_build(&b.id).await;
+                }
+                Err(e) => {
+                    warn!(build_id = %b.id, error = %e, "cannot resume build yet; the reconciler will")
                 }
             }
         }
@@ -355,109 +430,231 @@ impl Farm {
         Ok(n)
     }
 
-    /// The dispatcher: whenever work or capacity changes, start as much queued work as
-    /// the pools have room for, in the scheduler's order.
-    pub async fn dispatch_loop(self: Arc<Self>) {
-        loop {
-            self.dispatch_once();
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = self.wake.notified() => {}
-                // Pool capacity can change without a wake (a reverse host connects).
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            }
-        }
-    }
-
-    fn dispatch_once(self: &Arc<Self>) {
-        let host_types: Vec<String> = self
-            .scheduler
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .host_types_with_work()
-            .map(str::to_owned)
-            .collect();
-        for host_type in host_types {
-            let Some(pool) = self.pools.get(&host_type).cloned() else {
+    /// One reconciler pass: unfinished builds in the store that the dispatcher has not
+    /// had queued or active for two passes in a row are queued again (a running one has
+    /// its open attempt closed as an infra failure first). Returns how many.
+    pub async fn reconcile_once(&self) -> anyhow::Result<usize> {
+        let unfinished = self.store.list_unfinished_builds().await?;
+        let stranded = lock(&self.reconciler)
+            .pass(unfinished.iter().map(|b| b.id.as_str()), |id| {
+                self.dispatcher.knows(id)
+            });
+        let mut n = 0;
+        for id in stranded {
+            let Some(b) = unfinished.iter().find(|b| b.id == id) else {
                 continue;
             };
-            loop {
-                let capacity = pool.capacity();
-                let item = {
-                    let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-                    let held = in_flight.entry(host_type.clone()).or_default();
-                    // The scheduler decides, from the counts, whether anything fits and
-                    // whether interactive work is past its share.
-                    let usage = HostUsage {
-                        capacity,
-                        in_use: held.total,
-                        interactive_in_use: held.interactive,
-                    };
-                    let item = self
-                        .scheduler
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .pop_within(&host_type, now_ts(), usage);
-                    if let Some(item) = &item {
-                        held.total += 1;
-                        if item.class == WorkClass::Interactive {
-                            held.interactive += 1;
-                        }
-                    }
-                    item
-                };
-                let Some(item) = item else { break };
-                let slot = Slot {
-                    farm: self.clone(),
-                    host_type: host_type.clone(),
-                    interactive: item.class == WorkClass::Interactive,
-                };
-                self.start_item(item, pool.clone(), slot);
+            warn!(build_id = %b.id, state = %b.state, "build fell between store and dispatcher; queueing it again");
+            if b.state == BuildState::Running
+                && let Err(e) = self.store.requeue_build(&b.id).await
+            {
+                warn!(build_id = %b.id, error = %e, "cannot requeue stranded build");
+                continue;
+            }
+            match self.enqueue(b, None) {
+                Ok(()) => n += 1,
+                Err(e @ EnqueueError::UnknownBuilder { .. }) => {
+                    let log = format!("{e}\n");
+                    let mut b = b.clone();
+                    self.record(
+                        &mut b,
+                        BuildState::Failed,
+                        "unknown builder",
+                        log.as_bytes(),
+                    )
+                    .await;
+                }
+                Err(e) => warn!(build_id = %b.id, error = %e, "cannot queue stranded build"),
+            }
+        }
+        Ok(n)
+    }
+
+    async fn reconcile_loop(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.tuning.reconcile_every) => {}
+            }
+            if let Err(e) = self.reconcile_once().await {
+                warn!(error = %format!("{e:#}"), "reconciling the store with the queue");
             }
         }
     }
 
-    fn start_item(self: &Arc<Self>, item: WorkItem, pool: Arc<dyn Pool>, slot: Slot) {
-        let farm = self.clone();
-        let id = item.id.0.clone();
-        if let Some(build_id) = id.strip_prefix("build:") {
-            let build_id = build_id.to_owned();
+    // ---- running ----
+
+    /// Starts the farm's own tasks: the dispatch loop, a waker per pool whose capacity
+    /// can change by itself, and the reconciler.
+    pub fn start(self: &Arc<Self>) {
+        self.tasks.spawn(self.clone().dispatch_loop());
+        self.tasks.spawn(self.clone().reconcile_loop());
+        for pool in self.pools.values() {
+            let (pool, dispatcher, stop) =
+                (pool.clone(), self.dispatcher.clone(), self.shutdown.clone());
             self.tasks.spawn(async move {
-                crate::runner::run_build(farm, build_id, pool, slot).await;
-            });
-        } else if let Some(request_id) = id.strip_prefix("gomote:") {
-            let request_id = request_id.to_owned();
-            self.tasks.spawn(async move {
-                let waiter = farm
-                    .gomote_waiters
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&request_id);
-                let Some(waiter) = waiter else { return };
-                let cancel = farm.shutdown.child_token();
-                match pool.acquire(&cancel).await {
-                    Ok(lease) => {
-                        // If the requester went away, the grant is dropped and the
-                        // buildlet and slot go back.
-                        let _ = waiter.send((lease, slot));
-                    }
-                    Err(e) => {
-                        warn!(request_id, error = %e, "no buildlet for gomote request");
-                        drop(waiter);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = pool.capacity_changed() => dispatcher.wake(),
                     }
                 }
             });
         }
     }
 
-    /// Marks a build as final in the store exactly once and tells watchers.
-    pub async fn finish(&self, build: &Build, state: BuildState, summary: &str, log: &[u8]) {
-        match self
-            .store
-            .finish_build(&build.id, state, Some(summary), log)
-            .await
-        {
-            Ok(()) => {
+    /// The dispatcher loop: start as much queued work as the pools have room for, in
+    /// the scheduler's order, whenever woken (new work, freed capacity, a pool's
+    /// capacity changed). No timer.
+    async fn dispatch_loop(self: Arc<Self>) {
+        loop {
+            self.dispatch_once();
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = self.dispatcher.woken() => {}
+            }
+        }
+    }
+
+    /// Pops and starts what fits now. Public for tests that drive the farm step by step.
+    pub fn dispatch_once(self: &Arc<Self>) {
+        let ready = self
+            .dispatcher
+            .pop_ready(&self.pools, &self.shutdown, now_ts(), now_ms());
+        for r in ready {
+            match r {
+                Ready::Build {
+                    build_id,
+                    pool,
+                    slot,
+                    cancel,
+                } => {
+                    self.tasks
+                        .spawn(self.clone().run_build(build_id, pool, slot, cancel));
+                }
+                Ready::Instance {
+                    request_id,
+                    waiter,
+                    pool,
+                    slot,
+                } => {
+                    let cancel = self.shutdown.child_token();
+                    self.tasks.spawn(async move {
+                        tokio::select! {
+                            // The requester gave up: the slot goes back.
+                            _ = cancel.cancelled() => {}
+                            r = pool.acquire(&cancel) => match r {
+                                // If the requester went away meanwhile, the grant is
+                                // dropped and the buildlet and slot go back.
+                                Ok(lease) => { let _ = waiter.send((lease, slot)); }
+                                Err(e) => warn!(request_id, error = %e, "no buildlet for gomote request"),
+                            },
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    async fn run_build(
+        self: Arc<Self>,
+        build_id: String,
+        pool: Arc<dyn Pool>,
+        slot: Slot,
+        cancel: CancellationToken,
+    ) {
+        let span = info_span!("build", build_id = %build_id);
+        async move {
+            let _active = ActiveGuard {
+                dispatcher: self.dispatcher.clone(),
+                build_id: build_id.clone(),
+            };
+            let mut build =
+                match store_op("get_build", self.tuning.store_retry, &self.shutdown, || {
+                    self.store.get_build(&build_id)
+                })
+                .await
+                {
+                    None => return,
+                    Some(Ok(b)) => b,
+                    Some(Err(e)) => {
+                        warn!(error = %e, "queued build vanished from the store");
+                        return;
+                    }
+                };
+            if build.state.is_final() {
+                return;
+            }
+            let Some(builder) = self.config.builder(&build.builder).cloned() else {
+                let log = format!("unknown builder {}\n", build.builder);
+                self.record(
+                    &mut build,
+                    BuildState::Failed,
+                    "unknown builder",
+                    log.as_bytes(),
+                )
+                .await;
+                return;
+            };
+            let log = self.logs.open(&build.id);
+            let env = RunEnv {
+                store: self.store.clone(),
+                sources: self.sources.clone(),
+                mirror: self.mirrors.get(&build.repo).cloned(),
+                pool,
+                base_env: crate::runner::builder_env(&self.config, &builder),
+                builder,
+                log: log.clone(),
+                max_attempts: self.config.coordinator.max_attempts,
+                cancel,
+                shutdown: self.shutdown.clone(),
+                store_retry: self.tuning.store_retry,
+                attempt_backoff: self.tuning.attempt_backoff,
+                on_attempt: {
+                    let (farm, build) = (self.clone(), build.clone());
+                    Box::new(move |buildlet, attempt| {
+                        farm.dispatcher.set_attempt(&build.id, buildlet, attempt);
+                        let mut b = build.clone();
+                        b.state = BuildState::Running;
+                        b.attempts = attempt;
+                        b.started_at.get_or_insert_with(now_ms);
+                        farm.changed(b);
+                    })
+                },
+            };
+            match crate::runner::run(&env, &build).await {
+                RunOutcome::Finished(state, summary) => {
+                    self.record(&mut build, state, &summary, &log.contents())
+                        .await;
+                }
+                RunOutcome::Stopped => {}
+                RunOutcome::AlreadyFinal(why) => info!(why, "build already final in the store"),
+            }
+            drop(env);
+            self.logs.close(&build.id);
+            drop(slot);
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Records a build's result exactly once, retrying while the store is unreachable
+    /// (until shutdown, after which the next coordinator resumes the build), and tells
+    /// watchers.
+    pub async fn record(&self, build: &mut Build, state: BuildState, summary: &str, log: &[u8]) {
+        let r = store_op(
+            "finish_build",
+            self.tuning.store_retry,
+            &self.shutdown,
+            || {
+                self.store
+                    .finish_build(&build.id, state, Some(summary), log)
+            },
+        )
+        .await;
+        match r {
+            None => return,
+            Some(Ok(())) => {
                 info!(build_id = %build.id, builder = %build.builder, rev = %build.rev, result = %state, summary, "build finished");
                 println!(
                     "build {} {} {} {}: {state} ({summary})",
@@ -466,10 +663,27 @@ impl Farm {
                     build.builder,
                     build.kind
                 );
+                // The stored row has the store's timestamps (metrics use them); one
+                // read by the writer spares every listener its own.
+                match self.store.get_build(&build.id).await {
+                    Ok(b) => *build = b,
+                    Err(_) => {
+                        build.state = state;
+                        build.summary = Some(summary.to_owned());
+                        build.finished_at = Some(now_ms());
+                    }
+                }
             }
-            Err(e) => warn!(build_id = %build.id, error = %e, "could not record result"),
+            // A retry after a write whose answer was lost: the first one counted.
+            Some(Err(StoreError::AlreadyFinished { state: stored, .. })) => {
+                build.state = stored;
+            }
+            Some(Err(e)) => {
+                warn!(build_id = %build.id, error = %e, "the store refused the result");
+                return;
+            }
         }
-        self.notify_build(&build.id, build.try_id.as_deref());
+        self.changed(build.clone());
     }
 }
 

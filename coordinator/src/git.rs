@@ -31,6 +31,9 @@ pub struct Mirror {
     /// Server paths to hide from messages users see, with what stands in for each,
     /// longest first (see [`Mirror::scrub`]).
     hidden: Vec<(String, &'static str)>,
+    /// One fetch at a time into the mirror (the poller, a webhook and a try submit may
+    /// ask at once); clones of a mirror share it.
+    fetch_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Why a try patch was refused at submit time.
@@ -146,6 +149,7 @@ impl Mirror {
             dir,
             cache_dir,
             hidden,
+            fetch_lock: Default::default(),
         })
     }
 
@@ -219,8 +223,10 @@ impl Mirror {
         format!("--git-dir={}", self.dir.display())
     }
 
-    /// Fetches every branch from the origin.
+    /// Fetches every branch from the origin. Concurrent callers wait for each other:
+    /// two fetches into one repository would race on its refs.
     pub async fn fetch(&self) -> Result<()> {
+        let _one_at_a_time = self.fetch_lock.lock().await;
         git(
             &[
                 &self.git_dir_arg(),
@@ -290,23 +296,47 @@ impl Mirror {
     }
 
     /// The source of `rev` (plus `patch`, if any) as a tar.gz, made once and cached.
-    /// Errors name no server path: they end up in public build logs.
+    /// Errors name no server path: they end up in public build logs. The farm goes
+    /// through `sources::SourceCache`, which also makes it once when many ask at once.
     pub async fn source_tarball(&self, rev: &str, patch: Option<&[u8]>) -> Result<PathBuf> {
-        self.make_source_tarball(rev, patch)
-            .await
-            .map_err(|e| anyhow::anyhow!(self.scrub(&format!("{e:#}"))))
+        let path = self.tarball_path(rev, patch)?;
+        if !path.exists() {
+            self.build_tarball(rev, patch, &path).await?;
+        }
+        Ok(path)
     }
 
-    async fn make_source_tarball(&self, rev: &str, patch: Option<&[u8]>) -> Result<PathBuf> {
+    /// Where the tarball of `rev` (plus `patch`) is cached: one file per rev and patch
+    /// digest.
+    pub fn tarball_path(&self, rev: &str, patch: Option<&[u8]>) -> Result<PathBuf> {
         check_ref("revision", rev)?;
         let key = match patch {
             None => rev.to_owned(),
             Some(p) => format!("{rev}-{}", hex::encode(&Sha256::digest(p)[..8])),
         };
-        let path = self.cache_dir.join(format!("{key}.tar.gz"));
-        if path.exists() {
-            return Ok(path);
-        }
+        Ok(self.cache_dir.join(format!("{key}.tar.gz")))
+    }
+
+    /// The directory holding this mirror's cached tarballs.
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache_dir
+    }
+
+    /// Checks out `rev`, applies `patch`, and writes the tar.gz to `path` (atomically,
+    /// by rename). Errors name no server path.
+    pub async fn build_tarball(&self, rev: &str, patch: Option<&[u8]>, path: &Path) -> Result<()> {
+        self.make_source_tarball(rev, patch, path)
+            .await
+            .map_err(|e| anyhow::anyhow!(self.scrub(&format!("{e:#}"))))
+    }
+
+    async fn make_source_tarball(
+        &self,
+        rev: &str,
+        patch: Option<&[u8]>,
+        path: &Path,
+    ) -> Result<()> {
+        check_ref("revision", rev)?;
         let tmp = tempfile::Builder::new()
             .prefix(".checkout-")
             .tempdir_in(&self.cache_dir)
@@ -364,9 +394,9 @@ impl Mirror {
         })
         .await
         .context("tarball task panicked")??;
-        tokio::fs::rename(&staged, &path).await?;
+        tokio::fs::rename(&staged, path).await?;
         debug!(repo = %self.name, rev, "made source tarball");
-        Ok(path)
+        Ok(())
     }
 }
 

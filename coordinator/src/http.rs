@@ -69,8 +69,8 @@ impl WebState {
             acceptor: parts.acceptor,
             unsandboxed: parts.unsandboxed,
         });
-        farm.tasks.spawn(sample_loop(farm.clone(), web.clone()));
-        farm.tasks
+        farm.tasks().spawn(sample_loop(farm.clone(), web.clone()));
+        farm.tasks()
             .spawn(metrics::watch_builds(farm.clone(), web.metrics.clone()));
         Ok(web)
     }
@@ -82,11 +82,11 @@ async fn sample_loop(farm: Arc<Farm>, web: Arc<WebState>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
-            _ = farm.shutdown.cancelled() => return,
+            _ = farm.shutdown_token().cancelled() => return,
             _ = tick.tick() => {}
         }
         let queued = farm.queue_snapshot().iter().map(|q| q.len).sum();
-        let in_use = farm.pools.values().map(|p| p.status().in_use).sum();
+        let in_use = farm.pools().map(|p| p.status().in_use).sum();
         web.history.push(charts::Sample {
             at_ms: now_ms(),
             queued,
@@ -96,7 +96,7 @@ async fn sample_loop(farm: Arc<Farm>, web: Arc<WebState>) {
 }
 
 pub fn router(state: AppState) -> Router {
-    let max_message = state.farm.config.limits.max_message_bytes();
+    let max_message = state.farm.config().limits.max_message_bytes();
     let grpc = tonic::service::Routes::new(
         CoordinatorServer::new(state.api.clone())
             .max_decoding_message_size(max_message)
@@ -106,7 +106,7 @@ pub fn router(state: AppState) -> Router {
     .layer(axum::middleware::map_response(name_message_limit));
     for repo in state
         .farm
-        .config
+        .config()
         .repos
         .iter()
         .filter(|r| r.danger_accept_unsigned_webhooks)
@@ -276,7 +276,7 @@ async fn dashboard_view(
     q: &dashboard::DashQuery,
 ) -> Result<dashboard::DashboardView, PageError> {
     let input = dashboard::gather(
-        state.farm.store.as_ref(),
+        state.farm.store().as_ref(),
         q,
         dashboard::config_builders(state),
     )
@@ -305,7 +305,7 @@ async fn dashboard_json(
 }
 
 async fn try_view(state: &AppState, id: &str) -> Result<dashboard::TryView, PageError> {
-    let t = state.farm.store.get_try(id).await.map_err(|e| match e {
+    let t = state.farm.store().get_try(id).await.map_err(|e| match e {
         buildfarm_store::StoreError::NotFound { .. } => {
             PageError::NotFound(format!("no try run {id}"))
         }
@@ -313,7 +313,7 @@ async fn try_view(state: &AppState, id: &str) -> Result<dashboard::TryView, Page
     })?;
     let builds = state
         .farm
-        .store
+        .store()
         .builds_for_try(id)
         .await
         .map_err(PageError::store)?;
@@ -342,16 +342,16 @@ async fn metrics_page(State(state): State<AppState>) -> Response {
     let farm = &state.farm;
     let input = metrics::ScrapeInput {
         queue: farm.queue_snapshot(),
-        pools: farm.pools.values().map(|p| p.status()).collect(),
+        pools: farm.pools().map(|p| p.status()).collect(),
         reverse_hosts: farm
-            .revdial_registry
-            .as_ref()
+            .revdial_registry()
             .map(|r| r.list())
             .unwrap_or_default(),
         listener: state.web.revdial.as_ref().map(|l| l.metrics()),
         connections: state.web.acceptor.as_ref().map(|a| a.stats()),
-        store_ping: status::ping_store(farm.store.as_ref()).await,
+        store_ping: status::ping_store(farm.store().as_ref()).await,
         active_builds: farm.active_builds().len(),
+        source_tarballs_built: farm.sources().built(),
     };
     state.web.metrics.update(&input);
     match state.web.metrics.encode() {
@@ -377,7 +377,7 @@ pub struct BuildsQuery {
 async fn builds_json(State(state): State<AppState>, Query(q): Query<BuildsQuery>) -> Response {
     match state
         .farm
-        .store
+        .store()
         .builds_for_commits(&q.repo, std::slice::from_ref(&q.rev))
         .await
     {
@@ -423,7 +423,7 @@ async fn webhook(
     let signature = headers
         .get(crate::webhook::SIGNATURE_HEADER)
         .map(|v| v.as_bytes());
-    let push = match crate::webhook::check_push(&state.farm.config, &repo, signature, &body) {
+    let push = match crate::webhook::check_push(state.farm.config(), &repo, signature, &body) {
         Ok(push) => push,
         Err(e) => {
             warn!(repo, error = %e, "webhook refused");

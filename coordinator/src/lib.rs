@@ -4,14 +4,18 @@
 
 pub mod api;
 pub mod app;
+pub mod dispatcher;
 pub mod farm;
 pub mod git;
 pub mod http;
 pub mod logs;
 pub mod poller;
 pub mod pool;
+pub mod reconcile;
+pub mod retry;
 pub mod runner;
 pub mod server;
+pub mod sources;
 pub mod tokens;
 pub mod try_patch;
 pub mod webhook;

@@ -199,8 +199,8 @@ async fn run(mut config: Config, builtin: bool, cli: &Cli) -> Result<()> {
         .ok()
         .filter(|u| coordinator::tokens::valid_user(u))
         .unwrap_or_else(|| "dev".into());
-    let gomote_cfg = running.farm.data_dir.join("gomote.json");
-    let token = coordinator::tokens::issue(&running.farm.master_key, &user);
+    let gomote_cfg = running.farm.data_dir().join("gomote.json");
+    let token = coordinator::tokens::issue(running.farm.master_key(), &user);
     let cfg = serde_json::json!({
         "coordinator": format!("https://{}", running.addr),
         "ca_file": running.ca_file,

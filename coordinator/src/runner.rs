@@ -1,22 +1,25 @@
 //! The build runner: for one build, lease a buildlet, push the source, run the
-//! builder's steps with output streamed to the live log, and record the result once.
-//! A lost buildlet or a pool that cannot provide one is an infra failure of the
-//! attempt: the build is retried on a fresh buildlet up to `max_attempts` times.
+//! builder's steps with output streamed to the live log, and return how it ended. It
+//! gets a narrow environment ([`RunEnv`]) and records only attempts; the farm records
+//! the result. A lost buildlet or a pool that cannot provide one is an infra failure
+//! of the attempt: the build is retried on a fresh buildlet up to `max_attempts` times.
+//! Store writes are retried with backoff until they succeed or the coordinator stops.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use buildfarm_config::{Builder, Config};
-use buildfarm_store::{Build, BuildKind, BuildState};
+use buildfarm_store::{Build, BuildKind, BuildState, Store};
 use buildlet::client::ExecSpec;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info_span, warn};
+use tracing::warn;
 
-use crate::farm::{ActiveBuild, Farm, Slot, now_ms};
+use crate::git::Mirror;
 use crate::logs::LiveLog;
-use crate::pool::{Lease, Pool};
+use crate::pool::{Lease, Pool, PoolError};
+use crate::retry::{Backoff, store_op};
+use crate::sources::SourceCache;
 
-/// How an attempt ended.
+/// How one attempt ended.
 enum Outcome {
     /// The build has a result (ok or failed); `summary` says why.
     Done(BuildState, String),
@@ -25,191 +28,180 @@ enum Outcome {
     Cancelled,
 }
 
+/// How a run ended, for the farm to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// A final result: ok, failed, infra failure after the last attempt, cancelled.
+    Finished(BuildState, String),
+    /// The coordinator is stopping: the build stays unfinished in the store so the next
+    /// coordinator resumes it.
+    Stopped,
+    /// The store says the build is already final (e.g. cancelled there): nothing to do.
+    AlreadyFinal(String),
+}
+
+/// Called when an attempt starts on a buildlet: (buildlet name, attempt number).
+pub type AttemptHook = Box<dyn Fn(&str, u32) + Send + Sync>;
+
+/// Everything a run may touch.
+pub struct RunEnv {
+    pub store: Arc<dyn Store>,
+    pub sources: Arc<SourceCache>,
+    /// The build's repo; `None` fails the build ("unknown repo").
+    pub mirror: Option<Mirror>,
+    pub pool: Arc<dyn Pool>,
+    pub builder: Builder,
+    /// The host type's and builder's env (see [`builder_env`]).
+    pub base_env: Vec<(String, String)>,
+    pub log: Arc<LiveLog>,
+    pub max_attempts: u32,
+    /// Cancelled by a user's cancel, and by shutdown (it is a child of `shutdown`).
+    pub cancel: CancellationToken,
+    pub shutdown: CancellationToken,
+    pub store_retry: Backoff,
+    /// The pause between attempts, so a crash-looping pool doesn't spin.
+    pub attempt_backoff: Backoff,
+    pub on_attempt: AttemptHook,
+}
+
 /// Where the source goes in the buildlet's workdir; steps run there.
 const SRC_DIR: &str = "src";
 
-pub async fn run_build(farm: Arc<Farm>, build_id: String, pool: Arc<dyn Pool>, slot: Slot) {
-    let span = info_span!("build", build_id = %build_id);
-    async move {
-        let build = match farm.store.get_build(&build_id).await {
-            Ok(b) => b,
+impl RunEnv {
+    fn cancelled(&self) -> RunOutcome {
+        if self.shutdown.is_cancelled() {
+            RunOutcome::Stopped
+        } else {
+            self.log.note("cancelled");
+            RunOutcome::Finished(BuildState::Cancelled, "cancelled".into())
+        }
+    }
+
+    /// Records an attempt that never got a buildlet, so the store counts it.
+    async fn record_failed_attempt(&self, build_id: &str, why: &str) -> Option<()> {
+        let n = match store_op("start_attempt", self.store_retry, &self.shutdown, || {
+            self.store.start_attempt(build_id, "none")
+        })
+        .await?
+        {
+            Ok(n) => n,
             Err(e) => {
-                warn!(error = %e, "queued build vanished from the store");
-                return;
+                warn!(error = %e, "recording a failed attempt");
+                return Some(());
             }
         };
-        if build.state.is_final() {
-            return;
-        }
-        let Some(builder) = farm.config.builder(&build.builder).cloned() else {
-            let log = format!("unknown builder {}\n", build.builder);
-            farm.finish(
-                &build,
-                BuildState::Failed,
-                "unknown builder",
-                log.as_bytes(),
-            )
-            .await;
-            return;
-        };
-        let cancel = farm.shutdown.child_token();
-        let log = farm.logs.open(&build.id);
-        farm.active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                build.id.clone(),
-                ActiveBuild {
-                    build_id: build.id.clone(),
-                    builder: build.builder.clone(),
-                    repo: build.repo.clone(),
-                    rev: build.rev.clone(),
-                    kind: build.kind.as_str(),
-                    buildlet: None,
-                    attempt: build.attempts + 1,
-                    started_unix_ms: now_ms(),
-                    cancel: cancel.clone(),
-                },
-            );
-        run_attempts(&farm, &build, &builder, pool.as_ref(), &log, &cancel).await;
-        farm.active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&build.id);
-        farm.logs.close(&build.id);
-        drop(slot);
+        self.finish_infra_attempt(build_id, n, why).await
     }
-    .instrument(span)
-    .await
+
+    async fn finish_infra_attempt(&self, build_id: &str, n: u32, why: &str) -> Option<()> {
+        if let Err(e) = store_op("finish_attempt", self.store_retry, &self.shutdown, || {
+            self.store
+                .finish_attempt(build_id, n, BuildState::InfraFailure, Some(why))
+        })
+        .await?
+        {
+            warn!(error = %e, "recording an attempt's infra failure");
+        }
+        Some(())
+    }
 }
 
-async fn run_attempts(
-    farm: &Arc<Farm>,
-    build: &Build,
-    builder: &Builder,
-    pool: &dyn Pool,
-    log: &Arc<LiveLog>,
-    cancel: &CancellationToken,
-) {
-    let max_attempts = farm.config.coordinator.max_attempts.max(1);
+/// Runs `build` to an outcome.
+pub async fn run(env: &RunEnv, build: &Build) -> RunOutcome {
+    let max_attempts = env.max_attempts.max(1);
+    let timeout = env.builder.build_timeout;
     let mut attempts_here = 0u32;
     loop {
         attempts_here += 1;
-        let lease = tokio::select! {
-            _ = farm.shutdown.cancelled() => return, // resumed by the next coordinator
-            r = pool.acquire(cancel) => r,
+        if env.cancel.is_cancelled() {
+            return env.cancelled();
+        }
+        // Waiting for a buildlet is bounded like the build itself: a pool that never
+        // yields one fails the attempt instead of holding the build forever.
+        let acquired = tokio::select! {
+            _ = env.cancel.cancelled() => return env.cancelled(),
+            r = tokio::time::timeout(timeout, env.pool.acquire(&env.cancel)) => r,
         };
-        let outcome = match lease {
-            Err(e) => {
-                log.note(&format!("no buildlet: {e}"));
-                if cancel.is_cancelled() {
-                    Outcome::Cancelled
-                } else {
-                    // Record the attempt so the store counts it.
-                    match farm.store.start_attempt(&build.id, "none").await {
-                        Ok(n) => {
-                            let _ = farm
-                                .store
-                                .finish_attempt(
-                                    &build.id,
-                                    n,
-                                    BuildState::InfraFailure,
-                                    Some(&e.to_string()),
-                                )
-                                .await;
-                        }
-                        Err(se) => warn!(error = %se, "recording attempt"),
-                    }
-                    Outcome::Infra(e.to_string())
-                }
-            }
-            Ok(lease) => {
-                let attempt = match farm.store.start_attempt(&build.id, &lease.name).await {
-                    Ok(n) => n,
-                    Err(e) => {
-                        warn!(error = %e, "store refused to start an attempt");
-                        return;
-                    }
+        let outcome = match acquired {
+            Ok(Err(PoolError::Cancelled)) => Outcome::Cancelled,
+            Err(_) | Ok(Err(_)) => {
+                let why = match acquired {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!(
+                        "no buildlet of host type {} within {}",
+                        env.builder.host_type,
+                        humantime::format_duration(timeout)
+                    ),
                 };
-                if let Some(a) = farm
-                    .active
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_mut(&build.id)
-                {
-                    a.buildlet = Some(lease.name.clone());
-                    a.attempt = attempt;
+                env.log.note(&format!("no buildlet: {why}"));
+                if env.record_failed_attempt(&build.id, &why).await.is_none() {
+                    return RunOutcome::Stopped;
                 }
-                farm.notify_build(&build.id, build.try_id.as_deref());
-                log.note(&format!(
+                Outcome::Infra(why)
+            }
+            Ok(Ok(lease)) => {
+                let attempt =
+                    match store_op("start_attempt", env.store_retry, &env.shutdown, || {
+                        env.store.start_attempt(&build.id, &lease.name)
+                    })
+                    .await
+                    {
+                        None => return RunOutcome::Stopped,
+                        Some(Ok(n)) => n,
+                        Some(Err(e)) => return RunOutcome::AlreadyFinal(e.to_string()),
+                    };
+                (env.on_attempt)(&lease.name, attempt);
+                env.log.note(&format!(
                     "attempt {attempt} of {} {} at {} on {}",
                     build.builder, build.repo, build.rev, lease.name
                 ));
-                let outcome = tokio::select! {
-                    // The coordinator is stopping: leave the build running in the store
-                    // so the next coordinator resumes it.
-                    _ = farm.shutdown.cancelled() => return,
-                    o = run_attempt(farm, build, builder, &lease, log, cancel) => o,
-                };
-                if let Outcome::Infra(ref why) = outcome {
-                    let _ = farm
-                        .store
-                        .finish_attempt(&build.id, attempt, BuildState::InfraFailure, Some(why))
-                        .await;
+                let outcome = run_attempt(env, build, &lease).await;
+                if let Outcome::Infra(ref why) = outcome
+                    && env
+                        .finish_infra_attempt(&build.id, attempt, why)
+                        .await
+                        .is_none()
+                {
+                    return RunOutcome::Stopped;
                 }
                 drop(lease);
                 outcome
             }
         };
         match outcome {
-            Outcome::Done(state, summary) => {
-                farm.finish(build, state, &summary, &log.contents()).await;
-                return;
-            }
-            // The build's token is a child of the coordinator's: on shutdown the build
-            // stays unfinished in the store, and the next coordinator resumes it.
-            Outcome::Cancelled if farm.shutdown.is_cancelled() => return,
-            Outcome::Cancelled => {
-                log.note("cancelled");
-                farm.finish(build, BuildState::Cancelled, "cancelled", &log.contents())
-                    .await;
-                return;
-            }
+            Outcome::Done(state, summary) => return RunOutcome::Finished(state, summary),
+            Outcome::Cancelled => return env.cancelled(),
             Outcome::Infra(why) => {
-                log.note(&format!("infrastructure failure: {why}"));
+                env.log.note(&format!("infrastructure failure: {why}"));
                 let total = build.attempts + attempts_here;
                 if total >= max_attempts {
-                    let summary = format!("infra failure after {total} attempts: {why}");
-                    farm.finish(build, BuildState::InfraFailure, &summary, &log.contents())
-                        .await;
-                    return;
+                    return RunOutcome::Finished(
+                        BuildState::InfraFailure,
+                        format!("infra failure after {total} attempts: {why}"),
+                    );
                 }
-                farm.notify_build(&build.id, build.try_id.as_deref());
-                // A short pause so a crash-looping pool doesn't spin.
-                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempts_here))).await;
+                let pause = env.attempt_backoff.delay(attempts_here, rand::random());
+                tokio::select! {
+                    _ = env.cancel.cancelled() => return env.cancelled(),
+                    _ = tokio::time::sleep(pause) => {}
+                }
             }
         }
     }
 }
 
-async fn run_attempt(
-    farm: &Arc<Farm>,
-    build: &Build,
-    builder: &Builder,
-    lease: &Lease,
-    log: &Arc<LiveLog>,
-    cancel: &CancellationToken,
-) -> Outcome {
-    let deadline = tokio::time::sleep(builder.build_timeout);
+async fn run_attempt(env: &RunEnv, build: &Build, lease: &Lease) -> Outcome {
+    let timeout = env.builder.build_timeout;
+    let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
     tokio::select! {
-        _ = cancel.cancelled() => Outcome::Cancelled,
+        _ = env.cancel.cancelled() => Outcome::Cancelled,
         _ = lease.lost.cancelled() => Outcome::Infra(format!("buildlet {} lost", lease.name)),
         _ = &mut deadline => Outcome::Done(
             BuildState::Failed,
-            format!("build timed out after {}", humantime::format_duration(builder.build_timeout)),
+            format!("build timed out after {}", humantime::format_duration(timeout)),
         ),
-        o = steps(farm, build, builder, lease, log) => o,
+        o = steps(env, build, lease) => o,
     }
 }
 
@@ -249,25 +241,32 @@ async fn run_step(
     ))
 }
 
-async fn steps(
-    farm: &Arc<Farm>,
-    build: &Build,
-    builder: &Builder,
-    lease: &Lease,
-    log: &Arc<LiveLog>,
-) -> Outcome {
-    let Some(mirror) = farm.mirrors.get(&build.repo) else {
+async fn steps(env: &RunEnv, build: &Build, lease: &Lease) -> Outcome {
+    let (builder, log) = (&env.builder, &env.log);
+    let Some(mirror) = env.mirror.as_ref() else {
         return Outcome::Done(BuildState::Failed, format!("unknown repo {}", build.repo));
     };
     let patch = match (build.kind, &build.try_id) {
-        (BuildKind::Try, Some(try_id)) => match farm.store.get_try(try_id).await {
-            Ok(t) => t.patch,
-            Err(e) => return Outcome::Infra(format!("reading try run {try_id}: {e}")),
-        },
+        (BuildKind::Try, Some(try_id)) => {
+            match store_op("get_try", env.store_retry, &env.shutdown, || {
+                env.store.get_try(try_id)
+            })
+            .await
+            {
+                None => return Outcome::Cancelled,
+                Some(Ok(t)) => t.patch,
+                Some(Err(e)) => {
+                    return Outcome::Done(
+                        BuildState::Failed,
+                        format!("reading try run {try_id}: {e}"),
+                    );
+                }
+            }
+        }
         _ => None,
     };
-    let tarball = match mirror.source_tarball(&build.rev, patch.as_deref()).await {
-        Ok(p) => p,
+    let file = match env.sources.open(mirror, &build.rev, patch.as_deref()).await {
+        Ok(f) => f,
         Err(e) => {
             // A patch that does not apply is the change's fault, not the farm's.
             let msg = format!("{e:#}");
@@ -275,21 +274,17 @@ async fn steps(
             return Outcome::Done(BuildState::Failed, format!("source: {msg}"));
         }
     };
-    let file = match tokio::fs::File::open(&tarball).await {
-        Ok(f) => f,
-        Err(e) => return Outcome::Infra(format!("opening {}: {e}", tarball.display())),
-    };
     if let Err(e) = lease.client.put_tar(SRC_DIR, file, None).await {
         return Outcome::Infra(format!("pushing source: {e}"));
     }
     log.note(&format!("source pushed to {SRC_DIR}/"));
 
-    let base_env = builder_env(&farm.config, builder);
     for step in &builder.steps {
         let Some((cmd, args)) = step.command.split_first() else {
             continue;
         };
-        let env: Vec<(String, String)> = base_env
+        let step_env: Vec<(String, String)> = env
+            .base_env
             .iter()
             .cloned()
             .chain(step.env.iter().map(|(k, v)| (k.clone(), v.clone())))
@@ -299,7 +294,7 @@ async fn steps(
             .args(args.iter().cloned())
             .dir(SRC_DIR)
             .timeout(step.timeout);
-        spec.env = env;
+        spec.env = step_env;
         let status = run_step(&lease.client, spec, log).await;
         match status {
             // A call that fails (lost connection, buildlet error) is the farm's fault.

@@ -437,6 +437,7 @@ fn status_input(recent: Vec<buildfarm_store::Build>) -> StatusInput {
             handshaking: 1,
             max: 4000,
         }),
+        poll_problems: vec![],
     }
 }
 

@@ -83,6 +83,10 @@ pub struct CoordinatorConfig {
     /// A gomote instance unused this long is destroyed. Default: `30m`.
     #[serde(default = "default_gomote_idle", with = "humantime_serde")]
     pub gomote_idle_timeout: Duration,
+    /// Most bytes of source tarballs (one per commit and try patch) kept on disk; the
+    /// least recently used go first. Default: `2 GiB`.
+    #[serde(default = "default_source_cache_bytes")]
+    pub source_cache_bytes: ByteSize,
 }
 
 fn default_listen() -> SocketAddr {
@@ -100,6 +104,9 @@ fn default_max_attempts() -> u32 {
 fn default_gomote_idle() -> Duration {
     Duration::from_secs(30 * 60)
 }
+fn default_source_cache_bytes() -> ByteSize {
+    ByteSize::gib(2)
+}
 
 impl Default for CoordinatorConfig {
     fn default() -> Self {
@@ -113,6 +120,7 @@ impl Default for CoordinatorConfig {
             repo_poll_interval: default_poll(),
             max_attempts: default_max_attempts(),
             gomote_idle_timeout: default_gomote_idle(),
+            source_cache_bytes: default_source_cache_bytes(),
         }
     }
 }

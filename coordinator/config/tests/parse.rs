@@ -44,6 +44,7 @@ fn full_example_parses_with_every_pool_kind() {
     let kinds: Vec<&str> = c.host_types.iter().map(|h| h.pool.kind()).collect();
     assert_eq!(kinds, ["local", "reverse", "kube", "ec2", "docker"]);
     assert_eq!(c.coordinator.max_attempts, 4);
+    assert_eq!(c.coordinator.source_cache_bytes.as_u64(), 5 << 30);
     assert_eq!(c.connections.idle_timeout, Duration::from_secs(120));
     assert_eq!(c.connections.max_connections, Some(50000));
     assert_eq!(c.connections.max_header_bytes.as_u64(), 32 * 1024);
@@ -97,6 +98,7 @@ fn omitted_fields_take_their_documented_defaults() {
     assert_eq!(co.repo_poll_interval, Duration::from_secs(10));
     assert_eq!(co.max_attempts, 3);
     assert_eq!(co.gomote_idle_timeout, Duration::from_secs(30 * 60));
+    assert_eq!(co.source_cache_bytes.as_u64(), 2 << 30);
     let b = &c.builders[0];
     assert!(b.try_bot);
     assert_eq!((b.repos.as_ref(), b.branches.as_ref()), (None, None));

@@ -393,7 +393,7 @@ pub fn config_builders(state: &AppState) -> impl Fn(&str, &str) -> Vec<String> +
     |repo, branch| {
         state
             .farm
-            .config
+            .config()
             .builders_for(repo, branch)
             .into_iter()
             .map(|b| b.name.clone())

@@ -108,22 +108,27 @@ pub fn build_page(
 }
 
 async fn load_build(state: &AppState, id: &str) -> Result<BuildPage, PageError> {
-    let b = state.farm.store.get_build(id).await.map_err(|e| match e {
-        StoreError::NotFound { .. } => PageError::NotFound(format!("no build {id}")),
-        e => PageError::store(e),
-    })?;
+    let b = state
+        .farm
+        .store()
+        .get_build(id)
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound { .. } => PageError::NotFound(format!("no build {id}")),
+            e => PageError::store(e),
+        })?;
     let attempts = state
         .farm
-        .store
+        .store()
         .list_attempts(id)
         .await
         .map_err(PageError::store)?;
-    let (log, live) = match state.farm.logs.get(id) {
+    let (log, live) = match state.farm.logs().get(id) {
         Some(live) => (live.contents(), true),
         None => (
             state
                 .farm
-                .store
+                .store()
                 .get_log(id)
                 .await
                 .map_err(PageError::store)?
@@ -154,7 +159,7 @@ pub async fn build_json(State(state): State<AppState>, Path(id): Path<String>) -
 
 /// `/log/{id}`: plain text, streamed while the build runs.
 pub async fn build_log(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    if let Some(live) = state.farm.logs.get(&id) {
+    if let Some(live) = state.farm.logs().get(&id) {
         let (past, rx) = live.snapshot_and_subscribe();
         // Holding the log would keep its sender alive and the stream open forever.
         drop(live);
@@ -178,7 +183,7 @@ pub async fn build_log(State(state): State<AppState>, Path(id): Path<String>) ->
         )
             .into_response();
     }
-    match state.farm.store.get_log(&id).await {
+    match state.farm.store().get_log(&id).await {
         Ok(Some(log)) => (
             [
                 (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
@@ -234,11 +239,11 @@ pub async fn log_events(
     Path(id): Path<String>,
     Query(q): Query<EventsQuery>,
 ) -> Response {
-    let live = state.farm.logs.get(&id);
+    let live = state.farm.logs().get(&id);
     if live.is_none() {
         // Without a live log the build must at least exist; an unknown id is a 404, not
         // an empty stream that says "finished".
-        match state.farm.store.get_build(&id).await {
+        match state.farm.store().get_build(&id).await {
             Ok(_) => {}
             Err(StoreError::NotFound { .. }) => {
                 return (StatusCode::NOT_FOUND, format!("no build {id}\n")).into_response();
@@ -246,7 +251,7 @@ pub async fn log_events(
             Err(e) => return PageError::store(e).into_response(),
         }
     }
-    let shutdown = state.farm.shutdown.clone();
+    let shutdown = state.farm.shutdown_token().clone();
     let stream = async_stream::stream! {
         if let Some(live) = live {
             let (past, rx) = live.snapshot_and_subscribe();

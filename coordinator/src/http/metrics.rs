@@ -17,7 +17,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::sync::broadcast::error::RecvError;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::farm::{Farm, FarmEvent};
 use crate::pool::PoolStatus;
@@ -53,6 +53,7 @@ pub struct Metrics {
     store_up: IntGauge,
     store_ping: Gauge,
     active_builds: IntGauge,
+    source_tarballs: IntCounter,
     /// Scrapes update shared gauges and counter deltas; one at a time.
     scrape: Mutex<()>,
     seen: Mutex<(HashSet<String>, VecDeque<String>)>,
@@ -69,6 +70,8 @@ pub struct ScrapeInput {
     /// How long a store ping took, or why it failed.
     pub store_ping: Result<Duration, String>,
     pub active_builds: usize,
+    /// Source tarballs made since start (each rev and patch once).
+    pub source_tarballs_built: u64,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(
@@ -255,6 +258,13 @@ impl Metrics {
                 &r,
                 IntGauge::new("buildfarm_active_builds", "Builds running now.")?,
             )?,
+            source_tarballs: reg(
+                &r,
+                IntCounter::new(
+                    "buildfarm_source_tarballs_built_total",
+                    "Source tarballs made (once per revision and patch, however many builders use one).",
+                )?,
+            )?,
             registry: r,
             scrape: Mutex::new(()),
             seen: Mutex::new((HashSet::new(), VecDeque::new())),
@@ -376,6 +386,7 @@ impl Metrics {
             }
         }
         self.active_builds.set(input.active_builds as i64);
+        advance(&self.source_tarballs, input.source_tarballs_built);
     }
 
     /// The registry in Prometheus text format.
@@ -399,19 +410,14 @@ fn advance(c: &IntCounter, total: u64) {
 /// behind the event channel misses those builds in the counters (logged), never blocks
 /// the farm.
 pub async fn watch_builds(farm: Arc<Farm>, metrics: Arc<Metrics>) {
-    let mut events = farm.events.subscribe();
+    let mut events = farm.subscribe();
     loop {
         let ev = tokio::select! {
-            _ = farm.shutdown.cancelled() => return,
+            _ = farm.shutdown_token().cancelled() => return,
             ev = events.recv() => ev,
         };
         match ev {
-            Ok(FarmEvent::BuildChanged { build_id, .. }) => {
-                match farm.store.get_build(&build_id).await {
-                    Ok(b) => metrics.observe_build(&b),
-                    Err(e) => debug!(build_id, error = %e, "metrics: build lookup failed"),
-                }
-            }
+            Ok(FarmEvent::BuildChanged(b)) => metrics.observe_build(&b),
             Err(RecvError::Lagged(n)) => warn!(missed = n, "metrics missed build events"),
             Err(RecvError::Closed) => return,
         }
@@ -497,6 +503,7 @@ mod tests {
             }),
             store_ping: Ok(Duration::from_millis(2)),
             active_builds: 1,
+            source_tarballs_built: 2,
         };
         m.update(&input);
         let text = m.encode().expect("encode");
@@ -509,6 +516,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("buildfarm_store_up 1"), "{text}");
+        assert!(
+            text.contains("buildfarm_source_tarballs_built_total 2"),
+            "{text}"
+        );
         assert!(text.contains("buildfarm_connections_open 3"), "{text}");
         assert!(
             text.contains("buildfarm_connections_accepted_total 10"),

@@ -43,6 +43,8 @@ pub struct StatusInput {
     pub unsandboxed: Option<String>,
     /// The coordinator port's connections now; `None` when not serving.
     pub connections: Option<ConnectionsView>,
+    /// Repos and branches whose last poll failed.
+    pub poll_problems: Vec<crate::farm::PollProblem>,
 }
 
 /// The coordinator port's connections, as the bounded acceptor counts them.
@@ -258,15 +260,36 @@ pub fn health_checks(
     checks
 }
 
+/// One error per repo or branch whose last poll failed: its new commits are not being
+/// built.
+pub fn poll_checks(problems: &[crate::farm::PollProblem]) -> Vec<Check> {
+    problems
+        .iter()
+        .map(|p| Check {
+            level: Level::Error,
+            message: match &p.branch {
+                Some(b) => format!("polling {} branch {b} failed: {}", p.repo, p.error),
+                None => format!("polling {} failed: {}", p.repo, p.error),
+            },
+        })
+        .collect()
+}
+
 /// The page's data from what was read, as of `now_ms`.
 pub fn status_view(input: StatusInput, now_ms: i64) -> StatusView {
-    let checks = health_checks(
+    let mut checks = health_checks(
         &input.pools,
         &input.queue,
         &input.reverse_hosts,
         &input.store_ping,
         input.unsandboxed.as_deref(),
     );
+    let polls = poll_checks(&input.poll_problems);
+    if !polls.is_empty() {
+        checks.retain(|c| c.level != Level::Ok);
+        checks.extend(polls);
+        checks.sort_by(|a, b| a.level.cmp(&b.level));
+    }
     let local_sandboxed = input
         .pools
         .iter()
@@ -402,29 +425,33 @@ pub async fn ping_store(store: &dyn buildfarm_store::Store) -> Result<Duration, 
 /// Reads what the status page shows from the running farm.
 pub async fn gather(state: &AppState) -> StatusInput {
     let farm = &state.farm;
-    let store_ping = ping_store(farm.store.as_ref()).await;
+    let store_ping = ping_store(farm.store().as_ref()).await;
     let recent = if store_ping.is_ok() {
-        farm.store.recent_builds(RECENT).await.unwrap_or_default()
+        farm.store().recent_builds(RECENT).await.unwrap_or_default()
     } else {
         Vec::new()
     };
     StatusInput {
-        uptime_secs: farm.started_at.elapsed().map(|d| d.as_secs()).unwrap_or(0),
-        pools: farm.pools.values().map(|p| p.status()).collect(),
+        uptime_secs: farm
+            .started_at()
+            .elapsed()
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        pools: farm.pools().map(|p| p.status()).collect(),
         queue: farm.queue_snapshot(),
         active: farm.active_builds(),
         recent,
         reverse_hosts: farm
-            .revdial_registry
-            .as_ref()
+            .revdial_registry()
             .map(|r| r.list())
             .unwrap_or_default(),
         gomote_instances: state.api.instance_count(),
-        store_backend: farm.store.backend(),
+        store_backend: farm.store().backend(),
         store_ping,
         history: state.web.history.snapshot(),
         unsandboxed: state.web.unsandboxed.clone(),
         connections: state.web.acceptor.as_ref().map(ConnectionsView::of),
+        poll_problems: farm.poll_problems(),
     }
 }
 

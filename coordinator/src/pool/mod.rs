@@ -91,4 +91,11 @@ pub trait Pool: Send + Sync {
     /// A ready buildlet. Waits while the pool is starting one; fails rather than
     /// waiting forever when none can be had.
     async fn acquire(&self, cancel: &CancellationToken) -> Result<Lease, PoolError>;
+    /// Resolves when [`Pool::capacity`] may have changed by itself (a machine connected
+    /// or left), so the dispatcher wakes on the event instead of polling. Pools whose
+    /// capacity only changes when leases come back (which the dispatcher sees) keep the
+    /// default, which never resolves.
+    async fn capacity_changed(&self) {
+        std::future::pending::<()>().await
+    }
 }

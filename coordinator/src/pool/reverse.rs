@@ -3,13 +3,14 @@
 //! lease; when its tunnel is lost the lease's `lost` token fires, which fails only the
 //! attempt running there.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use buildlet::client::BuildletClient;
-use revdial::{HostId, Registry};
+use revdial::{HostEvent, HostId, Registry};
+use tokio::sync::broadcast::{self, error::TryRecvError};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -18,51 +19,108 @@ use super::{Lease, Pool, PoolError, PoolStatus};
 /// How long `acquire` waits for a machine of its host type to be free or connect.
 const ACQUIRE_WAIT: Duration = Duration::from_secs(60);
 
+/// The pool's view of its machines, kept current from the registry's events so a claim
+/// is O(log n) instead of listing the whole registry.
+struct Hosts {
+    idle: BTreeSet<HostId>,
+    busy: HashSet<HostId>,
+    events: broadcast::Receiver<HostEvent>,
+}
+
+impl Hosts {
+    /// Applies the registry events that arrived since the last look.
+    fn sync(&mut self, host_type: &str, registry: &Registry) {
+        loop {
+            match self.events.try_recv() {
+                Ok(HostEvent::Connected(info)) if info.host_type == host_type => {
+                    if !self.busy.contains(&info.id) {
+                        self.idle.insert(info.id);
+                    }
+                }
+                Ok(HostEvent::Lost { info, .. }) if info.host_type == host_type => {
+                    self.idle.remove(&info.id);
+                    self.busy.remove(&info.id);
+                }
+                Ok(_) => {}
+                Err(TryRecvError::Lagged(_)) => self.resync(host_type, registry),
+                Err(TryRecvError::Empty | TryRecvError::Closed) => return,
+            }
+        }
+    }
+
+    /// Rebuilds the view from the registry (at start, and after missing events).
+    fn resync(&mut self, host_type: &str, registry: &Registry) {
+        let connected: HashSet<HostId> = registry
+            .list()
+            .into_iter()
+            .filter(|h| h.host_type == host_type)
+            .map(|h| h.id)
+            .collect();
+        self.busy.retain(|id| connected.contains(id));
+        self.idle = connected
+            .into_iter()
+            .filter(|id| !self.busy.contains(id))
+            .collect();
+    }
+}
+
 pub struct ReversePool {
     host_type: String,
     expected: usize,
     registry: Registry,
-    busy: Arc<Mutex<HashSet<HostId>>>,
+    hosts: Arc<Mutex<Hosts>>,
     released: Arc<tokio::sync::Notify>,
+    /// Followed by [`Pool::capacity_changed`]; its own receiver so no event between two
+    /// calls is lost.
+    capacity_events: tokio::sync::Mutex<broadcast::Receiver<HostEvent>>,
 }
 
 impl ReversePool {
     pub fn new(host_type: String, expected: usize, registry: Registry) -> Self {
+        // Subscribe before listing, so a host connecting in between is not missed.
+        let mut hosts = Hosts {
+            idle: BTreeSet::new(),
+            busy: HashSet::new(),
+            events: registry.subscribe(),
+        };
+        let capacity_events = tokio::sync::Mutex::new(registry.subscribe());
+        hosts.resync(&host_type, &registry);
         ReversePool {
             host_type,
             expected,
             registry,
-            busy: Arc::new(Mutex::new(HashSet::new())),
+            hosts: Arc::new(Mutex::new(hosts)),
             released: Arc::new(tokio::sync::Notify::new()),
+            capacity_events,
         }
     }
 
-    fn connected(&self) -> Vec<HostId> {
-        self.registry
-            .list()
-            .into_iter()
-            .filter(|h| h.host_type == self.host_type)
-            .map(|h| h.id)
-            .collect()
+    fn hosts(&self) -> MutexGuard<'_, Hosts> {
+        let mut h = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        h.sync(&self.host_type, &self.registry);
+        h
     }
 
     /// Claims an idle connected machine, if there is one.
     fn claim(&self) -> Option<HostId> {
-        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        // Forget machines that are gone so the set stays small.
-        let connected = self.connected();
-        busy.retain(|id| connected.contains(id));
-        let id = connected.into_iter().find(|id| !busy.contains(id))?;
-        busy.insert(id);
+        let mut h = self.hosts();
+        let id = h.idle.pop_first()?;
+        h.busy.insert(id);
         Some(id)
     }
 
     fn unclaim(&self, id: HostId) {
-        self.busy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        release(&self.hosts, id);
         self.released.notify_waiters();
+    }
+}
+
+/// Gives a claimed machine back; one that was lost meanwhile is not busy any more and
+/// stays gone.
+fn release(hosts: &Mutex<Hosts>, id: HostId) {
+    let mut h = hosts.lock().unwrap_or_else(|e| e.into_inner());
+    if h.busy.remove(&id) {
+        h.idle.insert(id);
     }
 }
 
@@ -77,19 +135,19 @@ impl Pool for ReversePool {
     }
 
     fn capacity(&self) -> usize {
-        self.connected().len()
+        let h = self.hosts();
+        h.idle.len() + h.busy.len()
     }
 
     fn status(&self) -> PoolStatus {
-        let connected = self.connected();
-        let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        let in_use = connected.iter().filter(|id| busy.contains(id)).count();
+        let h = self.hosts();
+        let (in_use, idle) = (h.busy.len(), h.idle.len());
         PoolStatus {
             kind: "reverse",
             host_type: self.host_type.clone(),
-            capacity: connected.len(),
+            capacity: in_use + idle,
             in_use,
-            idle: connected.len() - in_use,
+            idle,
             starting: 0,
             expected: Some(self.expected),
         }
@@ -103,7 +161,8 @@ impl Pool for ReversePool {
             let released = self.released.notified();
             if let Some(id) = self.claim() {
                 let Some(host) = self.registry.get(id) else {
-                    self.unclaim(id);
+                    // Gone; its Lost event is on the way. Forget it, don't free it.
+                    self.hosts().busy.remove(&id);
                     continue;
                 };
                 let client = match BuildletClient::from_service(host.channel.clone(), None) {
@@ -129,7 +188,7 @@ impl Pool for ReversePool {
                     });
                 }
                 info!(host = %host.info.hostname, host_type = %self.host_type, "reverse buildlet leased");
-                let busy = self.busy.clone();
+                let hosts = self.hosts.clone();
                 let released = self.released.clone();
                 return Ok(Lease::new(
                     client,
@@ -137,7 +196,7 @@ impl Pool for ReversePool {
                     self.host_type.clone(),
                     host.lost.clone(),
                     move || {
-                        busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                        release(&hosts, id);
                         released.notify_waiters();
                     },
                 ));
@@ -149,6 +208,22 @@ impl Pool for ReversePool {
                 }
                 _ = events.recv() => {}
                 _ = released => {}
+            }
+        }
+    }
+
+    async fn capacity_changed(&self) {
+        let mut events = self.capacity_events.lock().await;
+        loop {
+            match events.recv().await {
+                Ok(HostEvent::Connected(info) | HostEvent::Lost { info, .. })
+                    if info.host_type == self.host_type =>
+                {
+                    return;
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => return,
+                Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
             }
         }
     }
