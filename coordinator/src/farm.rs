@@ -683,6 +683,9 @@ impl Farm {
                 return;
             }
         }
+        // Final in the store, so the reconciler will not look for it: no longer active
+        // by the time anyone hears it finished.
+        self.dispatcher.finish_active(&build.id);
         self.changed(build.clone());
     }
 }

@@ -119,6 +119,8 @@ pub async fn run(env: &RunEnv, build: &Build) -> RunOutcome {
         // Waiting for a buildlet is bounded like the build itself: a pool that never
         // yields one fails the attempt instead of holding the build forever.
         let acquired = tokio::select! {
+            // A cancel wins over a buildlet that arrives at the same moment.
+            biased;
             _ = env.cancel.cancelled() => return env.cancelled(),
             r = tokio::time::timeout(timeout, env.pool.acquire(&env.cancel)) => r,
         };
@@ -139,6 +141,7 @@ pub async fn run(env: &RunEnv, build: &Build) -> RunOutcome {
                 }
                 Outcome::Infra(why)
             }
+            Ok(Ok(_)) if env.cancel.is_cancelled() => return env.cancelled(),
             Ok(Ok(lease)) => {
                 let attempt =
                     match store_op("start_attempt", env.store_retry, &env.shutdown, || {
@@ -195,6 +198,7 @@ async fn run_attempt(env: &RunEnv, build: &Build, lease: &Lease) -> Outcome {
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
     tokio::select! {
+        biased;
         _ = env.cancel.cancelled() => Outcome::Cancelled,
         _ = lease.lost.cancelled() => Outcome::Infra(format!("buildlet {} lost", lease.name)),
         _ = &mut deadline => Outcome::Done(
