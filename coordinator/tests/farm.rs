@@ -806,3 +806,59 @@ fn process_running(cmdline: &str) -> bool {
                 .unwrap_or(false)
         })
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_builders_of_one_new_commit_make_one_source_tarball() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let repo = tmp.path().join("repo");
+    let data = tmp.path().join("data");
+    let rev = make_go_repo(&repo);
+    let mut builders = String::new();
+    for i in 1..=20 {
+        builders.push_str(&format!(
+            "[[builders]]\nname = \"linux-amd64-s{i}\"\nhost_type = \"local\"\n\
+             steps = [{{ name = \"check\", command = [\"sh\", \"-c\", \"test -f go.mod\"] }}]\n\n"
+        ));
+    }
+    let cfg = tmp.path().join("coordinator.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[coordinator]
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+repo_poll_interval = "1s"
+
+[[host_types]]
+name = "local"
+pool = {{ kind = "local", count = 4 }}
+
+{builders}
+[[repos]]
+name = "t"
+url = "{repo}"
+branches = ["main"]
+"#,
+            data = data.display(),
+            repo = repo.display(),
+        ),
+    )
+    .expect("write config");
+    let farm = TestFarm::start(&cfg, &data).await;
+    let builds = farm.wait_final_builds("t", &rev, 20).await;
+    assert_eq!(builds.len(), 20, "{builds:#?}");
+    assert!(builds.iter().all(|b| b["state"] == "ok"), "{builds:#?}");
+    let metrics = farm.get_text("/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "buildfarm_source_tarballs_built_total 1"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("source_tarballs"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
