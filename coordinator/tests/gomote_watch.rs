@@ -1,5 +1,6 @@
-//! `gomote watch` end to end: a real coordinator with a local buildlet, the real
-//! `gomote` binary watching a real directory, edits made to it while it runs.
+//! `gomote watch` and `gomote try --watch` end to end: a real coordinator with local
+//! buildlets, the real `gomote` binary watching a real directory (or git checkout),
+//! edits made to it while it runs, real Go builds for the try runs.
 
 mod common;
 
@@ -204,4 +205,149 @@ async fn watch_pushes_changes_and_reruns_cancelling_a_run_in_progress() {
         .expect("wait");
     assert!(status.success(), "{status:?}\n{}", lines.text());
     farm.kill().await;
+}
+
+fn try_config(data_dir: &Path, repo: &Path, host_builder: &str) -> String {
+    let gocache = data_dir.join("gocache");
+    format!(
+        r#"
+[coordinator]
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+repo_poll_interval = "1h"
+
+[[host_types]]
+name = "local"
+pool = {{ kind = "local", count = 1 }}
+env = {{ GOCACHE = "{gocache}", GOFLAGS = "-mod=mod" }}
+
+[[builders]]
+name = "{host_builder}"
+host_type = "local"
+steps = [{{ name = "test", command = ["go", "test", "./..."] }}]
+
+[[repos]]
+name = "t"
+url = "{repo}"
+branches = ["main"]
+"#,
+        data = data_dir.display(),
+        repo = repo.display(),
+        gocache = gocache.display(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn try_watch_starts_a_try_run_per_change_of_the_checkout() {
+    let host_builder = match std::env::consts::ARCH {
+        "aarch64" => "linux-arm64",
+        _ => "linux-amd64",
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let repo = tmp.path().join("repo");
+    make_go_repo(&repo);
+    let cfg = tmp.path().join("coordinator.toml");
+    std::fs::write(&cfg, try_config(&data, &repo, host_builder)).expect("write config");
+    let farm = TestFarm::start(&cfg, &data).await;
+    let work = tmp.path().join("work");
+    git(
+        tmp.path(),
+        &["clone", "--quiet", repo.to_str().expect("utf-8"), "work"],
+    );
+    std::fs::write(work.join(".gitignore"), "*.tmp\n").expect("write");
+
+    let mut child = farm
+        .gomote()
+        .args([
+            "try",
+            "t",
+            "main",
+            "--builders",
+            host_builder,
+            "--watch",
+            "--src",
+        ])
+        .arg(&work)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("gomote try --watch");
+    let lines = Lines::default();
+    lines.follow(child.stdout.take().expect("stdout"));
+    lines.follow(child.stderr.take().expect("stderr"));
+
+    // The untracked .gitignore is a local change: the first run already has a patch.
+    lines.wait_for("try 1 (").await;
+    assert!(lines.text().contains("-byte patch"), "{}", lines.text());
+    wait_verdict(&lines, 1, "ok").await;
+
+    // A tracked change that breaks the test fails; fixing it with an untracked file
+    // passes again. An ignored file alone starts nothing.
+    std::fs::write(
+        work.join("hello.go"),
+        "package t\n\n// Hello greets.\nfunc Hello() string { return greeting }\n",
+    )
+    .expect("write");
+    wait_verdict(&lines, 2, "failed").await;
+    std::fs::write(work.join("scratch.tmp"), "ignored").expect("write");
+    std::fs::write(
+        work.join("greeting.go"),
+        "package t\n\nconst greeting = \"hello\"\n",
+    )
+    .expect("write");
+    wait_verdict(&lines, 3, "ok").await;
+
+    // A change while a run is in progress cancels it and starts the next.
+    std::fs::write(
+        work.join("slow_test.go"),
+        "package t\n\nimport (\n\t\"testing\"\n\t\"time\"\n)\n\n\
+         func TestSlow(t *testing.T) { time.Sleep(300 * time.Second) }\n",
+    )
+    .expect("write");
+    lines.wait_for("try 4 (").await;
+    let try4 = lines
+        .all()
+        .iter()
+        .find_map(|l| {
+            l.split("try 4 (")
+                .nth(1)
+                .and_then(|rest| rest.split(')').next())
+                .map(str::to_owned)
+        })
+        .expect("try 4's id");
+    let running = format!("{host_builder}: running");
+    eventually("try 4 to be running", || {
+        let all = lines.all();
+        let start = all.iter().position(|l| l.contains("try 4 ("))?;
+        all[start..].iter().any(|l| l == &running).then_some(())
+    })
+    .await;
+    std::fs::remove_file(work.join("slow_test.go")).expect("remove");
+    lines.wait_for(&format!("try 4 ({try4}) cancelled")).await;
+    wait_verdict(&lines, 5, "ok").await;
+    assert_eq!(lines.count("): verdict "), 4, "{}", lines.text());
+
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(status.success(), "{status:?}\n{}", lines.text());
+    farm.kill().await;
+}
+
+/// Waits for try run `n`'s verdict banner and checks the verdict.
+async fn wait_verdict(lines: &Lines, n: u32, want: &str) {
+    let prefix = format!("try {n} (");
+    let verdict = eventually(&format!("a verdict for try {n}"), || {
+        lines.all().iter().find_map(|l| {
+            let rest = l.split(&prefix).nth(1)?;
+            let v = rest.split("): verdict ").nth(1)?;
+            Some(v.split_whitespace().next()?.to_owned())
+        })
+    })
+    .await;
+    assert_eq!(verdict, want, "try {n}: {}", lines.text());
 }

@@ -158,8 +158,16 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         builders: Vec<String>,
         /// A patch (`git diff --binary` output) applied on REV; `-` reads stdin.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         patch: Option<PathBuf>,
+        /// Watch the local checkout --src: on every save, cancel the try run in progress
+        /// and start one with the local changes (tracked and untracked, not ignored)
+        /// on top of REV. Ctrl-C stops.
+        #[arg(long)]
+        watch: bool,
+        /// The local checkout --watch follows.
+        #[arg(long, default_value = ".", requires = "watch")]
+        src: PathBuf,
     },
 }
 
@@ -557,7 +565,17 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             rev,
             builders,
             patch,
+            watch: false,
+            ..
         } => try_run(&mut c, cli.json, repo, rev, builders, patch.as_deref()).await,
+        Cmd::Try {
+            repo,
+            rev,
+            builders,
+            src,
+            watch: true,
+            ..
+        } => watch::watch_try(&mut c, src, repo, rev, builders).await,
     }
 }
 
@@ -973,17 +991,7 @@ async fn try_run(
         }
         Some(p) => std::fs::read(p).with_context(|| format!("reading patch {}", p.display()))?,
     };
-    let id = c
-        .submit_try(cp::SubmitTryRequest {
-            repo: repo.to_owned(),
-            rev: rev.to_owned(),
-            patch,
-            builders: builders.to_vec(),
-        })
-        .await
-        .map_err(|e| status_err("try", e))?
-        .into_inner()
-        .try_id;
+    let id = submit_try(c, repo, rev, builders, patch).await?;
     if !json {
         eprintln!("gomote: try run {id}");
     }
@@ -1006,16 +1014,7 @@ async fn try_run(
             eprint!("{table}");
             drawn = table.lines().count();
         } else if !json {
-            // Not a terminal: one line per builder whose state changed.
-            for b in &state.builders {
-                let before = last
-                    .as_ref()
-                    .and_then(|l| l.builders.iter().find(|x| x.builder == b.builder))
-                    .map(|x| x.state.as_str());
-                if before != Some(b.state.as_str()) {
-                    eprintln!("{}: {}", b.builder, b.state);
-                }
-            }
+            print_state_changes(last.as_ref(), &state);
         }
         let done = state.done;
         last = Some(state);
@@ -1045,6 +1044,38 @@ async fn try_run(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Submits a try run; returns its id.
+async fn submit_try(
+    c: &mut Client,
+    repo: &str,
+    rev: &str,
+    builders: &[String],
+    patch: Vec<u8>,
+) -> Result<String> {
+    Ok(c.submit_try(cp::SubmitTryRequest {
+        repo: repo.to_owned(),
+        rev: rev.to_owned(),
+        patch,
+        builders: builders.to_vec(),
+    })
+    .await
+    .map_err(|e| status_err("try", e))?
+    .into_inner()
+    .try_id)
+}
+
+/// One line on stderr per builder whose state differs from `last`.
+fn print_state_changes(last: Option<&cp::TryState>, state: &cp::TryState) {
+    for b in &state.builders {
+        let before = last
+            .and_then(|l| l.builders.iter().find(|x| x.builder == b.builder))
+            .map(|x| x.state.as_str());
+        if before != Some(b.state.as_str()) {
+            eprintln!("{}: {}", b.builder, b.state);
+        }
+    }
 }
 
 fn render_try(state: &cp::TryState) -> String {
