@@ -3,7 +3,6 @@
 //! `./.buildfarm/gomote.json`, which the main job writes): `coordinator` (URL),
 //! `ca_file`, `token`; `BUILDFARM_TOKEN` overrides the token.
 
-use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -16,10 +15,12 @@ use buildfarm_proto::coordinator::coordinator_client::CoordinatorClient;
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+mod sync;
+mod watch;
 
 #[derive(Parser)]
 #[command(
@@ -121,6 +122,32 @@ enum Cmd {
         #[arg(long = "builderenv", value_name = "BUILDER")]
         builder_env: Option<String>,
     },
+    /// Watch a local tree: on every save push only what changed and re-run the command,
+    /// cancelling a run still in progress. `.git` and what `.gitignore` names are left
+    /// out. Ctrl-C stops watching.
+    Watch {
+        instance: String,
+        /// Local tree to watch.
+        #[arg(long, default_value = ".")]
+        src: PathBuf,
+        /// Directory of the instance the tree is synced into, relative to the workdir.
+        #[arg(long, default_value = "")]
+        dest: String,
+        /// Working directory of the command, relative to the workdir (default: --dest).
+        #[arg(long)]
+        dir: Option<String>,
+        /// Act like this builder instead (same host type): use its environment.
+        #[arg(long = "builderenv", value_name = "BUILDER")]
+        builder_env: Option<String>,
+        /// Extra environment, KEY=VALUE (repeatable).
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        /// Quiet time after a save before pushing, so a burst of saves makes one run.
+        #[arg(long, default_value = "300ms")]
+        debounce: humantime::Duration,
+        #[arg(trailing_var_arg = true, required = true)]
+        cmd: Vec<String>,
+    },
     /// Cancel the unfinished builds of one of your try runs.
     Cancel { try_id: String },
     /// Submit a try run and watch it; exits non-zero unless every builder passes.
@@ -131,8 +158,16 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         builders: Vec<String>,
         /// A patch (`git diff --binary` output) applied on REV; `-` reads stdin.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         patch: Option<PathBuf>,
+        /// Watch the local checkout --src: on every save, cancel the try run in progress
+        /// and start one with the local changes (tracked and untracked, not ignored)
+        /// on top of REV. Ctrl-C stops.
+        #[arg(long)]
+        watch: bool,
+        /// The local checkout --watch follows.
+        #[arg(long, default_value = ".", requires = "watch")]
+        src: PathBuf,
     },
 }
 
@@ -411,62 +446,58 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             timeout,
             cmd,
         } => {
-            let (program, args) = cmd.split_first().context("missing command")?;
-            for kv in env {
-                if !kv.contains('=') {
-                    bail!("--env {kv:?}: expected KEY=VALUE");
-                }
-            }
+            check_env(env)?;
+            let request = exec_request(
+                instance,
+                cmd,
+                dir,
+                env,
+                builder_env.as_deref(),
+                timeout.map(Duration::from),
+            )?;
             let mut s = c
-                .exec(cp::InstanceExecRequest {
-                    instance: instance.clone(),
-                    request: Some(bp::ExecRequest {
-                        cmd: program.clone(),
-                        args: args.to_vec(),
-                        dir: dir.clone(),
-                        env: env.clone(),
-                        env_mode: bp::EnvMode::Add as i32,
-                        path: vec![],
-                        timeout_ms: timeout
-                            .map(|t| Duration::from(t).as_millis() as u64)
-                            .unwrap_or(0),
-                    }),
-                    builder_env: builder_env.clone().unwrap_or_default(),
-                })
+                .exec(request)
                 .await
                 .map_err(|e| status_err("run", e))?
                 .into_inner();
-            let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
             while let Some(ev) = s.next().await {
                 match ev.map_err(|e| status_err("run", e))?.event {
-                    Some(bp::exec_event::Event::Output(o)) => {
-                        if o.stream == bp::OutputStream::Stderr as i32 {
-                            stderr.write_all(&o.data)?;
-                        } else {
-                            stdout.write_all(&o.data)?;
-                            stdout.flush()?;
-                        }
-                    }
+                    Some(bp::exec_event::Event::Output(o)) => write_output(&o)?,
                     Some(bp::exec_event::Event::Exit(x)) => {
                         if !x.error.is_empty() {
                             bail!("run: {}", x.error);
                         }
-                        if x.timed_out {
-                            eprintln!("gomote: command timed out");
+                        let (code, how) = describe_exit(&x);
+                        if x.timed_out || x.signal.is_some() {
+                            eprintln!("gomote: command {how}");
                         }
-                        return Ok(match (x.code, x.signal) {
-                            (Some(code), _) => ExitCode::from(code.clamp(0, 255) as u8),
-                            (None, Some(sig)) => {
-                                eprintln!("gomote: command killed by signal {sig}");
-                                ExitCode::from((128 + sig).clamp(0, 255) as u8)
-                            }
-                            _ => ExitCode::FAILURE,
-                        });
+                        return Ok(ExitCode::from(code));
                     }
                     None => {}
                 }
             }
             bail!("run: the stream ended without an exit status (buildlet lost?)")
+        }
+        Cmd::Watch {
+            instance,
+            src,
+            dest,
+            dir,
+            builder_env,
+            env,
+            debounce,
+            cmd,
+        } => {
+            check_env(env)?;
+            let request = exec_request(
+                instance,
+                cmd,
+                dir.as_deref().unwrap_or(dest),
+                env,
+                builder_env.as_deref(),
+                None,
+            )?;
+            watch::watch(&mut c, src, dest, request, Duration::from(*debounce)).await
         }
         Cmd::Ls {
             instance,
@@ -534,7 +565,81 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             rev,
             builders,
             patch,
+            watch: false,
+            ..
         } => try_run(&mut c, cli.json, repo, rev, builders, patch.as_deref()).await,
+        Cmd::Try {
+            repo,
+            rev,
+            builders,
+            src,
+            watch: true,
+            ..
+        } => watch::watch_try(&mut c, src, repo, rev, builders).await,
+    }
+}
+
+fn check_env(env: &[String]) -> Result<()> {
+    for kv in env {
+        if !kv.contains('=') {
+            bail!("--env {kv:?}: expected KEY=VALUE");
+        }
+    }
+    Ok(())
+}
+
+/// The request that runs `cmd` on an instance the way a build step of its builder (or
+/// of `builder_env`) would, with `env` added.
+fn exec_request(
+    instance: &str,
+    cmd: &[String],
+    dir: &str,
+    env: &[String],
+    builder_env: Option<&str>,
+    timeout: Option<Duration>,
+) -> Result<cp::InstanceExecRequest> {
+    let (program, args) = cmd.split_first().context("missing command")?;
+    Ok(cp::InstanceExecRequest {
+        instance: instance.to_owned(),
+        request: Some(bp::ExecRequest {
+            cmd: program.clone(),
+            args: args.to_vec(),
+            dir: dir.to_owned(),
+            env: env.to_vec(),
+            env_mode: bp::EnvMode::Add as i32,
+            path: vec![],
+            timeout_ms: timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
+        }),
+        builder_env: builder_env.unwrap_or_default().to_owned(),
+    })
+}
+
+/// Writes a remote command's output to gomote's own stdout or stderr.
+fn write_output(o: &bp::ExecOutput) -> std::io::Result<()> {
+    if o.stream == bp::OutputStream::Stderr as i32 {
+        std::io::stderr().write_all(&o.data)
+    } else {
+        let mut out = std::io::stdout();
+        out.write_all(&o.data)?;
+        out.flush()
+    }
+}
+
+/// The exit code gomote passes on for a remote command's exit status (a shell's
+/// 128+signal for a killed one), and how the command ended in words.
+fn describe_exit(x: &bp::ExitStatus) -> (u8, String) {
+    let (code, how) = match (x.code, x.signal) {
+        (Some(code), _) => (code.clamp(0, 255) as u8, format!("exited {code}")),
+        (None, Some(sig)) => (
+            (128 + sig).clamp(0, 255) as u8,
+            format!("killed by signal {sig}"),
+        ),
+        _ => (1, "ended without an exit status".to_owned()),
+    };
+    if x.timed_out {
+        (code, format!("timed out ({how})"))
+    } else {
+        (code, how)
     }
 }
 
@@ -741,100 +846,20 @@ async fn list(
     Ok(out)
 }
 
-/// Local regular files under `dir` with their SHA-256, by slash-separated relative path.
-fn local_digests(dir: &Path) -> Result<BTreeMap<String, String>> {
-    let mut out = BTreeMap::new();
-    for entry in walkdir::WalkDir::new(dir).min_depth(1) {
-        let entry = entry?;
-        if !entry.file_type().is_file() {
-            continue;
-        }
-        let rel = entry.path().strip_prefix(dir)?;
-        let rel = rel
-            .to_str()
-            .with_context(|| format!("{} is not UTF-8", rel.display()))?
-            .replace('\\', "/");
-        let data = std::fs::read(entry.path())
-            .with_context(|| format!("reading {}", entry.path().display()))?;
-        out.insert(rel, hex::encode(Sha256::digest(&data)));
-    }
-    Ok(out)
-}
-
-/// Sends what differs between `dir` and the instance's `dest`: changed and new files in
-/// one tarball, and removes remote files that no longer exist locally.
+/// Makes `dest` of the instance hold what the local tree `dir` holds: sends changed and
+/// new files in one tarball and removes remote files that are not in the tree.
 async fn push(c: &mut Client, instance: &str, dir: &Path, dest: &str) -> Result<()> {
-    let local = local_digests(dir)?;
-    let remote: HashMap<String, String> = list(c, instance, dest, true, true)
-        .await
-        .or_else(|e| {
-            // A missing destination is an empty one.
-            if format!("{e:#}").contains("NotFound") {
-                Ok(vec![])
-            } else {
-                Err(e)
-            }
-        })?
-        .into_iter()
-        .filter(|e| !e.is_dir && !e.is_symlink)
-        .map(|e| (e.name, e.sha256))
-        .collect();
-    let changed: Vec<&String> = local
-        .iter()
-        .filter(|(name, digest)| remote.get(*name) != Some(digest))
-        .map(|(name, _)| name)
-        .collect();
-    let gone: Vec<String> = remote
-        .keys()
-        .filter(|name| !local.contains_key(*name))
-        .map(|name| {
-            if dest.is_empty() {
-                name.clone()
-            } else {
-                format!("{}/{name}", dest.trim_end_matches('/'))
-            }
-        })
-        .collect();
-    if !changed.is_empty() {
-        let total = changed
-            .iter()
-            .filter_map(|name| std::fs::metadata(dir.join(name.as_str())).ok())
-            .map(|m| m.len())
-            .sum();
-        let names: Vec<String> = changed.iter().map(|n| (*n).clone()).collect();
-        let root = dir.to_owned();
-        put_tar(c, instance, dest, total, move |w| {
-            let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
-                w,
-                flate2::Compression::fast(),
-            ));
-            for name in &names {
-                builder
-                    .append_path_with_name(root.join(name.as_str()), name.as_str())
-                    .with_context(|| format!("adding {name} to the tarball"))?;
-            }
-            builder.into_inner()?.finish()?;
-            Ok(())
-        })
+    let local = sync::tree_digests(dir)?;
+    let remote = sync::remote_digests(c, instance, dest).await?;
+    let changes = sync::TreeChanges::between(&remote, &local);
+    sync::send_changes(c, instance, dir, dest, &changes)
         .await
         .context("push")?;
-    }
-    if !gone.is_empty() {
-        c.remove(cp::InstanceRemoveRequest {
-            instance: instance.to_owned(),
-            request: Some(bp::RemoveRequest {
-                paths: gone.clone(),
-                allow_root: false,
-            }),
-        })
-        .await
-        .map_err(|e| status_err("push (remove)", e))?;
-    }
     eprintln!(
         "gomote: pushed {} changed file(s), removed {}, {} unchanged",
-        changed.len(),
-        gone.len(),
-        local.len() - changed.len()
+        changes.changed.len(),
+        changes.gone.len(),
+        local.len() - changes.changed.len()
     );
     Ok(())
 }
@@ -966,17 +991,7 @@ async fn try_run(
         }
         Some(p) => std::fs::read(p).with_context(|| format!("reading patch {}", p.display()))?,
     };
-    let id = c
-        .submit_try(cp::SubmitTryRequest {
-            repo: repo.to_owned(),
-            rev: rev.to_owned(),
-            patch,
-            builders: builders.to_vec(),
-        })
-        .await
-        .map_err(|e| status_err("try", e))?
-        .into_inner()
-        .try_id;
+    let id = submit_try(c, repo, rev, builders, patch).await?;
     if !json {
         eprintln!("gomote: try run {id}");
     }
@@ -999,16 +1014,7 @@ async fn try_run(
             eprint!("{table}");
             drawn = table.lines().count();
         } else if !json {
-            // Not a terminal: one line per builder whose state changed.
-            for b in &state.builders {
-                let before = last
-                    .as_ref()
-                    .and_then(|l| l.builders.iter().find(|x| x.builder == b.builder))
-                    .map(|x| x.state.as_str());
-                if before != Some(b.state.as_str()) {
-                    eprintln!("{}: {}", b.builder, b.state);
-                }
-            }
+            print_state_changes(last.as_ref(), &state);
         }
         let done = state.done;
         last = Some(state);
@@ -1038,6 +1044,38 @@ async fn try_run(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Submits a try run; returns its id.
+async fn submit_try(
+    c: &mut Client,
+    repo: &str,
+    rev: &str,
+    builders: &[String],
+    patch: Vec<u8>,
+) -> Result<String> {
+    Ok(c.submit_try(cp::SubmitTryRequest {
+        repo: repo.to_owned(),
+        rev: rev.to_owned(),
+        patch,
+        builders: builders.to_vec(),
+    })
+    .await
+    .map_err(|e| status_err("try", e))?
+    .into_inner()
+    .try_id)
+}
+
+/// One line on stderr per builder whose state differs from `last`.
+fn print_state_changes(last: Option<&cp::TryState>, state: &cp::TryState) {
+    for b in &state.builders {
+        let before = last
+            .and_then(|l| l.builders.iter().find(|x| x.builder == b.builder))
+            .map(|x| x.state.as_str());
+        if before != Some(b.state.as_str()) {
+            eprintln!("{}: {}", b.builder, b.state);
+        }
+    }
 }
 
 fn render_try(state: &cp::TryState) -> String {
