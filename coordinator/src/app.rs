@@ -469,6 +469,13 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
         acceptor,
     };
     farm.start();
+    crate::notifications::Notifier::start(
+        &farm,
+        crate::retry::Backoff {
+            first: Duration::from_secs(1),
+            max: Duration::from_secs(300),
+        },
+    )?;
     tasks.spawn(crate::poller::poll_loop(farm.clone(), poll_kick));
     tasks.spawn(serve(listener, endpoint, shutdown.clone(), tasks.clone()));
     {

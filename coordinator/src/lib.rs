@@ -9,6 +9,7 @@ pub mod farm;
 pub mod git;
 pub mod http;
 pub mod logs;
+pub mod notifications;
 pub mod poller;
 pub mod pool;
 pub mod reconcile;

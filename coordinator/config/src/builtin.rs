@@ -72,10 +72,12 @@ pub(crate) fn builtin(example_repo: &Path) -> Config {
             branches: vec!["main".to_owned()],
             webhook_secret: None,
             danger_accept_unsigned_webhooks: false,
+            commit_status: None,
         }],
         limits: crate::Limits::default(),
         sandbox: Default::default(),
         connections: Default::default(),
+        notifications: vec![],
     }
 }
 

@@ -10,6 +10,7 @@ mod error;
 mod limits;
 mod model;
 mod names;
+mod notifications;
 mod parse;
 mod validate;
 
@@ -27,6 +28,7 @@ pub use names::{
     BuilderName, BuilderNameError, KNOWN_GOARCH, KNOWN_GOOS, goarch_from_rust, goos_from_rust,
     parse_builder_name,
 };
+pub use notifications::{CommitStatus, Notification, NotificationKind, NotifyOn};
 
 impl Config {
     /// Parses and validates a config; `source_name` (usually the file name) starts each error.

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::connections::ConnectionsConfig;
 use crate::limits::Limits;
+use crate::notifications::{CommitStatus, Notification};
 
 /// Environment variables as written in the file, sorted by name.
 pub type Env = BTreeMap<String, String>;
@@ -44,6 +45,9 @@ pub struct Config {
     /// field at its own default (see [`ConnectionsConfig`]).
     #[serde(default)]
     pub connections: ConnectionsConfig,
+    /// Receivers of build and try results (webhooks, chat rooms). Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notifications: Vec<Notification>,
 }
 
 /// `[coordinator]`: settings of the coordinator process itself.
@@ -424,6 +428,10 @@ pub struct Repo {
     /// `webhook_secret`. Default: `false`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub danger_accept_unsigned_webhooks: bool,
+    /// Post each post-submit build's state to the forge's commit-status API (see
+    /// [`CommitStatus`]). Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_status: Option<CommitStatus>,
 }
 
 fn default_branches() -> Vec<String> {

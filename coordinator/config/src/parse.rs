@@ -22,7 +22,8 @@ use crate::validate::{self, Issue};
 
 type Node<'i> = Spanned<DeValue<'i>>;
 
-const SECTIONS: &str = "coordinator, host_types, builders, repos, limits, sandbox, connections";
+const SECTIONS: &str =
+    "coordinator, host_types, builders, repos, limits, sandbox, connections, notifications";
 
 /// Parses and validates `text`, naming it `source_name` in errors.
 pub(crate) fn parse(text: &str, source_name: &str) -> Result<Config, ConfigErrors> {
@@ -76,6 +77,7 @@ pub(crate) fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError
                 "host_types" => each(node, path, &mut config.host_types, &mut structural),
                 "builders" => each(node, path, &mut config.builders, &mut structural),
                 "repos" => each(node, path, &mut config.repos, &mut structural),
+                "notifications" => each(node, path, &mut config.notifications, &mut structural),
                 "limits" => match from_node::<Limits>(node) {
                     Ok(l) => config.limits = l,
                     Err(e) => structural(path, node, e),

@@ -126,6 +126,14 @@ pub(crate) fn check(config: &Config) -> Vec<Issue> {
         repo(&mut out, &path, r);
         out.unique(&mut seen, "repo", &r.name, path.key("name"));
     }
+
+    let repo_names: Vec<&str> = config.repos.iter().map(|r| r.name.as_str()).collect();
+    for (i, n) in config.notifications.iter().enumerate() {
+        let path = FieldPath::root().key("notifications").index(i);
+        for (field, msg) in crate::notifications::check_notification(n, &repo_names) {
+            out.push(path.key(field), ErrorKind::Invalid(msg));
+        }
+    }
     out.0
 }
 
@@ -450,6 +458,14 @@ fn repo(out: &mut Issues, path: &FieldPath, r: &Repo) {
                 ErrorKind::Invalid(
                     "set together with webhook_secret: a repo with a secret only accepts signed webhooks; remove one of the two".into(),
                 ),
+            );
+        }
+    }
+    if let Some(cs) = &r.commit_status {
+        for (field, msg) in crate::notifications::check_commit_status(cs) {
+            out.push(
+                path.key("commit_status").key(field),
+                ErrorKind::Invalid(msg),
             );
         }
     }
