@@ -434,3 +434,42 @@ fn a_data_dir_inside_the_workdir_root_is_refused_too() {
         "sandbox.workdir_root: workdir root /srv must be outside the data dir /srv/bf",
     );
 }
+
+#[test]
+fn bad_notifications_and_commit_statuses_are_named() {
+    let text = BASE.replace(
+        "url = \"/srv/example\"",
+        "url = \"/srv/example\"\ncommit_status = { api_url = \"api.github.com\", repo = \"golang\", token = \" \", target_url = \"ftp://x\" }",
+    ) + "\n[[notifications]]\nurl = \"hooks.example.com\"\nsecret = \"\"\nrepos = [\"example\", \"nope\"]\n\n[[notifications]]\nurl = \"https://chat\"\nkind = \"irc\"\n";
+    let e = errors(&text);
+    assert_has(&e, "unknown variant `irc`");
+    // Structural errors come first; the semantic ones show once the file parses.
+    let e = errors(&text.replace("kind = \"irc\"", "kind = \"chat\"\non = \"always\""));
+    assert_has(&e, "unknown variant `always`");
+    let e = errors(&text.replace("kind = \"irc\"", "kind = \"chat\""));
+    assert_has(
+        &e,
+        "repos[0].commit_status.api_url: \"api.github.com\" is not an http:// or https:// URL",
+    );
+    assert_has(
+        &e,
+        "repos[0].commit_status.repo: \"golang\" is not `owner/name`",
+    );
+    assert_has(&e, "repos[0].commit_status.token: the token is empty");
+    assert_has(&e, "repos[0].commit_status.target_url");
+    assert_has(&e, "notifications[0].url: \"hooks.example.com\" is not");
+    assert_has(&e, "notifications[0].secret: an empty secret signs nothing");
+    assert_has(
+        &e,
+        "notifications[0].repos: no repo named \"nope\" in [[repos]]",
+    );
+    let ok = Config::from_toml_str(
+        &(BASE.to_owned() + "\n[[notifications]]\nurl = \"https://hooks.example.com/x\"\n"),
+        "coordinator.toml",
+    )
+    .expect("a minimal notification parses");
+    let n = &ok.notifications[0];
+    assert_eq!(n.on, buildfarm_config::NotifyOn::Changes);
+    assert_eq!(n.kind, buildfarm_config::NotificationKind::Webhook);
+    assert!(n.try_runs && n.repos.is_empty() && n.secret.is_none());
+}
