@@ -540,15 +540,15 @@ impl Farm {
                 } => {
                     let cancel = self.shutdown.child_token();
                     self.tasks.spawn(async move {
-                        tokio::select! {
-                            // The requester gave up: the slot goes back.
-                            _ = cancel.cancelled() => {}
-                            r = pool.acquire(&cancel) => match r {
-                                // If the requester went away meanwhile, the grant is
-                                // dropped and the buildlet and slot go back.
-                                Ok(lease) => { let _ = waiter.send((lease, slot)); }
-                                Err(e) => warn!(request_id, error = %e, "no buildlet for gomote request"),
-                            },
+                        match pool.acquire(&cancel).await {
+                            // If the requester went away meanwhile, the grant is dropped
+                            // and the buildlet and slot go back.
+                            Ok(lease) => {
+                                let _ = waiter.send((lease, slot));
+                            }
+                            Err(e) => {
+                                warn!(request_id, error = %e, "no buildlet for gomote request")
+                            }
                         }
                     });
                 }

@@ -181,11 +181,15 @@ async fn wait_final(
 /// Commits, has the poller queue the build, and waits for it to finish.
 async fn one_build(running: &Running, repo: &Path, msg: &str, within: Duration) -> Result<Build> {
     let rev = commit(repo, msg)?;
-    let n = coordinator::poller::poll_once(&running.farm).await?;
+    let report = coordinator::poller::poll_once(&running.farm).await;
+    if let Some(p) = report.problems.first() {
+        bail!("polling {}: {}", p.repo, p.error);
+    }
+    let n = report.enqueued;
     if n != 1 {
         bail!("the poller queued {n} builds for {rev}, expected 1");
     }
-    wait_final(&running.farm.store, "r", &rev, within).await
+    wait_final(running.farm.store(), "r", &rev, within).await
 }
 
 fn unix_ns() -> i128 {
@@ -248,7 +252,7 @@ branches = ["main"]
     let rev0 = commit(&repo, "build 0")?;
     let running = start_coordinator(release, &config).await?;
     let result = async {
-        let warm = wait_final(&running.farm.store, "r", &rev0, Duration::from_secs(120)).await?;
+        let warm = wait_final(running.farm.store(), "r", &rev0, Duration::from_secs(120)).await?;
         if warm.state != buildfarm_store::BuildState::Ok {
             bail!("warm-up build ended {}: {:?}", warm.state, warm.summary);
         }
@@ -411,7 +415,7 @@ branches = ["main"]
     let rev0 = git(&repo, &["rev-parse", "HEAD"])?;
     let running = start_coordinator(release, &config).await?;
     let result = async {
-        let warm = wait_final(&running.farm.store, "r", &rev0, Duration::from_secs(300)).await?;
+        let warm = wait_final(running.farm.store(), "r", &rev0, Duration::from_secs(300)).await?;
         if warm.state != buildfarm_store::BuildState::Ok {
             bail!(
                 "warm-up hello build ended {}: {:?}",
