@@ -37,8 +37,8 @@ async fn wrong_bearer_key_is_permission_denied() {
 #[tokio::test]
 async fn client_certificate_from_the_ca_is_accepted() {
     let b = TestBuildlet::start_with(Options {
-        client_ca: true,
         bearer_key: false,
+        ..Options::default()
     })
     .await;
     let mut o = b.options();
