@@ -271,7 +271,8 @@ pub struct ReversePool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KubePool {
-    /// Container image running the buildlet. Required.
+    /// Container image the pods run. It needs only `sh` and `curl` (or `wget`): the pod's
+    /// command fetches the buildlet from the coordinator at start. Required.
     pub image: String,
     /// Namespace the pods are created in. Default: `default`.
     #[serde(default = "default_namespace")]
@@ -282,17 +283,75 @@ pub struct KubePool {
     pub memory: ByteSize,
     /// Most pods alive at once; at least 1. Required.
     pub max_pods: u32,
+    /// Node labels a pod's node must have (the pod's `nodeSelector`). Default: none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the pods tolerate. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<KubeToleration>,
+    /// Port the buildlet listens on inside the pod; the coordinator dials the pod IP
+    /// there. Default: `8443`.
+    #[serde(default = "default_buildlet_port")]
+    pub buildlet_port: u16,
+    /// How long a pod may take from creation to a buildlet answering (image pull
+    /// included) before the attempt is an infrastructure failure. Default: `5m`.
+    #[serde(default = "default_kube_start_timeout", with = "humantime_serde")]
+    pub start_timeout: Duration,
+    /// A pod is deleted this long after it was created, leased or not (its deadline
+    /// label); a lease still holding it then is lost. Default: `6h`.
+    #[serde(default = "default_max_lifetime", with = "humantime_serde")]
+    pub max_lifetime: Duration,
+    /// Value of the owner label on this coordinator's pods; the sweeper only touches
+    /// pods with this owner. Give every coordinator sharing a namespace its own.
+    /// Default: none, meaning `bf-` and 10 hex digits derived from the master key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// One entry of a kube pool's `tolerations`, as in a pod spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeToleration {
+    /// Taint key; empty with `operator = "Exists"` tolerates every taint. Default: empty.
+    #[serde(default)]
+    pub key: String,
+    /// `Equal` or `Exists`. Default: `Equal`.
+    #[serde(default = "default_toleration_operator")]
+    pub operator: String,
+    /// Taint value (with `Equal`; empty with `Exists`). Default: empty.
+    #[serde(default)]
+    pub value: String,
+    /// `NoSchedule`, `PreferNoSchedule`, `NoExecute`, or empty for all. Default: empty.
+    #[serde(default)]
+    pub effect: String,
 }
 
 fn default_namespace() -> String {
     "default".to_owned()
+}
+fn default_buildlet_port() -> u16 {
+    8443
+}
+fn default_kube_start_timeout() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+fn default_ec2_start_timeout() -> Duration {
+    Duration::from_secs(10 * 60)
+}
+fn default_max_lifetime() -> Duration {
+    Duration::from_secs(6 * 60 * 60)
+}
+fn default_toleration_operator() -> String {
+    "Equal".to_owned()
 }
 
 /// `kind = "ec2"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ec2Pool {
-    /// Machine image, `ami-...`. Required.
+    /// Machine image, `ami-...`. It needs only `sh`, `curl` (or `wget`) and something that
+    /// runs user-data (cloud-init): the user-data fetches the buildlet from the
+    /// coordinator at boot. Required.
     pub ami: String,
     /// Instance type, e.g. `c6i.large`. Required.
     pub instance_type: String,
@@ -306,6 +365,49 @@ pub struct Ec2Pool {
     pub max_instances: u32,
     /// On-demand vCPU quota shared by this pool's instances; at least 1. Required.
     pub vcpu_quota: u32,
+    /// vCPUs of one instance, counted against `vcpu_quota`; at least 1. Default: none,
+    /// meaning asked from EC2 (DescribeInstanceTypes) at the first acquire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus_per_instance: Option<u32>,
+    /// Subnet the instances are launched in, `subnet-...`. Default: none (the default
+    /// VPC's default subnet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet_id: Option<String>,
+    /// Security groups of the instances, `sg-...`; they must let the coordinator reach
+    /// `buildlet_port`. Default: none (the VPC's default group).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_group_ids: Vec<String>,
+    /// Which address of an instance the coordinator dials: `private` (same VPC) or
+    /// `public`. Default: `private`.
+    #[serde(default)]
+    pub address: Ec2Address,
+    /// Port the buildlet listens on. Default: `8443`.
+    #[serde(default = "default_buildlet_port")]
+    pub buildlet_port: u16,
+    /// How long an instance may take from RunInstances to a buildlet answering before
+    /// the attempt is an infrastructure failure. Default: `10m`.
+    #[serde(default = "default_ec2_start_timeout", with = "humantime_serde")]
+    pub start_timeout: Duration,
+    /// An instance is terminated this long after launch, leased or not (its deadline
+    /// tag); a lease still holding it then is lost. Default: `6h`.
+    #[serde(default = "default_max_lifetime", with = "humantime_serde")]
+    pub max_lifetime: Duration,
+    /// Value of the owner tag on this coordinator's instances; the sweeper only touches
+    /// instances with this owner. Give every coordinator sharing an account its own.
+    /// Default: none, meaning `bf-` and 10 hex digits derived from the master key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// `address` of an EC2 pool: which address of an instance the coordinator dials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ec2Address {
+    /// The instance's private IPv4 address.
+    #[default]
+    Private,
+    /// The instance's public IPv4 address.
+    Public,
 }
 
 /// `kind = "docker"`.
