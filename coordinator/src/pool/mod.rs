@@ -2,6 +2,7 @@
 //! (local, reverse, and later kube, ec2, docker) implements [`Pool`]; the dispatcher
 //! never knows which kind it is talking to.
 
+pub mod bootstrap;
 pub mod local;
 pub mod reverse;
 pub mod sandbox;
