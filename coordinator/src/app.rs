@@ -310,6 +310,22 @@ fn default_buildlet_bin() -> Result<PathBuf> {
     )
 }
 
+/// The buildlet binaries served to machines that fetch themselves: the one local
+/// buildlets run (when it can be found) for this machine's platform.
+fn buildlet_binaries(opts: &StartOptions) -> crate::pool::bootstrap::BuildletBinaries {
+    let local = match &opts.buildlet_bin {
+        Some(b) => Some(b.clone()),
+        None => match default_buildlet_bin() {
+            Ok(b) => Some(b),
+            Err(error) => {
+                info!(%error, "no local buildlet binary to serve at /buildlet/");
+                None
+            }
+        },
+    };
+    crate::pool::bootstrap::BuildletBinaries::new(local, None)
+}
+
 /// Starts a coordinator on `listener` with `config`.
 pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) -> Result<Running> {
     let data_dir = config.coordinator.data_dir.clone();
@@ -446,6 +462,7 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
         "connection limits"
     );
     let acceptor = revdial::accept::Acceptor::new(limits);
+    let binaries = Arc::new(buildlet_binaries(&opts));
     let web_parts = crate::http::WebParts {
         revdial: Some(revdial_listener.clone()),
         acceptor: Some(acceptor.clone()),
@@ -453,6 +470,7 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
             .as_ref()
             .and_then(|s| s.unsandboxed_reason())
             .map(str::to_owned),
+        binaries: Some(binaries.clone()),
     };
     let state = AppState {
         farm: farm.clone(),

@@ -2,6 +2,7 @@
 //! (local, reverse, kube, ec2, and docker) implements [`Pool`]; the dispatcher
 //! never knows which kind it is talking to.
 
+pub mod bootstrap;
 pub mod ec2;
 pub mod kube;
 pub mod local;
