@@ -387,14 +387,33 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
     let registry = revdial_listener.registry();
 
     let mut pools: HashMap<String, Arc<dyn Pool>> = HashMap::new();
+    let ca = Arc::new(ca);
     let local_parts = match sandbox.clone() {
         Some(sandbox) => {
             let (client, _, _) = load_or_issue(&tls_dir, "coordinator-client", || {
                 Ok(ca.issue_client("coordinator")?)
             })?;
-            Some((sandbox, Arc::new(ca), client))
+            Some((sandbox, ca.clone(), client))
         }
         None => None,
+    };
+    let binaries = Arc::new(buildlet_binaries(&opts));
+    let cloud = crate::pool::cloud::CloudParts {
+        ca: ca.clone(),
+        ca_pem: ca_pem.clone(),
+        trust_pem: match &config.coordinator.tls_cert {
+            // Machines fetch from the coordinator's port: trust its configured chain.
+            Some(c) => format!(
+                "{ca_pem}\n{}",
+                std::fs::read_to_string(c).with_context(|| format!("reading {}", c.display()))?
+            ),
+            None => ca_pem.clone(),
+        },
+        binaries: binaries.clone(),
+        owner: crate::pool::reconcile::default_owner(&master_key),
+        listen_port: addr.port(),
+        tasks: tasks.clone(),
+        shutdown: shutdown.clone(),
     };
     for ht in &config.host_types {
         match &ht.pool {
@@ -426,6 +445,14 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
                         registry.clone(),
                     )),
                 );
+            }
+            PoolConfig::Kube(k) => {
+                let pool = cloud.kube_pool(&ht.name, k).await?;
+                pools.insert(ht.name.clone(), pool);
+            }
+            PoolConfig::Ec2(e) => {
+                let pool = cloud.ec2_pool(&ht.name, e).await;
+                pools.insert(ht.name.clone(), pool);
             }
             other => {
                 warn!(host_type = %ht.name, kind = other.kind(), "pool kind not available in this build; its builders will wait");
@@ -462,7 +489,6 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
         "connection limits"
     );
     let acceptor = revdial::accept::Acceptor::new(limits);
-    let binaries = Arc::new(buildlet_binaries(&opts));
     let web_parts = crate::http::WebParts {
         revdial: Some(revdial_listener.clone()),
         acceptor: Some(acceptor.clone()),

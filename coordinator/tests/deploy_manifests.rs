@@ -264,11 +264,21 @@ fn kubectl_renders_the_kustomization_and_dry_runs_where_it_can() {
 
     // `apply --dry-run=client` still asks a server for API discovery; with none (as
     // here) say so rather than fail.
+    // A kubeconfig naming a loopback port nothing listens on (port 1): kubectl never
+    // reaches anything, whatever else runs on this machine.
     let kubeconfig = tempfile::NamedTempFile::new().expect("temp kubeconfig");
+    std::fs::write(
+        kubeconfig.path(),
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: none\n  cluster:\n    server: https://127.0.0.1:1\n\
+         contexts:\n- name: none\n  context:\n    cluster: none\n    user: none\nusers:\n- name: none\n  user:\n    token: none\n\
+         current-context: none\n",
+    )
+    .expect("write kubeconfig");
     let out = std::process::Command::new("kubectl")
         .args(["apply", "--dry-run=client", "--validate=false", "-k"])
         .arg(&dir)
         .env("KUBECONFIG", kubeconfig.path())
+        .stdin(std::process::Stdio::null())
         .output()
         .expect("kubectl apply");
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -52,7 +52,7 @@ impl Setup {
         let ec2 = moto::client(&moto.url);
         let subnet = moto::loopback_subnet(&ec2, net).await;
         let ami = moto::some_ami(&ec2).await;
-        let hosts = Hosts::start(ec2.clone(), PORT);
+        let hosts = Hosts::start(ec2.clone());
         Setup {
             moto,
             ec2,
@@ -75,6 +75,7 @@ impl Setup {
             "subnet_id": self.subnet,
             "buildlet_port": PORT,
             "start_timeout": "90s",
+            "coordinator_url": "https://coordinator.test:8119",
         }))
         .expect("config")
     }

@@ -68,9 +68,9 @@ fn kubelet(api: KubeApi, mut feed: KubeletFeed, machines: Machines, mode: Kubele
                             let c = &pod["spec"]["containers"][0];
                             assert_eq!(c["command"][0], "/bin/sh");
                             let script = c["command"][2].as_str().expect("script");
-                            let port = c["ports"][0]["containerPort"].as_u64().expect("port");
+                            assert_eq!(c["ports"][0]["containerPort"], 18443);
                             let ip = next_ip(net);
-                            machines.boot(&name, script, &format!("{ip}:{port}"));
+                            machines.boot(&name, script, &ip);
                             api.set_running(&name, &ip);
                         }
                         Kubelet::PullFails => {

@@ -301,6 +301,16 @@ pub struct KubePool {
     /// label); a lease still holding it then is lost. Default: `6h`.
     #[serde(default = "default_max_lifetime", with = "humantime_serde")]
     pub max_lifetime: Duration,
+    /// `GOOS-GOARCH` of the machines: which buildlet binary they fetch. Default:
+    /// `linux-amd64`.
+    #[serde(default = "default_platform")]
+    pub platform: String,
+    /// `https://host:port` of the coordinator as pods see it: they fetch the buildlet
+    /// there, trusting the coordinator's CA, so `host` must be a name on its certificate.
+    /// Default: none, meaning `https://buildfarm-coordinator.<namespace>.svc:<the port
+    /// of [coordinator] listen>` (the Service of `deploy/kubernetes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator_url: Option<String>,
     /// Value of the owner label on this coordinator's pods; the sweeper only touches
     /// pods with this owner. Give every coordinator sharing a namespace its own.
     /// Default: none, meaning `bf-` and 10 hex digits derived from the master key.
@@ -340,6 +350,9 @@ fn default_ec2_start_timeout() -> Duration {
 }
 fn default_max_lifetime() -> Duration {
     Duration::from_secs(6 * 60 * 60)
+}
+fn default_platform() -> String {
+    "linux-amd64".to_owned()
 }
 fn default_toleration_operator() -> String {
     "Equal".to_owned()
@@ -392,6 +405,14 @@ pub struct Ec2Pool {
     /// tag); a lease still holding it then is lost. Default: `6h`.
     #[serde(default = "default_max_lifetime", with = "humantime_serde")]
     pub max_lifetime: Duration,
+    /// `GOOS-GOARCH` of the machines: which buildlet binary they fetch. Default:
+    /// `linux-amd64`.
+    #[serde(default = "default_platform")]
+    pub platform: String,
+    /// `https://host:port` of the coordinator as instances see it: they fetch the
+    /// buildlet there at boot, trusting the coordinator's CA, so `host` must be a name on
+    /// its certificate. Required.
+    pub coordinator_url: String,
     /// Value of the owner tag on this coordinator's instances; the sweeper only touches
     /// instances with this owner. Give every coordinator sharing an account its own.
     /// Default: none, meaning `bf-` and 10 hex digits derived from the master key.

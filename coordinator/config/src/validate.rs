@@ -339,8 +339,14 @@ fn host_type(out: &mut Issues, path: &FieldPath, h: &HostType) {
             {
                 out.push(pool.key("owner"), owner_error(o));
             }
+            if let Some(u) = &p.coordinator_url {
+                https_url(out, pool.key("coordinator_url"), u);
+            }
+            platform(out, pool.key("platform"), &p.platform);
         }
         Pool::Ec2(p) => {
+            https_url(out, pool.key("coordinator_url"), &p.coordinator_url);
+            platform(out, pool.key("platform"), &p.platform);
             if !p.ami.starts_with("ami-") || p.ami.len() == 4 {
                 out.push(
                     pool.key("ami"),
@@ -444,6 +450,30 @@ fn toleration(out: &mut Issues, path: &FieldPath, t: &KubeToleration) {
             ErrorKind::Invalid(format!(
                 "effect \"{}\" must be NoSchedule, PreferNoSchedule, NoExecute or empty",
                 t.effect
+            )),
+        );
+    }
+}
+
+/// `GOOS-GOARCH`, as the coordinator serves buildlets under.
+fn platform(out: &mut Issues, path: FieldPath, p: &str) {
+    let part = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if !matches!(p.split_once('-'), Some((os, arch)) if part(os) && part(arch)) {
+        out.push(
+            path,
+            ErrorKind::Invalid(format!("platform \"{p}\" must be GOOS-GOARCH, e.g. linux-arm64")),
+        );
+    }
+}
+
+/// Machines fetch the buildlet over HTTPS only.
+fn https_url(out: &mut Issues, path: FieldPath, url: &str) {
+    let host = url.strip_prefix("https://").map(|r| r.split('/').next().unwrap_or(""));
+    if host.is_none_or(str::is_empty) {
+        out.push(
+            path,
+            ErrorKind::Invalid(format!(
+                "coordinator URL \"{url}\" must look like https://host:port"
             )),
         );
     }
@@ -633,6 +663,58 @@ url = "/srv/r"
             errors.contains("c.toml:10:1: repos[0].danger_accept_unsigned_webhooks: set together with webhook_secret"),
             "{errors}"
         );
+    }
+
+    #[test]
+    fn cloud_pool_fields_are_checked_with_their_paths() {
+        let text = r#"
+[[host_types]]
+name = "k"
+[host_types.pool]
+kind = "kube"
+image = "i"
+cpu = "1"
+memory = "1 GiB"
+max_pods = 1
+node_selector = { "bad key!" = "x" }
+tolerations = [{ operator = "Sometimes" }, { key = "a", operator = "Exists", value = "v" }]
+owner = "-bad-"
+platform = "linux"
+coordinator_url = "http://c:1"
+
+[[host_types]]
+name = "e"
+[host_types.pool]
+kind = "ec2"
+ami = "ami-1"
+instance_type = "c5.large"
+region = "r"
+max_instances = 1
+vcpu_quota = 2
+vcpus_per_instance = 4
+subnet_id = "net-1"
+security_group_ids = ["sg-1", "group"]
+coordinator_url = "ftp://c"
+start_timeout = "0s"
+"#;
+        let errors = crate::Config::from_toml_str(text, "c.toml")
+            .expect_err("bad cloud fields accepted")
+            .to_string();
+        for needle in [
+            "host_types[0].pool.node_selector.bad key!",
+            "host_types[0].pool.tolerations[0].operator: operator \"Sometimes\"",
+            "host_types[0].pool.tolerations[1].value: must be empty",
+            "host_types[0].pool.owner:",
+            "host_types[0].pool.platform: platform \"linux\" must be GOOS-GOARCH",
+            "host_types[0].pool.coordinator_url:",
+            "host_types[1].pool.vcpus_per_instance: one instance needs 4 vCPUs",
+            "host_types[1].pool.subnet_id:",
+            "host_types[1].pool.security_group_ids[1]:",
+            "host_types[1].pool.coordinator_url:",
+            "host_types[1].pool.start_timeout:",
+        ] {
+            assert!(errors.contains(needle), "no {needle:?} in:\n{errors}");
+        }
     }
 
     #[test]

@@ -477,6 +477,7 @@ impl Inner {
             .opts
             .provision
             .provision(machine, self.host_type(), c.buildlet_port)
+            .await
             .map_err(|e| format!("provisioning credentials: {e:#}"))?;
         let deadline = reconcile::unix_secs(SystemTime::now() + c.max_lifetime);
         let tags = [

@@ -374,6 +374,7 @@ impl Inner {
             .opts
             .provision
             .provision(name, self.host_type(), c.buildlet_port)
+            .await
             .map_err(|e| format!("provisioning credentials: {e:#}"))?;
         let deadline = reconcile::unix_secs(SystemTime::now() + c.max_lifetime);
         let pod = pod_spec(name, self.host_type(), &self.opts.owner, deadline, c, &provisioned.script)

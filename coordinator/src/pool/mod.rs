@@ -3,6 +3,7 @@
 //! never knows which kind it is talking to.
 
 pub mod bootstrap;
+pub mod cloud;
 pub mod ec2;
 pub mod kube;
 pub mod local;

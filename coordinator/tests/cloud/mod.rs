@@ -38,8 +38,9 @@ pub fn sh_quote(s: &str) -> String {
 }
 
 /// Issues per-machine credentials from a CA of its own and writes a boot script that
-/// starts the local buildlet binary in listen mode with them, on
-/// `${BUILDLET_LISTEN:-0.0.0.0:<port>}` (the harness sets the machine's own address).
+/// starts the local buildlet binary in listen mode with them on `0.0.0.0:<port>`, as
+/// the coordinator's bootstrap does (without fetching: the tests of the bootstrap itself
+/// are `tests/bootstrap.rs`).
 pub struct TestProvision {
     pub ca: CertificateAuthority,
     pub buildlet: PathBuf,
@@ -58,8 +59,14 @@ impl TestProvision {
     }
 }
 
+#[async_trait::async_trait]
 impl Provision for TestProvision {
-    fn provision(&self, machine: &str, host_type: &str, port: u16) -> anyhow::Result<Provisioned> {
+    async fn provision(
+        &self,
+        machine: &str,
+        host_type: &str,
+        port: u16,
+    ) -> anyhow::Result<Provisioned> {
         let server_name = format!("{machine}.buildlet.test");
         let id = self.ca.issue_server(&[&server_name])?;
         let key = hex::encode(rand::random::<[u8; 16]>());
@@ -69,7 +76,7 @@ impl Provision for TestProvision {
              cat > \"$d/cert.pem\" <<'EOF_CERT'\n{cert}EOF_CERT\n\
              cat > \"$d/key.pem\" <<'EOF_KEY'\n{pkey}EOF_KEY\n\
              printf '%s' {key} > \"$d/auth\"\n\
-             exec {bin} --listen \"${{BUILDLET_LISTEN:-0.0.0.0:{port}}}\" --workdir \"$d/work\" \
+             exec {bin} --listen '0.0.0.0:{port}' --workdir \"$d/work\" \
              --tls-cert \"$d/cert.pem\" --tls-key \"$d/key.pem\" --auth-key-file \"$d/auth\" \
              --host-type {ht} --cgroup none\n",
             cert = ensure_newline(&id.cert_pem),
@@ -112,12 +119,18 @@ pub struct Machines {
 }
 
 impl Machines {
-    /// Runs `script` with `sh` as machine `name`, its buildlet listening on `listen`.
-    pub fn boot(&self, name: &str, script: &str, listen: &str) {
+    /// Runs `script` with `sh` as machine `name` whose only address is `ip`: the
+    /// buildlet's `--listen '0.0.0.0:PORT'` becomes `ip:PORT` (on a real machine
+    /// 0.0.0.0 is its own address; here every machine shares the host's loopback).
+    pub fn boot(&self, name: &str, script: &str, ip: &str) {
+        assert!(
+            script.contains("--listen '0.0.0.0:"),
+            "the boot script does not listen on 0.0.0.0: {script}"
+        );
+        let script = script.replace("--listen '0.0.0.0:", &format!("--listen '{ip}:"));
         let child = Command::new("/bin/sh")
             .arg("-c")
             .arg(script)
-            .env("BUILDLET_LISTEN", listen)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -178,7 +178,7 @@ impl Drop for Hosts {
 }
 
 impl Hosts {
-    pub fn start(ec2: aws_sdk_ec2::Client, port: u16) -> Hosts {
+    pub fn start(ec2: aws_sdk_ec2::Client) -> Hosts {
         let machines = Machines::default();
         let m = machines.clone();
         let task = tokio::spawn(async move {
@@ -215,7 +215,7 @@ impl Hosts {
                                 .decode(data)
                                 .expect("user-data is base64");
                             let script = String::from_utf8(script).expect("user-data is text");
-                            m.boot(id, &script, &format!("{ip}:{port}"));
+                            m.boot(id, &script, ip);
                             booted.insert(id.to_owned());
                         } else if *state != InstanceStateName::Running && booted.contains(id) {
                             m.kill(id);
