@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aws_sdk_ec2::types::{Filter, InstanceAttributeName, InstanceStateName};
+use aws_sdk_ec2::types::{InstanceAttributeName, InstanceStateName};
 use base64::Engine as _;
 use tokio::process::{Child, Command};
 
