@@ -123,6 +123,17 @@ impl Setup {
     }
 }
 
+impl Setup {
+    /// Stops the sweepers of the pools made so far: one coordinator runs one pool per
+    /// host type, and a second pool with the same owner would sweep the first one's
+    /// instances as orphans (as a restarted coordinator should).
+    fn stop_pools(&self) {
+        for s in &self.shutdowns {
+            s.cancel();
+        }
+    }
+}
+
 impl Drop for Setup {
     fn drop(&mut self) {
         for s in &self.shutdowns {
@@ -239,6 +250,7 @@ async fn the_vcpu_quota_is_never_exceeded() {
     s.assert_none_left().await;
 
     // An instance bigger than the whole quota is refused without asking EC2.
+    s.stop_pools();
     let small = s.pool(s.config(5, 1), None);
     let err = small
         .acquire(&CancellationToken::new())
@@ -375,6 +387,7 @@ async fn insufficient_capacity_is_retried_then_a_clear_infra_failure() {
     // Never any capacity: a clear infra failure after the configured attempts, and no
     // instance.
     let dry = FaultProxy::start(&s.moto.url, u32::MAX, "InsufficientInstanceCapacity").await;
+    s.stop_pools();
     let pool = s.pool(s.config(1, 64), Some(&dry.url));
     let err = pool
         .acquire(&CancellationToken::new())
@@ -401,11 +414,18 @@ async fn insufficient_capacity_is_retried_then_a_clear_infra_failure() {
 
     // Throttling is retried the same way.
     let throttled = FaultProxy::start(&s.moto.url, 1, "RequestLimitExceeded").await;
+    s.stop_pools();
     let pool = s.pool(s.config(1, 64), Some(&throttled.url));
     let lease = pool
         .acquire(&CancellationToken::new())
         .await
         .expect("acquire after throttling");
+    assert_eq!(
+        throttled
+            .run_instances_calls
+            .load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
     drop(lease);
     s.assert_none_left().await;
 }
