@@ -6,12 +6,12 @@
 mod cloud;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use buildfarm_config::KubePool as KubeConfig;
 use buildlet::client::ExecSpec;
-use cloud::kube_api::{KubeApi, KubeletFeed};
+use cloud::kube_api::KubeApi;
+use cloud::kubelet::{Kubelet, kubelet};
 use cloud::{Machines, TestProvision, WAIT, eventually};
 use coordinator::pool::kube::{KubePool, KubePoolOptions};
 use coordinator::pool::reconcile::labels;
@@ -37,61 +37,6 @@ fn config(max_pods: u32) -> KubeConfig {
         "start_timeout": "60s",
     }))
     .expect("config")
-}
-
-/// How the test kubelet treats a new pod.
-#[derive(Clone, Copy)]
-enum Kubelet {
-    /// Runs the pod's command and reports it Running.
-    Run,
-    /// Reports the image cannot be pulled.
-    PullFails,
-}
-
-/// Where each pod's buildlet listens: its own 127.x address (distinct per test).
-static NEXT_IP: AtomicU32 = AtomicU32::new(1);
-
-fn next_ip(net: u8) -> String {
-    let n = NEXT_IP.fetch_add(1, Ordering::Relaxed);
-    format!("127.{net}.{}.{}", n / 250, n % 250 + 1)
-}
-
-/// Plays the kubelet until the feed closes.
-fn kubelet(api: KubeApi, mut feed: KubeletFeed, machines: Machines, mode: Kubelet, net: u8) {
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                Some(pod) = feed.created.recv() => {
-                    let name = pod["metadata"]["name"].as_str().unwrap_or_default().to_owned();
-                    match mode {
-                        Kubelet::Run => {
-                            let c = &pod["spec"]["containers"][0];
-                            assert_eq!(c["command"][0], "/bin/sh");
-                            let script = c["command"][2].as_str().expect("script");
-                            assert_eq!(c["ports"][0]["containerPort"], 18443);
-                            let ip = next_ip(net);
-                            machines.boot(&name, script, &ip);
-                            api.set_running(&name, &ip);
-                        }
-                        Kubelet::PullFails => {
-                            api.update(&name, |p| {
-                                p["status"]["containerStatuses"] = json!([{
-                                    "name": "buildlet", "image": "x", "imageID": "", "ready": false,
-                                    "restartCount": 0,
-                                    "state": { "waiting": {
-                                        "reason": "ImagePullBackOff",
-                                        "message": "Back-off pulling image \"buildfarm/buildlet-linux-amd64:1\"",
-                                    }},
-                                }]);
-                            });
-                        }
-                    }
-                }
-                Some(name) = feed.deleted.recv() => { machines.kill(&name); }
-                else => return,
-            }
-        }
-    });
 }
 
 struct Setup {

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod kube_api;
+pub mod kubelet;
 pub mod moto;
 
 use std::collections::HashMap;
@@ -164,6 +165,24 @@ impl Machines {
             }
             None => false,
         }
+    }
+
+    /// Machines whose processes exited by themselves since the last call (forgotten).
+    pub fn reap(&self) -> Vec<(String, i32)> {
+        let mut procs = self.procs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut gone = Vec::new();
+        procs.retain(|name, child| match child.try_wait() {
+            Ok(Some(status)) => {
+                use std::os::unix::process::ExitStatusExt;
+                let code = status
+                    .code()
+                    .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+                gone.push((name.clone(), code));
+                false
+            }
+            _ => true,
+        });
+        gone
     }
 
     pub fn running(&self) -> Vec<String> {
