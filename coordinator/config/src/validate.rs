@@ -339,6 +339,31 @@ fn host_type(out: &mut Issues, path: &FieldPath, h: &HostType) {
                 out.non_empty(pool.key("network"), n);
             }
             out.positive(pool.key("max"), p.max);
+            if let Some(e) = &p.engine
+                && !["unix://", "tcp://", "http://"]
+                    .iter()
+                    .any(|scheme| e.starts_with(scheme) && e.len() > scheme.len())
+            {
+                out.push(
+                    pool.key("engine"),
+                    ErrorKind::Invalid(format!(
+                        "engine \"{e}\" must look like unix:///var/run/docker.sock or tcp://host:port"
+                    )),
+                );
+            }
+            if let Some(url) = &p.coordinator_url
+                && !(url.starts_with("https://") && url.len() > "https://".len())
+            {
+                out.push(
+                    pool.key("coordinator_url"),
+                    ErrorKind::Invalid(format!(
+                        "coordinator URL \"{url}\" must start with https:// (containers fetch the buildlet over TLS)"
+                    )),
+                );
+            }
+            if p.max_lifetime.is_zero() {
+                out.push(pool.key("max_lifetime"), ErrorKind::Zero);
+            }
         }
     }
 }

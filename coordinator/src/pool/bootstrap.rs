@@ -50,26 +50,7 @@ pub fn binary_file_name(platform: &str) -> String {
 
 /// The `GOOS-GOARCH` of the machine this coordinator runs on, if Go has a name for it.
 pub fn local_platform() -> Option<String> {
-    let os = match std::env::consts::OS {
-        "linux" => "linux",
-        "macos" => "darwin",
-        "freebsd" => "freebsd",
-        "netbsd" => "netbsd",
-        "openbsd" => "openbsd",
-        _ => return None,
-    };
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "x86" => "386",
-        "aarch64" => "arm64",
-        "arm" => "arm",
-        "riscv64" => "riscv64",
-        "powerpc64" if cfg!(target_endian = "little") => "ppc64le",
-        "s390x" => "s390x",
-        "loongarch64" => "loong64",
-        _ => return None,
-    };
-    Some(format!("{os}-{arch}"))
+    buildfarm_config::host_platform().map(|(os, arch)| format!("{os}-{arch}"))
 }
 
 /// `GOOS-GOARCH`: two runs of lowercase letters and digits joined by one dash. Anything
