@@ -343,7 +343,7 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
 
     let master_key = master_key(&config.coordinator.master_key_path())?;
     let tls_dir = data_dir.join("tls");
-    let ca = load_or_create_ca(&tls_dir)?;
+    let ca = Arc::new(load_or_create_ca(&tls_dir)?);
     let ca_file = tls_dir.join("ca.crt");
     let ca_pem = ca.cert_pem().to_owned();
     let server_identity = match (&config.coordinator.tls_cert, &config.coordinator.tls_key) {
@@ -386,13 +386,14 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
     );
     let registry = revdial_listener.registry();
 
+    let binaries = Arc::new(buildlet_binaries(&opts));
     let mut pools: HashMap<String, Arc<dyn Pool>> = HashMap::new();
     let local_parts = match sandbox.clone() {
         Some(sandbox) => {
             let (client, _, _) = load_or_issue(&tls_dir, "coordinator-client", || {
                 Ok(ca.issue_client("coordinator")?)
             })?;
-            Some((sandbox, Arc::new(ca), client))
+            Some((sandbox, ca.clone(), client))
         }
         None => None,
     };
@@ -425,6 +426,31 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
                         r.expected as usize,
                         registry.clone(),
                     )),
+                );
+            }
+            PoolConfig::Docker(d) => {
+                let coordinator_ca_pem = match &config.coordinator.tls_cert {
+                    // Containers trust the chain of an operator's certificate as well.
+                    Some(c) => format!(
+                        "{ca_pem}\n{}",
+                        std::fs::read_to_string(c)
+                            .with_context(|| format!("reading {}", c.display()))?
+                    ),
+                    None => ca_pem.clone(),
+                };
+                let opts = crate::pool::docker::options(
+                    d,
+                    &ht.name,
+                    &data_dir,
+                    addr,
+                    ca.clone(),
+                    coordinator_ca_pem,
+                    binaries.clone(),
+                    shutdown.clone(),
+                );
+                pools.insert(
+                    ht.name.clone(),
+                    crate::pool::docker::DockerPool::new(opts, tasks.clone()),
                 );
             }
             other => {
@@ -462,7 +488,6 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
         "connection limits"
     );
     let acceptor = revdial::accept::Acceptor::new(limits);
-    let binaries = Arc::new(buildlet_binaries(&opts));
     let web_parts = crate::http::WebParts {
         revdial: Some(revdial_listener.clone()),
         acceptor: Some(acceptor.clone()),

@@ -21,6 +21,9 @@ goroot=$(readlink -f /usr/lib/go)
 gover=$("$goroot/bin/go" env GOVERSION)
 sharego=/usr/share/$(basename "$goroot")
 
+# Tests rebuild an image made by another version of this script.
+script_sum=$(sha256sum "$0" | cut -d' ' -f1)
+
 root=$(mktemp -d "${TMPDIR:-/tmp}/buildfarm-rootfs.XXXXXX")
 trap 'rm -rf "$root"' EXIT INT TERM
 
@@ -68,8 +71,11 @@ if [ -d /usr/lib/git-core ]; then
 fi
 [ -d /usr/share/git-core ] && cp -a /usr/share/git-core "$root/usr/share/"
 
-# The dynamic loader itself, and name-service modules Go and git may load at run time.
-for lib in /lib64/ld-linux-x86-64.so.2 /lib/x86_64-linux-gnu/libnss_files.so.2 \
+# The dynamic loader itself, the C runtime the fetched buildlet (a Rust binary) links
+# against, and name-service modules Go and git may load at run time.
+for lib in /lib64/ld-linux-x86-64.so.2 /lib/x86_64-linux-gnu/libgcc_s.so.1 \
+  /lib/x86_64-linux-gnu/libc.so.6 /lib/x86_64-linux-gnu/libm.so.6 \
+  /lib/x86_64-linux-gnu/libnss_files.so.2 \
   /lib/x86_64-linux-gnu/libnss_dns.so.2 /lib/x86_64-linux-gnu/libresolv.so.2; do
   [ -e "$lib" ] && copy_file "$lib"
 done
@@ -113,5 +119,6 @@ tar -C "$root" -c . | docker import \
   --change 'WORKDIR /root' \
   --change "LABEL buildfarm.go=$gover" \
   --change 'LABEL buildfarm.image=linux-amd64' \
+  --change "LABEL buildfarm.script-sha256=$script_sum" \
   - "$tag" >/dev/null
 say "built $tag ($gover)"

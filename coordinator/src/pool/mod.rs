@@ -1,8 +1,9 @@
 //! Pools hand out buildlets of one host type and take them back. Every pool kind
-//! (local, reverse, and later kube, ec2, docker) implements [`Pool`]; the dispatcher
+//! (local, reverse, docker, and later kube, ec2) implements [`Pool`]; the dispatcher
 //! never knows which kind it is talking to.
 
 pub mod bootstrap;
+pub mod docker;
 pub mod local;
 pub mod reverse;
 pub mod sandbox;
