@@ -11,6 +11,7 @@
 mod bench;
 mod bench_farm;
 mod bench_pages;
+mod bench_pools;
 mod bench_revdial;
 mod fuzz;
 mod images;
