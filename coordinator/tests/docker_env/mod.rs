@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use bollard::Docker;
-use bollard::models::{ContainerCreateBody, NetworkCreateRequest};
+use bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
     RemoveContainerOptionsBuilder,
@@ -189,6 +189,12 @@ impl DockerEnv {
                 ContainerCreateBody {
                     image: Some(image),
                     cmd: Some(vec!["sleep".into(), "3600".into()]),
+                    // On the test's network, so that dropping the env removes it even
+                    // when an assertion failed first.
+                    host_config: Some(HostConfig {
+                        network_mode: Some(self.network.clone()),
+                        ..Default::default()
+                    }),
                     labels: Some(HashMap::from([
                         (LABEL_OWNER.to_owned(), owner.to_owned()),
                         (LABEL_HOST_TYPE.to_owned(), host_type.to_owned()),
