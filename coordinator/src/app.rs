@@ -311,8 +311,12 @@ fn default_buildlet_bin() -> Result<PathBuf> {
 }
 
 /// The buildlet binaries served to machines that fetch themselves: the one local
-/// buildlets run (when it can be found) for this machine's platform.
-fn buildlet_binaries(opts: &StartOptions) -> crate::pool::bootstrap::BuildletBinaries {
+/// buildlets run (when it can be found) for this machine's platform, and the
+/// `[coordinator] buildlet_binaries` directory.
+fn buildlet_binaries(
+    opts: &StartOptions,
+    dir: Option<PathBuf>,
+) -> crate::pool::bootstrap::BuildletBinaries {
     let local = match &opts.buildlet_bin {
         Some(b) => Some(b.clone()),
         None => match default_buildlet_bin() {
@@ -323,7 +327,7 @@ fn buildlet_binaries(opts: &StartOptions) -> crate::pool::bootstrap::BuildletBin
             }
         },
     };
-    crate::pool::bootstrap::BuildletBinaries::new(local, None)
+    crate::pool::bootstrap::BuildletBinaries::new(local, dir)
 }
 
 /// Starts a coordinator on `listener` with `config`.
@@ -386,7 +390,10 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
     );
     let registry = revdial_listener.registry();
 
-    let binaries = Arc::new(buildlet_binaries(&opts));
+    let binaries = Arc::new(buildlet_binaries(
+        &opts,
+        config.coordinator.buildlet_binaries.clone(),
+    ));
     let mut pools: HashMap<String, Arc<dyn Pool>> = HashMap::new();
     let local_parts = match sandbox.clone() {
         Some(sandbox) => {

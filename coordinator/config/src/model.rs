@@ -83,6 +83,12 @@ pub struct CoordinatorConfig {
     /// A gomote instance unused this long is destroyed. Default: `30m`.
     #[serde(default = "default_gomote_idle", with = "humantime_serde")]
     pub gomote_idle_timeout: Duration,
+    /// Directory of cross-built buildlets, `buildlet.<os>-<arch>` (e.g.
+    /// `buildlet.linux-arm64`), served at `/buildlet/<os>-<arch>` to machines that fetch
+    /// themselves; a file here wins over the coordinator's own buildlet. Default: none
+    /// (only the coordinator's own platform is served).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buildlet_binaries: Option<PathBuf>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -113,6 +119,7 @@ impl Default for CoordinatorConfig {
             repo_poll_interval: default_poll(),
             max_attempts: default_max_attempts(),
             gomote_idle_timeout: default_gomote_idle(),
+            buildlet_binaries: None,
         }
     }
 }
