@@ -111,6 +111,18 @@ pub(crate) fn check(config: &Config) -> Vec<Issue> {
         let path = FieldPath::root().key("host_types").index(i);
         host_type(&mut out, &path, h);
         out.unique(&mut seen, "host type", &h.name, path.key("name"));
+        // The default fetch URL names `localhost`, which only the generated certificate has.
+        if let Pool::Docker(d) = &h.pool
+            && d.coordinator_url.is_none()
+            && config.coordinator.tls_cert.is_some()
+        {
+            out.push(
+                path.key("pool").key("coordinator_url"),
+                ErrorKind::Invalid(
+                    "required when [coordinator] tls_cert is set: containers fetch the buildlet from a name on that certificate".into(),
+                ),
+            );
+        }
     }
 
     let mut seen = HashMap::new();

@@ -69,3 +69,21 @@ fn bad_values_are_each_named() {
     let unknown = docker_config(r#"image = "i", max = 1, registry = "x""#).expect_err("refused");
     assert!(unknown.join("\n").contains("registry"), "{unknown:?}");
 }
+
+#[test]
+fn an_operator_certificate_needs_an_explicit_coordinator_url() {
+    let text = "[coordinator]\ntls_cert = \"/etc/bf/cert.pem\"\ntls_key = \"/etc/bf/key.pem\"\n\n\
+                [[host_types]]\nname = \"d\"\npool = { kind = \"docker\", image = \"i\", max = 1 }\n";
+    let err = Config::from_toml_str(text, "farm.toml").expect_err("refused");
+    let all: Vec<String> = err.errors.iter().map(ToString::to_string).collect();
+    assert!(
+        all.iter()
+            .any(|e| e.contains("host_types[0].pool.coordinator_url") && e.contains("tls_cert")),
+        "{all:?}"
+    );
+    let ok = text.replace(
+        "max = 1 }",
+        "max = 1, coordinator_url = \"https://farm.example:8119\" }",
+    );
+    Config::from_toml_str(&ok, "farm.toml").expect("an explicit URL is enough");
+}
