@@ -125,3 +125,79 @@ async fn the_example_module_builds_in_containers() {
     running.stop(Duration::from_secs(20)).await;
     env.cleanup(&owner).await;
 }
+
+/// A coordinator that dies holding a container leaves it behind; the next coordinator
+/// on the same data dir (same owner) removes it when it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_sweeps_what_the_last_one_left() {
+    let Some(image) = docker_env::image().await else {
+        return;
+    };
+    let Some(env) = DockerEnv::new().await else {
+        return;
+    };
+    revdial::tls::install_crypto_provider();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::default();
+    config.coordinator.data_dir = tmp.path().join("data");
+    config.host_types.push(buildfarm_config::HostType {
+        name: "linux-amd64-docker".into(),
+        pool: Pool::Docker(DockerPool {
+            image,
+            network: Some(env.network.clone()),
+            max: 1,
+            engine: None,
+            coordinator_url: None,
+            max_lifetime: Duration::from_secs(1800),
+        }),
+        env: Default::default(),
+    });
+    let start = |config: Config| {
+        let gateway = env.gateway;
+        async move {
+            let listener = tokio::net::TcpListener::bind((gateway, 0))
+                .await
+                .expect("bind on the network's gateway");
+            app::start(
+                config,
+                listener,
+                StartOptions {
+                    buildlet_bin: Some(common::buildlet_bin()),
+                    config_file: None,
+                },
+            )
+            .await
+            .expect("start coordinator")
+        }
+    };
+    let first = start(config.clone()).await;
+    let owner = coordinator::pool::docker::owner_id(&first.farm.data_dir);
+    let pool = first.farm.pools["linux-amd64-docker"].clone();
+    let lease = tokio::time::timeout(
+        WAIT,
+        pool.acquire(&tokio_util::sync::CancellationToken::new()),
+    )
+    .await
+    .expect("acquire in time")
+    .expect("a container");
+    // The coordinator "crashes": the lease is never released.
+    std::mem::forget(lease);
+    first.stop(Duration::from_secs(2)).await;
+    assert_eq!(
+        env.containers(&owner).await.len(),
+        1,
+        "the crash left its container"
+    );
+
+    let second = start(config).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while !env.containers(&owner).await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the restarted coordinator did not sweep the container"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    second.stop(Duration::from_secs(20)).await;
+    env.cleanup(&owner).await;
+}
