@@ -290,6 +290,8 @@ impl Farm {
 
 struct LocalFixture {
     farm: Farm,
+    /// Holds the broken buildlet of `broken()`.
+    _bin_dir: Option<tempfile::TempDir>,
 }
 
 #[async_trait]
@@ -302,13 +304,17 @@ impl Fixture for LocalFixture {
             c.sandbox.workdir_root = Some(dir.join("workdirs"));
         })
         .await;
-        Some(LocalFixture { farm })
+        Some(LocalFixture {
+            farm,
+            _bin_dir: None,
+        })
     }
 
     async fn broken() -> Option<Self> {
         // A "buildlet" that dies at once.
-        let dir = tempfile::tempdir().expect("tempdir").keep();
-        let bin = dir.join("broken-buildlet");
+        let dir = tempfile::tempdir().expect("tempdir");
+        set_mode(dir.path(), 0o755);
+        let bin = dir.path().join("broken-buildlet");
         std::fs::write(
             &bin,
             "#!/bin/sh\necho 'this buildlet is broken' >&2\nexit 3\n",
@@ -320,7 +326,10 @@ impl Fixture for LocalFixture {
             c.sandbox.workdir_root = Some(dir.join("workdirs"));
         })
         .await;
-        Some(LocalFixture { farm })
+        Some(LocalFixture {
+            farm,
+            _bin_dir: Some(dir),
+        })
     }
 
     fn pool(&self) -> Arc<dyn Pool> {
