@@ -83,6 +83,12 @@ pub struct CoordinatorConfig {
     /// A gomote instance unused this long is destroyed. Default: `30m`.
     #[serde(default = "default_gomote_idle", with = "humantime_serde")]
     pub gomote_idle_timeout: Duration,
+    /// Directory of cross-built buildlets, `buildlet.<os>-<arch>` (e.g.
+    /// `buildlet.linux-arm64`), served at `/buildlet/<os>-<arch>` to machines that fetch
+    /// themselves; a file here wins over the coordinator's own buildlet. Default: none
+    /// (only the coordinator's own platform is served).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buildlet_binaries: Option<PathBuf>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -113,6 +119,7 @@ impl Default for CoordinatorConfig {
             repo_poll_interval: default_poll(),
             max_attempts: default_max_attempts(),
             gomote_idle_timeout: default_gomote_idle(),
+            buildlet_binaries: None,
         }
     }
 }
@@ -442,6 +449,27 @@ pub struct DockerPool {
     pub network: Option<String>,
     /// Most containers alive at once; at least 1. Required.
     pub max: u32,
+    /// The Docker engine: `unix:///path/to/docker.sock`, or `tcp://host:port` (plain
+    /// HTTP; give such an engine only on a trusted network). The coordinator dials each
+    /// container at its address on `network`, so that network must be routable from
+    /// the coordinator. Default: none, meaning `DOCKER_HOST`, else the local socket
+    /// `/var/run/docker.sock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
+    /// Base URL containers fetch the buildlet from, `https://host:port`, with `host` a
+    /// name on the coordinator's certificate. Default: none, meaning
+    /// `https://localhost:<listen port>` dialled at the network's gateway address (the
+    /// coordinator must then listen on `0.0.0.0` or on that gateway address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator_url: Option<String>,
+    /// Longest a container may live; its `buildfarm.deadline` label says when that is,
+    /// and the sweeper removes it then (the lease is lost). Default: `12h`.
+    #[serde(default = "default_docker_lifetime", with = "humantime_serde")]
+    pub max_lifetime: Duration,
+}
+
+fn default_docker_lifetime() -> Duration {
+    Duration::from_secs(12 * 3600)
 }
 
 /// `[[builders]]`: one platform configuration that builds commits.

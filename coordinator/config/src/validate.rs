@@ -119,6 +119,18 @@ pub(crate) fn check(config: &Config) -> Vec<Issue> {
         let path = FieldPath::root().key("host_types").index(i);
         host_type(&mut out, &path, h);
         out.unique(&mut seen, "host type", &h.name, path.key("name"));
+        // The default fetch URL names `localhost`, which only the generated certificate has.
+        if let Pool::Docker(d) = &h.pool
+            && d.coordinator_url.is_none()
+            && config.coordinator.tls_cert.is_some()
+        {
+            out.push(
+                path.key("pool").key("coordinator_url"),
+                ErrorKind::Invalid(
+                    "required when [coordinator] tls_cert is set: containers fetch the buildlet from a name on that certificate".into(),
+                ),
+            );
+        }
     }
 
     let mut seen = HashMap::new();
@@ -410,6 +422,31 @@ fn host_type(out: &mut Issues, path: &FieldPath, h: &HostType) {
                 out.non_empty(pool.key("network"), n);
             }
             out.positive(pool.key("max"), p.max);
+            if let Some(e) = &p.engine
+                && !["unix://", "tcp://", "http://"]
+                    .iter()
+                    .any(|scheme| e.starts_with(scheme) && e.len() > scheme.len())
+            {
+                out.push(
+                    pool.key("engine"),
+                    ErrorKind::Invalid(format!(
+                        "engine \"{e}\" must look like unix:///var/run/docker.sock or tcp://host:port"
+                    )),
+                );
+            }
+            if let Some(url) = &p.coordinator_url
+                && !(url.starts_with("https://") && url.len() > "https://".len())
+            {
+                out.push(
+                    pool.key("coordinator_url"),
+                    ErrorKind::Invalid(format!(
+                        "coordinator URL \"{url}\" must start with https:// (containers fetch the buildlet over TLS)"
+                    )),
+                );
+            }
+            if p.max_lifetime.is_zero() {
+                out.push(pool.key("max_lifetime"), ErrorKind::Zero);
+            }
         }
     }
 }

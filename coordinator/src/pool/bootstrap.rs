@@ -50,26 +50,7 @@ pub fn binary_file_name(platform: &str) -> String {
 
 /// The `GOOS-GOARCH` of the machine this coordinator runs on, if Go has a name for it.
 pub fn local_platform() -> Option<String> {
-    let os = match std::env::consts::OS {
-        "linux" => "linux",
-        "macos" => "darwin",
-        "freebsd" => "freebsd",
-        "netbsd" => "netbsd",
-        "openbsd" => "openbsd",
-        _ => return None,
-    };
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "x86" => "386",
-        "aarch64" => "arm64",
-        "arm" => "arm",
-        "riscv64" => "riscv64",
-        "powerpc64" if cfg!(target_endian = "little") => "ppc64le",
-        "s390x" => "s390x",
-        "loongarch64" => "loong64",
-        _ => return None,
-    };
-    Some(format!("{os}-{arch}"))
+    buildfarm_config::host_platform().map(|(os, arch)| format!("{os}-{arch}"))
 }
 
 /// `GOOS-GOARCH`: two runs of lowercase letters and digits joined by one dash. Anything
@@ -420,6 +401,51 @@ mod tests {
         }
         let local = local_platform().expect("the test machine has a Go platform name");
         assert!(valid_platform(&local));
+    }
+
+    #[tokio::test]
+    async fn binaries_come_from_the_dir_first_and_digests_follow_changes() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = dir.path().join("own-buildlet");
+        std::fs::write(&local, b"local build").expect("write");
+        let cross = dir.path().join("cross");
+        std::fs::create_dir(&cross).expect("mkdir");
+        std::fs::write(cross.join("buildlet.linux-arm64"), b"arm64 build").expect("write");
+        let b = BuildletBinaries::new(Some(local.clone()), Some(cross.clone()));
+        let me = local_platform().expect("platform");
+
+        let own = b.get(&me).await.expect("own platform");
+        assert_eq!(own.path, local);
+        assert_eq!(
+            own.sha256,
+            hex::encode(sha2::Sha256::digest(b"local build"))
+        );
+        let arm = b.get("linux-arm64").await.expect("from the dir");
+        assert_eq!(
+            arm.sha256,
+            hex::encode(sha2::Sha256::digest(b"arm64 build"))
+        );
+        assert_eq!(arm.len, 11);
+        assert!(matches!(
+            b.get("plan9-386").await,
+            Err(BootstrapError::NoBinary(_))
+        ));
+        assert!(matches!(
+            b.get("../x").await,
+            Err(BootstrapError::BadPlatform(_))
+        ));
+
+        // A rebuilt binary gets its new digest, not the cached one.
+        std::fs::write(cross.join("buildlet.linux-arm64"), b"arm64 build, v2").expect("write");
+        let arm2 = b.get("linux-arm64").await.expect("again");
+        assert_eq!(
+            arm2.sha256,
+            hex::encode(sha2::Sha256::digest(b"arm64 build, v2"))
+        );
+        // A file in the dir wins over the coordinator's own.
+        std::fs::write(cross.join(binary_file_name(&me)), b"cross own").expect("write");
+        assert_ne!(b.get(&me).await.expect("own").path, local);
     }
 
     #[test]

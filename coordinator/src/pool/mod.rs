@@ -1,9 +1,10 @@
 //! Pools hand out buildlets of one host type and take them back. Every pool kind
-//! (local, reverse, kube, ec2, and docker) implements [`Pool`]; the dispatcher
+//! (local, reverse, docker, kube and ec2) implements [`Pool`]; the dispatcher
 //! never knows which kind it is talking to.
 
 pub mod bootstrap;
 pub mod cloud;
+pub mod docker;
 pub mod ec2;
 pub mod kube;
 pub mod local;
