@@ -485,9 +485,6 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
                     crate::pool::docker::DockerPool::new(opts, tasks.clone()),
                 );
             }
-            other => {
-                warn!(host_type = %ht.name, kind = other.kind(), "pool kind not available in this build; its builders will wait");
-            }
         }
     }
 

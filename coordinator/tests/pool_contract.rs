@@ -1,8 +1,8 @@
 //! One contract for every pool kind, run against real machines of each: local buildlet
 //! processes, reverse buildlets dialling in over TLS, and Docker containers that fetch
 //! their buildlet from the coordinator. Each case is written once against
-//! [`Fixture`]; `pool_contract!` instantiates it per kind. To add a kind (ec2 on moto,
-//! kube on a scripted server), implement `Fixture` and add one `pool_contract!` line.
+//! [`Fixture`]; `pool_contract!` instantiates it per kind (kube on a scripted API
+//! server and ec2 on moto: `cloud/contract_fixtures.rs`).
 //!
 //! The contract: acquire, run a command, release; capacity respected under concurrent
 //! acquires; a start failure is a clear infra error (`PoolError::Start`/`Unavailable`);
@@ -11,6 +11,9 @@
 //! Docker cases need an engine: without one they print a note and pass, except under
 //! `CI=true`, where a missing engine fails them.
 
+mod cloud;
+#[path = "cloud/contract_fixtures.rs"]
+mod cloud_fixtures;
 mod common;
 mod docker_env;
 
@@ -233,6 +236,8 @@ macro_rules! pool_contract {
 pool_contract!(local, LocalFixture);
 pool_contract!(reverse, ReverseFixture);
 pool_contract!(docker, DockerFixture);
+pool_contract!(kube, cloud_fixtures::KubeFixture);
+pool_contract!(ec2, cloud_fixtures::Ec2Fixture);
 
 /// A coordinator started in this process with one host type.
 struct Farm {
