@@ -66,9 +66,13 @@ fn load() -> Objects {
             .unwrap_or_else(|e| panic!("{}: not YAML: {e}", f.display()));
         for doc in docs.into_iter().filter(|d| !d.is_null()) {
             let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
-            let name = doc["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+            let name = doc["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             let ns = doc["metadata"]["namespace"].as_str().map(str::to_owned);
-            o.namespaced.push((format!("{kind}/{name}"), kind.clone(), ns));
+            o.namespaced
+                .push((format!("{kind}/{name}"), kind.clone(), ns));
             match kind.as_str() {
                 "Namespace" => o.namespaces.push(typed(doc, &f)),
                 "ServiceAccount" => o.service_accounts.push(typed(doc, &f)),
@@ -110,12 +114,19 @@ fn manifests_parse_and_fit_together() {
         }
         assert!(!verbs.contains("*"));
     }
-    let sa = o.service_accounts[0].metadata.name.clone().expect("sa name");
+    let sa = o.service_accounts[0]
+        .metadata
+        .name
+        .clone()
+        .expect("sa name");
     let rb = &o.role_bindings[0];
     assert_eq!(rb.role_ref.kind, "Role");
     assert_eq!(Some(&rb.role_ref.name), role.metadata.name.as_ref());
     let subject = &rb.subjects.as_ref().expect("subjects")[0];
-    assert_eq!((subject.kind.as_str(), subject.name.as_str()), ("ServiceAccount", sa.as_str()));
+    assert_eq!(
+        (subject.kind.as_str(), subject.name.as_str()),
+        ("ServiceAccount", sa.as_str())
+    );
     assert_eq!(subject.namespace.as_deref(), Some(NS));
 
     // The Deployment: its service account, its volumes exist, its config path is mounted.
@@ -136,15 +147,27 @@ fn manifests_parse_and_fit_together() {
         .filter_map(|s| s.metadata.name.clone())
         .chain(["buildfarm-config".to_owned()]) // made by the kustomization's generator
         .collect();
-    let pvcs: BTreeSet<String> = o.pvcs.iter().filter_map(|p| p.metadata.name.clone()).collect();
+    let pvcs: BTreeSet<String> = o
+        .pvcs
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
     let mut volumes = BTreeMap::new();
     for v in pod.volumes.iter().flatten() {
         if let Some(s) = &v.secret {
             let name = s.secret_name.clone().expect("secret name");
-            assert!(secrets.contains(&name), "volume {} uses unknown secret {name}", v.name);
+            assert!(
+                secrets.contains(&name),
+                "volume {} uses unknown secret {name}",
+                v.name
+            );
         }
         if let Some(c) = &v.persistent_volume_claim {
-            assert!(pvcs.contains(&c.claim_name), "unknown claim {}", c.claim_name);
+            assert!(
+                pvcs.contains(&c.claim_name),
+                "unknown claim {}",
+                c.claim_name
+            );
         }
         volumes.insert(v.name.clone(), v);
     }
@@ -154,7 +177,11 @@ fn manifests_parse_and_fit_together() {
         .iter()
         .flatten()
         .map(|m| {
-            assert!(volumes.contains_key(&m.name), "mount of unknown volume {}", m.name);
+            assert!(
+                volumes.contains_key(&m.name),
+                "mount of unknown volume {}",
+                m.name
+            );
             (m.mount_path.as_str(), m.name.as_str())
         })
         .collect();
@@ -164,13 +191,19 @@ fn manifests_parse_and_fit_together() {
         .position(|a| a == "--config")
         .and_then(|i| args.get(i + 1))
         .expect("--config argument");
-    assert!(mounts.contains_key(config_at.as_str()), "{config_at} is not mounted");
+    assert!(
+        mounts.contains_key(config_at.as_str()),
+        "{config_at} is not mounted"
+    );
 
     // The config the kustomization puts there names files that are mounted too.
     let config = Config::from_file(&deploy_dir().join("kubernetes/config/coordinator.toml"))
         .unwrap_or_else(|e| panic!("{e}"));
     let mounted = |p: &Path| mounts.keys().any(|m| p.starts_with(m));
-    assert!(mounted(&config.coordinator.data_dir), "data dir not on a volume");
+    assert!(
+        mounted(&config.coordinator.data_dir),
+        "data dir not on a volume"
+    );
     for p in [
         config.coordinator.tls_cert.clone(),
         config.coordinator.tls_key.clone(),
@@ -193,7 +226,12 @@ fn manifests_parse_and_fit_together() {
         .flatten()
         .filter_map(|p| p.name.clone())
         .collect();
-    for p in o.services[0].spec.as_ref().and_then(|s| s.ports.clone()).unwrap_or_default() {
+    for p in o.services[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default()
+    {
         if let Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(n)) =
             &p.target_port
         {
@@ -224,7 +262,10 @@ fn every_deploy_config_parses_and_kube_pools_use_the_rbac_namespace() {
         }
     }
     for kind in ["local", "reverse", "kube", "ec2", "docker"] {
-        assert!(kinds.contains(kind), "no example config for the {kind} pool");
+        assert!(
+            kinds.contains(kind),
+            "no example config for the {kind} pool"
+        );
     }
 }
 
@@ -284,12 +325,18 @@ fn kubectl_renders_the_kustomization_and_dry_runs_where_it_can() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     if out.status.success() {
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(stdout.contains("deployment.apps/buildfarm-coordinator"), "{stdout}");
+        assert!(
+            stdout.contains("deployment.apps/buildfarm-coordinator"),
+            "{stdout}"
+        );
     } else if stderr.contains("connection refused")
         || stderr.contains("no configuration has been provided")
         || stderr.contains("couldn't get current server API group list")
     {
-        eprintln!("note: kubectl apply --dry-run=client needs a reachable API server for discovery; skipped ({})", stderr.lines().last().unwrap_or_default());
+        eprintln!(
+            "note: kubectl apply --dry-run=client needs a reachable API server for discovery; skipped ({})",
+            stderr.lines().last().unwrap_or_default()
+        );
     } else {
         panic!("kubectl apply --dry-run=client failed: {stderr}");
     }

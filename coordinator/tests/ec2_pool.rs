@@ -172,12 +172,7 @@ async fn acquire_run_release_launches_tags_and_terminates_one_instance() {
     assert_eq!(echo(&lease, "hello-from-ec2").await, "hello-from-ec2");
     assert_eq!(pool.status().in_use, 1);
 
-    let out = s
-        .ec2
-        .describe_instances()
-        .send()
-        .await
-        .expect("describe");
+    let out = s.ec2.describe_instances().send().await.expect("describe");
     let instances: Vec<_> = out
         .reservations()
         .iter()
@@ -263,7 +258,11 @@ async fn the_vcpu_quota_is_never_exceeded() {
         }
         other => panic!("expected a start error, got {other:?}"),
     }
-    assert_eq!(moto::all_instances(&s.ec2).await.len(), 2, "no new instance");
+    assert_eq!(
+        moto::all_instances(&s.ec2).await.len(),
+        2,
+        "no new instance"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,7 +285,12 @@ async fn after_a_coordinator_crash_the_next_one_sweeps_the_instances_it_left() {
             aws_sdk_ec2::types::TagSpecification::builder()
                 .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
                 .tags(Tag::builder().key(labels::OWNER).value("bf-other").build())
-                .tags(Tag::builder().key(labels::HOST_TYPE).value(HOST_TYPE).build())
+                .tags(
+                    Tag::builder()
+                        .key(labels::HOST_TYPE)
+                        .value(HOST_TYPE)
+                        .build(),
+                )
                 .tags(Tag::builder().key(labels::DEADLINE).value("1").build())
                 .build(),
         )
@@ -354,12 +358,16 @@ async fn eventually_terminated(s: &Setup, id: &str) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let all = moto::all_instances(&s.ec2).await;
-        if all.iter().any(|(i, st)| {
-            i == id && *st == aws_sdk_ec2::types::InstanceStateName::Terminated
-        }) {
+        if all
+            .iter()
+            .any(|(i, st)| i == id && *st == aws_sdk_ec2::types::InstanceStateName::Terminated)
+        {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{id} not terminated: {all:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{id} not terminated: {all:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -400,7 +408,10 @@ async fn insufficient_capacity_is_retried_then_a_clear_infra_failure() {
                 message.contains("no capacity after 4 attempts"),
                 "{message}"
             );
-            assert!(message.contains("InsufficientInstanceCapacity"), "{message}");
+            assert!(
+                message.contains("InsufficientInstanceCapacity"),
+                "{message}"
+            );
             assert!(message.contains("c5.large"), "{message}");
         }
         other => panic!("expected a start error, got {other:?}"),

@@ -53,7 +53,13 @@ async fn setup(max_pods: u32, mode: Kubelet, net: u8, before: impl FnOnce(&KubeA
     let running = KubeApi::start(NS).await;
     before(&running.api);
     let machines = Machines::default();
-    kubelet(running.api.clone(), running.feed, machines.clone(), mode, net);
+    kubelet(
+        running.api.clone(),
+        running.feed,
+        machines.clone(),
+        mode,
+        net,
+    );
     let provision = TestProvision::new();
     let shutdown = CancellationToken::new();
     let pool = KubePool::new(
@@ -161,7 +167,9 @@ async fn acquire_run_release_makes_and_deletes_one_pod() {
     // It watched that pod by name.
     assert!(
         reqs.iter().any(|r| r.method == "GET"
-            && r.query.get("watch").is_some_and(|w| w == "true" || w == "1")
+            && r.query
+                .get("watch")
+                .is_some_and(|w| w == "true" || w == "1")
             && r.query.get("fieldSelector") == Some(&format!("metadata.name={name}"))),
         "no watch on the pod: {reqs:#?}"
     );
@@ -226,7 +234,10 @@ async fn a_pod_deleted_by_someone_else_cancels_lost() {
     let name = lease.name.trim_start_matches("kube/").to_owned();
     // A node drain: the pod is deleted through the API (as kubectl does), not by the pool.
     let resp = reqwest::Client::new()
-        .delete(format!("http://{}/api/v1/namespaces/{NS}/pods/{name}", s.addr))
+        .delete(format!(
+            "http://{}/api/v1/namespaces/{NS}/pods/{name}",
+            s.addr
+        ))
         .send()
         .await
         .expect("delete request");
@@ -307,7 +318,12 @@ async fn after_a_restart_the_sweeper_deletes_expired_and_orphaned_pods_it_owns()
         api.insert(stray_pod("bf-expired", OWNER, HOST_TYPE, now - 10));
         api.insert(stray_pod("bf-orphan", OWNER, HOST_TYPE, now + 3600));
         // Not ours to touch:
-        api.insert(stray_pod("other-owner", "bf-someone-else", HOST_TYPE, now - 10));
+        api.insert(stray_pod(
+            "other-owner",
+            "bf-someone-else",
+            HOST_TYPE,
+            now - 10,
+        ));
         api.insert(stray_pod("other-host-type", OWNER, "linux-arm64", now - 10));
     })
     .await;
@@ -328,7 +344,9 @@ async fn after_a_restart_the_sweeper_deletes_expired_and_orphaned_pods_it_owns()
         .map(|r| r.path.rsplit('/').next().unwrap_or_default().to_owned())
         .collect();
     assert!(
-        deletes.iter().all(|d| d == "bf-expired" || d == "bf-orphan"),
+        deletes
+            .iter()
+            .all(|d| d == "bf-expired" || d == "bf-orphan"),
         "{deletes:?}"
     );
 }

@@ -21,8 +21,7 @@ pub use error::{ConfigError, ConfigErrors, ErrorKind, FieldPath, LoadError, Loca
 pub use limits::Limits;
 pub use model::{
     Builder, Config, CoordinatorConfig, DockerPool, Ec2Address, Ec2Pool, Env, HostType, KubePool,
-    KubeToleration, LocalPool,
-    Pool, Repo, ReversePool, SandboxConfig, SandboxMode, Secret, Step,
+    KubeToleration, LocalPool, Pool, Repo, ReversePool, SandboxConfig, SandboxMode, Secret, Step,
 };
 pub use names::{
     BuilderName, BuilderNameError, KNOWN_GOARCH, KNOWN_GOOS, goarch_from_rust, goos_from_rust,

@@ -403,7 +403,9 @@ fn host_type(out: &mut Issues, path: &FieldPath, h: &HostType) {
                 if !g.starts_with("sg-") {
                     out.push(
                         pool.key("security_group_ids").index(i),
-                        ErrorKind::Invalid(format!("security group \"{g}\" must look like sg-<id>")),
+                        ErrorKind::Invalid(format!(
+                            "security group \"{g}\" must look like sg-<id>"
+                        )),
                     );
                 }
             }
@@ -494,18 +496,26 @@ fn toleration(out: &mut Issues, path: &FieldPath, t: &KubeToleration) {
 
 /// `GOOS-GOARCH`, as the coordinator serves buildlets under.
 fn platform(out: &mut Issues, path: FieldPath, p: &str) {
-    let part = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let part = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    };
     if !matches!(p.split_once('-'), Some((os, arch)) if part(os) && part(arch)) {
         out.push(
             path,
-            ErrorKind::Invalid(format!("platform \"{p}\" must be GOOS-GOARCH, e.g. linux-arm64")),
+            ErrorKind::Invalid(format!(
+                "platform \"{p}\" must be GOOS-GOARCH, e.g. linux-arm64"
+            )),
         );
     }
 }
 
 /// Machines fetch the buildlet over HTTPS only.
 fn https_url(out: &mut Issues, path: FieldPath, url: &str) {
-    let host = url.strip_prefix("https://").map(|r| r.split('/').next().unwrap_or(""));
+    let host = url
+        .strip_prefix("https://")
+        .map(|r| r.split('/').next().unwrap_or(""));
     if host.is_none_or(str::is_empty) {
         out.push(
             path,

@@ -54,7 +54,11 @@ impl CloudParts {
     }
 
     /// A kube pool using the in-cluster service account or `KUBECONFIG`.
-    pub async fn kube_pool(&self, host_type: &str, c: &KubeConfig) -> anyhow::Result<Arc<dyn Pool>> {
+    pub async fn kube_pool(
+        &self,
+        host_type: &str,
+        c: &KubeConfig,
+    ) -> anyhow::Result<Arc<dyn Pool>> {
         let client = kube::Client::try_default().await.with_context(|| {
             format!(
                 "kube pool {host_type}: no Kubernetes API to talk to (run in a pod with a service account, or set KUBECONFIG)"

@@ -115,12 +115,16 @@ pub enum ErrorClass {
 pub fn classify(code: Option<&str>) -> ErrorClass {
     match code {
         Some(
-            "RequestLimitExceeded" | "Throttling" | "ThrottlingException" | "RequestThrottled"
-            | "SlowDown" | "ServiceUnavailable" | "Unavailable" | "InternalError",
+            "RequestLimitExceeded"
+            | "Throttling"
+            | "ThrottlingException"
+            | "RequestThrottled"
+            | "SlowDown"
+            | "ServiceUnavailable"
+            | "Unavailable"
+            | "InternalError",
         ) => ErrorClass::Throttled,
-        Some("InsufficientInstanceCapacity" | "InsufficientHostCapacity") => {
-            ErrorClass::NoCapacity
-        }
+        Some("InsufficientInstanceCapacity" | "InsufficientHostCapacity") => ErrorClass::NoCapacity,
         // Transport errors (no code) are worth a retry too.
         None => ErrorClass::Throttled,
         Some(_) => ErrorClass::Fatal,
@@ -187,10 +191,7 @@ where
         let message = match (&code, err.message()) {
             (Some(c), Some(m)) => format!("{what}: {c}: {m}"),
             (Some(c), None) => format!("{what}: {c}"),
-            _ => format!(
-                "{what}: {}",
-                aws_sdk_ec2::error::DisplayErrorContext(&err)
-            ),
+            _ => format!("{what}: {}", aws_sdk_ec2::error::DisplayErrorContext(&err)),
         };
         if class == ErrorClass::Fatal || attempt >= timing.retry_attempts {
             return Err(CallError {
@@ -251,9 +252,7 @@ fn tag<'a>(i: &'a Instance, key: &str) -> Option<&'a str> {
 /// What an instance's state means to the pool. Pure.
 pub fn machine_state(state: Option<&InstanceStateName>) -> MachineState {
     match state {
-        Some(InstanceStateName::Pending | InstanceStateName::Running) | None => {
-            MachineState::Alive
-        }
+        Some(InstanceStateName::Pending | InstanceStateName::Running) | None => MachineState::Alive,
         Some(InstanceStateName::Stopping | InstanceStateName::Stopped) => MachineState::Dead,
         Some(_) => MachineState::Going,
     }
@@ -371,7 +370,11 @@ impl Inner {
     async fn sweep_loop(self: Arc<Self>) {
         loop {
             if let Err(error) = self.sweep_once().await {
-                warn!(host_type = self.host_type(), error = format!("{error:#}"), "ec2 pool sweep failed");
+                warn!(
+                    host_type = self.host_type(),
+                    error = format!("{error:#}"),
+                    "ec2 pool sweep failed"
+                );
             }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -446,10 +449,7 @@ impl Inner {
 
     /// Terminates the machine in a task the pool owns, then frees its permits.
     fn discard(self: &Arc<Self>, machine: String, permits: Permits) {
-        let id = self
-            .tracked()
-            .remove(&machine)
-            .and_then(|e| e.instance_id);
+        let id = self.tracked().remove(&machine).and_then(|e| e.instance_id);
         self.opts.provision.revoke(&machine);
         let me = self.clone();
         self.tasks.spawn(async move {
@@ -548,7 +548,9 @@ impl Inner {
                                 .state_reason()
                                 .and_then(|r| r.message())
                                 .unwrap_or("no reason given");
-                            return Err(format!("instance {id} is {state:?} while starting: {reason}"));
+                            return Err(format!(
+                                "instance {id} is {state:?} while starting: {reason}"
+                            ));
                         }
                         let addr = match c.address {
                             Ec2Address::Private => inst.private_ip_address(),
@@ -604,7 +606,13 @@ impl Pool for Ec2Pool {
 
     fn capacity(&self) -> usize {
         let c = &self.inner.opts.config;
-        let per = self.inner.vcpus_per_instance.get().copied().unwrap_or(1).max(1);
+        let per = self
+            .inner
+            .vcpus_per_instance
+            .get()
+            .copied()
+            .unwrap_or(1)
+            .max(1);
         (c.max_instances as usize).min((c.vcpu_quota / per) as usize)
     }
 
@@ -684,7 +692,9 @@ impl Pool for Ec2Pool {
                 None => {
                     drop(tracked);
                     inner.discard(machine.clone(), permits);
-                    return Err(start_err(format!("instance {machine} was swept while starting")));
+                    return Err(start_err(format!(
+                        "instance {machine} was swept while starting"
+                    )));
                 }
             }
         };
@@ -705,7 +715,10 @@ mod tests {
 
     #[test]
     fn error_classes() {
-        assert_eq!(classify(Some("RequestLimitExceeded")), ErrorClass::Throttled);
+        assert_eq!(
+            classify(Some("RequestLimitExceeded")),
+            ErrorClass::Throttled
+        );
         assert_eq!(
             classify(Some("InsufficientInstanceCapacity")),
             ErrorClass::NoCapacity

@@ -275,7 +275,11 @@ impl Inner {
     async fn sweep_loop(self: Arc<Self>) {
         loop {
             if let Err(error) = self.sweep_once().await {
-                warn!(host_type = self.host_type(), error = format!("{error:#}"), "kube pool sweep failed");
+                warn!(
+                    host_type = self.host_type(),
+                    error = format!("{error:#}"),
+                    "kube pool sweep failed"
+                );
             }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -318,7 +322,8 @@ impl Inner {
             .iter()
             .map(|(k, e)| (k.clone(), e.state))
             .collect();
-        let actions = reconcile::reconcile(&observed, &tracked, reconcile::unix_secs(SystemTime::now()));
+        let actions =
+            reconcile::reconcile(&observed, &tracked, reconcile::unix_secs(SystemTime::now()));
         for a in &actions {
             match a {
                 Action::Delete { machine, why } => {
@@ -377,8 +382,15 @@ impl Inner {
             .await
             .map_err(|e| format!("provisioning credentials: {e:#}"))?;
         let deadline = reconcile::unix_secs(SystemTime::now() + c.max_lifetime);
-        let pod = pod_spec(name, self.host_type(), &self.opts.owner, deadline, c, &provisioned.script)
-            .map_err(|e| format!("{e:#}"))?;
+        let pod = pod_spec(
+            name,
+            self.host_type(),
+            &self.opts.owner,
+            deadline,
+            c,
+            &provisioned.script,
+        )
+        .map_err(|e| format!("{e:#}"))?;
         let created = self
             .api
             .create(&PostParams::default(), &pod)
@@ -494,7 +506,11 @@ impl PodWatch {
         PodWatch {
             api,
             name: name.to_owned(),
-            version: pod.metadata.resource_version.clone().unwrap_or_else(|| "0".into()),
+            version: pod
+                .metadata
+                .resource_version
+                .clone()
+                .unwrap_or_else(|| "0".into()),
             stream: None,
         }
     }
@@ -674,7 +690,15 @@ mod tests {
 
     #[test]
     fn pod_spec_has_resources_placement_labels_and_no_token() {
-        let pod = pod_spec("bf-x-1", "linux-amd64", "bf-owner", 1234, &config(), "echo hi").unwrap();
+        let pod = pod_spec(
+            "bf-x-1",
+            "linux-amd64",
+            "bf-owner",
+            1234,
+            &config(),
+            "echo hi",
+        )
+        .unwrap();
         let v = serde_json::to_value(&pod).unwrap();
         assert_eq!(v["metadata"]["labels"][labels::OWNER], "bf-owner");
         assert_eq!(v["metadata"]["labels"][labels::DEADLINE], "1234");
@@ -692,7 +716,10 @@ mod tests {
         );
         let c = &spec["containers"][0];
         assert_eq!(c["image"], "buildlet:1");
-        assert_eq!(c["command"], serde_json::json!(["/bin/sh", "-c", "echo hi"]));
+        assert_eq!(
+            c["command"],
+            serde_json::json!(["/bin/sh", "-c", "echo hi"])
+        );
         assert_eq!(c["resources"]["limits"]["cpu"], "2");
         assert_eq!(c["resources"]["requests"]["memory"], "1073741824");
         assert_eq!(c["ports"][0]["containerPort"], 8443);
@@ -706,7 +733,9 @@ mod tests {
     fn pod_states() {
         assert_eq!(pod_state(&pod(serde_json::json!({}))), PodState::Pending);
         assert_eq!(
-            pod_state(&pod(serde_json::json!({"status": {"phase": "Running", "podIP": "10.1.2.3"}}))),
+            pod_state(&pod(
+                serde_json::json!({"status": {"phase": "Running", "podIP": "10.1.2.3"}})
+            )),
             PodState::Running("10.1.2.3".into())
         );
         assert_eq!(
@@ -714,16 +743,22 @@ mod tests {
             PodState::Pending
         );
         assert_eq!(
-            pod_state(&pod(serde_json::json!({"status": {"phase": "Failed", "reason": "Evicted", "message": "low on memory"}}))),
+            pod_state(&pod(
+                serde_json::json!({"status": {"phase": "Failed", "reason": "Evicted", "message": "low on memory"}})
+            )),
             PodState::Dead("Evicted: low on memory".into())
         );
         assert_eq!(
-            pod_state(&pod(serde_json::json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}, "status": {"phase": "Running", "podIP": "1.2.3.4"}}))),
+            pod_state(&pod(
+                serde_json::json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}, "status": {"phase": "Running", "podIP": "1.2.3.4"}})
+            )),
             PodState::Going
         );
-        let pull = pod(serde_json::json!({"status": {"phase": "Pending", "containerStatuses": [
+        let pull = pod(
+            serde_json::json!({"status": {"phase": "Pending", "containerStatuses": [
             {"name": "buildlet", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
-             "state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}}}]}}));
+             "state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}}}]}}),
+        );
         assert_eq!(
             pod_state(&pull),
             PodState::Dead("container buildlet: ImagePullBackOff no such image".into())

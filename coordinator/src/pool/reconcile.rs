@@ -82,7 +82,11 @@ impl std::fmt::Display for Why {
 
 /// Decides what to do; `now` is Unix seconds. Actions come in `observed` order, then
 /// tracked machines the cloud no longer lists (sorted, so the result is stable).
-pub fn reconcile(observed: &[Observed], tracked: &HashMap<String, Tracked>, now: u64) -> Vec<Action> {
+pub fn reconcile(
+    observed: &[Observed],
+    tracked: &HashMap<String, Tracked>,
+    now: u64,
+) -> Vec<Action> {
     let mut actions = Vec::new();
     for o in observed {
         let why = match (o.state, o.deadline) {

@@ -43,7 +43,13 @@ impl KubeFixture {
         revdial::tls::install_crypto_provider();
         let running = KubeApi::start("contract").await;
         let machines = Machines::default();
-        kubelet(running.api.clone(), running.feed, machines.clone(), mode, 91);
+        kubelet(
+            running.api.clone(),
+            running.feed,
+            machines.clone(),
+            mode,
+            91,
+        );
         let config = serde_json::from_value(json!({
             "image": "buildfarm/linux-amd64:local",
             "namespace": "contract",
@@ -108,7 +114,8 @@ impl Fixture for KubeFixture {
         };
         self.api.insert(stray("left-expired", OWNER, now() - 1));
         self.api.insert(stray("left-orphan", OWNER, now() + 3600));
-        self.api.insert(stray("not-ours", "bf-someone-else", now() - 1));
+        self.api
+            .insert(stray("not-ours", "bf-someone-else", now() - 1));
         eventually("the previous run's pods are deleted", || {
             let pods = self.api.pods();
             !pods.contains_key("left-expired") && !pods.contains_key("left-orphan")
@@ -233,10 +240,30 @@ impl Fixture for Ec2Fixture {
             async move {
                 let spec = aws_sdk_ec2::types::TagSpecification::builder()
                     .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
-                    .tags(aws_sdk_ec2::types::Tag::builder().key(labels::OWNER).value(owner).build())
-                    .tags(aws_sdk_ec2::types::Tag::builder().key(labels::HOST_TYPE).value(HOST_TYPE).build())
-                    .tags(aws_sdk_ec2::types::Tag::builder().key(labels::DEADLINE).value(deadline.to_string()).build())
-                    .tags(aws_sdk_ec2::types::Tag::builder().key(labels::MACHINE).value(format!("left-{owner}")).build())
+                    .tags(
+                        aws_sdk_ec2::types::Tag::builder()
+                            .key(labels::OWNER)
+                            .value(owner)
+                            .build(),
+                    )
+                    .tags(
+                        aws_sdk_ec2::types::Tag::builder()
+                            .key(labels::HOST_TYPE)
+                            .value(HOST_TYPE)
+                            .build(),
+                    )
+                    .tags(
+                        aws_sdk_ec2::types::Tag::builder()
+                            .key(labels::DEADLINE)
+                            .value(deadline.to_string())
+                            .build(),
+                    )
+                    .tags(
+                        aws_sdk_ec2::types::Tag::builder()
+                            .key(labels::MACHINE)
+                            .value(format!("left-{owner}"))
+                            .build(),
+                    )
                     .build();
                 let out = ec2
                     .run_instances()
@@ -259,7 +286,10 @@ impl Fixture for Ec2Fixture {
                 assert!(live.contains(&theirs), "another owner's instance was swept");
                 break;
             }
-            assert!(tokio::time::Instant::now() < deadline, "leftover {ours} not swept");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "leftover {ours} not swept"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         self.ec2
@@ -278,7 +308,10 @@ impl Fixture for Ec2Fixture {
             if live.is_empty() {
                 break;
             }
-            assert!(tokio::time::Instant::now() < deadline, "instances left: {live:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "instances left: {live:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         self.shutdown.cancel();

@@ -75,9 +75,7 @@ impl KubeApi {
             created: ctx,
             deleted: dtx,
         };
-        let router = axum::Router::new()
-            .fallback(handle)
-            .with_state(api.clone());
+        let router = axum::Router::new().fallback(handle).with_state(api.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -214,11 +212,7 @@ fn selector_matches(selector: Option<&String>, values: &dyn Fn(&str) -> Option<S
 }
 
 fn matches(pod: &Value, q: &BTreeMap<String, String>) -> bool {
-    let labels = |k: &str| {
-        pod["metadata"]["labels"][k]
-            .as_str()
-            .map(str::to_owned)
-    };
+    let labels = |k: &str| pod["metadata"]["labels"][k].as_str().map(str::to_owned);
     let fields = |k: &str| match k {
         "metadata.name" => pod["metadata"]["name"].as_str().map(str::to_owned),
         "metadata.namespace" => pod["metadata"]["namespace"].as_str().map(str::to_owned),
@@ -252,7 +246,11 @@ async fn handle(
     });
     let prefix = format!("/api/v1/namespaces/{}/pods", api.namespace);
     let Some(rest) = path.strip_prefix(&prefix) else {
-        return status(404, "NotFound", &format!("the server could not find {path}"));
+        return status(
+            404,
+            "NotFound",
+            &format!("the server could not find {path}"),
+        );
     };
     let name = rest.strip_prefix('/').filter(|n| !n.is_empty());
     match (&method, name) {
@@ -293,7 +291,11 @@ fn create(api: &KubeApi, body: Option<Value>) -> Response {
     };
     let mut s = api.lock();
     if s.pods.contains_key(&name) {
-        return status(409, "AlreadyExists", &format!("pods \"{name}\" already exists"));
+        return status(
+            409,
+            "AlreadyExists",
+            &format!("pods \"{name}\" already exists"),
+        );
     }
     s.rv += 1;
     pod["metadata"]["namespace"] = json!(api.namespace);
@@ -345,7 +347,11 @@ fn watch(api: &KubeApi, q: &BTreeMap<String, String>) -> Response {
                 .map(|p| (s.rv, "ADDED", p.clone()))
                 .collect()
         } else {
-            s.history.iter().filter(|(rv, _, _)| *rv > from).cloned().collect()
+            s.history
+                .iter()
+                .filter(|(rv, _, _)| *rv > from)
+                .cloned()
+                .collect()
         };
         (backlog, gone, s.rv)
     };

@@ -69,7 +69,10 @@ impl Moto {
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // port taken meanwhile: try another
                 }
-                if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
                     return Moto {
                         url: format!("http://127.0.0.1:{port}"),
                         _child: child,
@@ -205,10 +208,9 @@ impl Hosts {
                                 .attribute(InstanceAttributeName::UserData)
                                 .send()
                                 .await;
-                            let Some(data) = attr
-                                .ok()
-                                .and_then(|a| a.user_data().and_then(|u| u.value()).map(str::to_owned))
-                            else {
+                            let Some(data) = attr.ok().and_then(|a| {
+                                a.user_data().and_then(|u| u.value()).map(str::to_owned)
+                            }) else {
                                 continue;
                             };
                             let script = base64::engine::general_purpose::STANDARD
@@ -246,17 +248,22 @@ impl FaultProxy {
         let http = reqwest::Client::new();
         let (c, sn) = (calls.clone(), seen.clone());
         let handler = move |req: axum::extract::Request| {
-            let (calls, seen, upstream, http) = (c.clone(), sn.clone(), upstream.clone(), http.clone());
+            let (calls, seen, upstream, http) =
+                (c.clone(), sn.clone(), upstream.clone(), http.clone());
             async move {
                 let (parts, body) = req.into_parts();
-                let bytes = axum::body::to_bytes(body, 16 << 20).await.unwrap_or_default();
+                let bytes = axum::body::to_bytes(body, 16 << 20)
+                    .await
+                    .unwrap_or_default();
                 let text = String::from_utf8_lossy(&bytes).into_owned();
                 let action = text
                     .split('&')
                     .find_map(|kv| kv.strip_prefix("Action="))
                     .unwrap_or("")
                     .to_owned();
-                seen.lock().unwrap_or_else(|e| e.into_inner()).push(action.clone());
+                seen.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(action.clone());
                 if action == "RunInstances" {
                     let n = calls.fetch_add(1, Ordering::SeqCst);
                     if n < refuse {
@@ -266,13 +273,18 @@ impl FaultProxy {
                              </Error></Errors><RequestID>fault-{n}</RequestID></Response>"
                         );
                         return axum::response::Response::builder()
-                            .status(if code == "RequestLimitExceeded" { 503 } else { 500 })
+                            .status(if code == "RequestLimitExceeded" {
+                                503
+                            } else {
+                                500
+                            })
                             .header("content-type", "text/xml")
                             .body(axum::body::Body::from(xml))
                             .unwrap_or_default();
                     }
                 }
-                let mut fwd = http.request(parts.method.clone(), format!("{upstream}{}", parts.uri));
+                let mut fwd =
+                    http.request(parts.method.clone(), format!("{upstream}{}", parts.uri));
                 for (k, v) in parts.headers.iter() {
                     if k != "host" && k != "content-length" {
                         fwd = fwd.header(k, v);
