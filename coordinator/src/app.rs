@@ -310,6 +310,26 @@ fn default_buildlet_bin() -> Result<PathBuf> {
     )
 }
 
+/// The buildlet binaries served to machines that fetch themselves: the one local
+/// buildlets run (when it can be found) for this machine's platform, and the
+/// `[coordinator] buildlet_binaries` directory.
+fn buildlet_binaries(
+    opts: &StartOptions,
+    dir: Option<PathBuf>,
+) -> crate::pool::bootstrap::BuildletBinaries {
+    let local = match &opts.buildlet_bin {
+        Some(b) => Some(b.clone()),
+        None => match default_buildlet_bin() {
+            Ok(b) => Some(b),
+            Err(error) => {
+                info!(%error, "no local buildlet binary to serve at /buildlet/");
+                None
+            }
+        },
+    };
+    crate::pool::bootstrap::BuildletBinaries::new(local, dir)
+}
+
 /// Starts a coordinator on `listener` with `config`.
 pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) -> Result<Running> {
     let data_dir = config.coordinator.data_dir.clone();
@@ -327,7 +347,7 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
 
     let master_key = master_key(&config.coordinator.master_key_path())?;
     let tls_dir = data_dir.join("tls");
-    let ca = load_or_create_ca(&tls_dir)?;
+    let ca = Arc::new(load_or_create_ca(&tls_dir)?);
     let ca_file = tls_dir.join("ca.crt");
     let ca_pem = ca.cert_pem().to_owned();
     let server_identity = match (&config.coordinator.tls_cert, &config.coordinator.tls_key) {
@@ -370,15 +390,36 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
     );
     let registry = revdial_listener.registry();
 
+    let binaries = Arc::new(buildlet_binaries(
+        &opts,
+        config.coordinator.buildlet_binaries.clone(),
+    ));
     let mut pools: HashMap<String, Arc<dyn Pool>> = HashMap::new();
     let local_parts = match sandbox.clone() {
         Some(sandbox) => {
             let (client, _, _) = load_or_issue(&tls_dir, "coordinator-client", || {
                 Ok(ca.issue_client("coordinator")?)
             })?;
-            Some((sandbox, Arc::new(ca), client))
+            Some((sandbox, ca.clone(), client))
         }
         None => None,
+    };
+    let cloud = crate::pool::cloud::CloudParts {
+        ca: ca.clone(),
+        ca_pem: ca_pem.clone(),
+        trust_pem: match &config.coordinator.tls_cert {
+            // Machines fetch from the coordinator's port: trust its configured chain.
+            Some(c) => format!(
+                "{ca_pem}\n{}",
+                std::fs::read_to_string(c).with_context(|| format!("reading {}", c.display()))?
+            ),
+            None => ca_pem.clone(),
+        },
+        binaries: binaries.clone(),
+        owner: crate::pool::reconcile::default_owner(&master_key),
+        listen_port: addr.port(),
+        tasks: tasks.clone(),
+        shutdown: shutdown.clone(),
     };
     for ht in &config.host_types {
         match &ht.pool {
@@ -411,8 +452,38 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
                     )),
                 );
             }
-            other => {
-                warn!(host_type = %ht.name, kind = other.kind(), "pool kind not available in this build; its builders will wait");
+            PoolConfig::Kube(k) => {
+                let pool = cloud.kube_pool(&ht.name, k).await?;
+                pools.insert(ht.name.clone(), pool);
+            }
+            PoolConfig::Ec2(e) => {
+                let pool = cloud.ec2_pool(&ht.name, e).await;
+                pools.insert(ht.name.clone(), pool);
+            }
+            PoolConfig::Docker(d) => {
+                let coordinator_ca_pem = match &config.coordinator.tls_cert {
+                    // Containers trust the chain of an operator's certificate as well.
+                    Some(c) => format!(
+                        "{ca_pem}\n{}",
+                        std::fs::read_to_string(c)
+                            .with_context(|| format!("reading {}", c.display()))?
+                    ),
+                    None => ca_pem.clone(),
+                };
+                let opts = crate::pool::docker::options(
+                    d,
+                    &ht.name,
+                    &data_dir,
+                    addr,
+                    ca.clone(),
+                    coordinator_ca_pem,
+                    binaries.clone(),
+                    shutdown.clone(),
+                );
+                pools.insert(
+                    ht.name.clone(),
+                    crate::pool::docker::DockerPool::new(opts, tasks.clone()),
+                );
             }
         }
     }
@@ -454,6 +525,7 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
             .as_ref()
             .and_then(|s| s.unsandboxed_reason())
             .map(str::to_owned),
+        binaries: Some(binaries.clone()),
     };
     let state = AppState {
         farm: farm.clone(),

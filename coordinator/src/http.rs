@@ -6,6 +6,7 @@
 //! from plain view structs; each view is built by a pure function with an explicit
 //! `now`, so tests render fixed pages.
 
+pub mod buildlet_bin;
 pub mod charts;
 pub mod dashboard;
 pub mod logs;
@@ -48,6 +49,8 @@ pub struct WebState {
     /// Why local buildlets run without a sandbox; `None` when they are sandboxed or
     /// there is no local pool. Fixed at start-up.
     pub unsandboxed: Option<String>,
+    /// The buildlet binaries served at `/buildlet/{os}-{arch}`; `None` serves none.
+    pub binaries: Option<Arc<crate::pool::bootstrap::BuildletBinaries>>,
 }
 
 /// What the pages report beyond the farm's own state.
@@ -56,6 +59,7 @@ pub struct WebParts {
     pub revdial: Option<revdial::Listener>,
     pub acceptor: Option<revdial::accept::Acceptor>,
     pub unsandboxed: Option<String>,
+    pub binaries: Option<Arc<crate::pool::bootstrap::BuildletBinaries>>,
 }
 
 impl WebState {
@@ -68,6 +72,7 @@ impl WebState {
             revdial: parts.revdial,
             acceptor: parts.acceptor,
             unsandboxed: parts.unsandboxed,
+            binaries: parts.binaries,
         });
         farm.tasks().spawn(sample_loop(farm.clone(), web.clone()));
         farm.tasks()
@@ -131,6 +136,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/builds", get(builds_json))
         .route("/api/builds/{id}", get(logs::build_json))
         .route("/webhook/{repo}", post(webhook))
+        .route("/buildlet/{platform}", get(buildlet_bin::serve))
         .with_state(state);
     // Not `merge`: the gRPC router's fallback answers every unknown path with an empty
     // gRPC UNIMPLEMENTED (HTTP 200). gRPC requests are told apart by their content type.

@@ -78,6 +78,12 @@ pub fn inner(root: &Path, filter: Option<&str>) -> Result<()> {
     if want("farm") {
         figures.extend(rt.block_on(super::bench_farm::farm_benches(&release, &out_dir))?);
     }
+    if want("pools") {
+        figures.extend(rt.block_on(super::bench_pools::pool_benches(
+            &release,
+            &out_dir.join("pools-work"),
+        ))?);
+    }
     if want("pages") {
         figures.extend(rt.block_on(super::bench_pages::pages_benches())?);
     }

@@ -4,14 +4,17 @@
 //!   `cargo fmt --check`, `cargo clippy --all-targets -D warnings`, the whole test suite.
 //! - `bench`: benchmarks that print ratios against a limit measured in the same run.
 //! - `certs`: a CA plus server and client certificates for trying things by hand.
+//! - `images`: the local Docker images of `env/` (see `images.rs`).
 //! - `fuzz`: each `cargo fuzz` target for a bounded time (needs nightly + cargo-fuzz); the
 //!   same fuzz bodies also run on stable in `cargo test` (the `tests/fuzz_bodies.rs` files).
 
 mod bench;
 mod bench_farm;
 mod bench_pages;
+mod bench_pools;
 mod bench_revdial;
 mod fuzz;
+mod images;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -50,6 +53,11 @@ enum Task {
         #[arg(long, default_value = "target/certs")]
         out: PathBuf,
     },
+    /// Build the local Docker images of env/ (`buildfarm/<host type>:local`).
+    Images {
+        /// Only the host types whose name contains this.
+        filter: Option<String>,
+    },
     /// Run every fuzz target for a bounded time each (needs nightly and cargo-fuzz).
     Fuzz {
         /// Seconds per target.
@@ -70,6 +78,7 @@ fn main() -> Result<()> {
         Task::BenchInner { filter } => bench::inner(&root, filter.as_deref()),
         Task::Certs { out } => certs(&root.join(out)),
         Task::Fuzz { seconds, filter } => fuzz::run(&root, seconds, filter.as_deref()),
+        Task::Images { filter } => images::run(&root, filter.as_deref()),
     }
 }
 
@@ -109,6 +118,14 @@ fn ci(root: &Path) -> Result<()> {
         "warnings",
     ]);
     run("clippy", clippy)?;
+
+    // The Docker pool's tests run builds in these images; without an engine they skip
+    // (and fail under CI=true, which says the engine must be there).
+    if images::engine_answers() {
+        images::run(root, None)?;
+    } else {
+        eprintln!("xtask: no Docker engine: not building env/ images");
+    }
 
     // Slow multi-process suites run in CI; developers opt in with BUILDFARM_SLOW_TESTS=1.
     let mut test = cargo();

@@ -91,6 +91,12 @@ pub struct CoordinatorConfig {
     /// least recently used go first. Default: `2 GiB`.
     #[serde(default = "default_source_cache_bytes")]
     pub source_cache_bytes: ByteSize,
+    /// Directory of cross-built buildlets, `buildlet.<os>-<arch>` (e.g.
+    /// `buildlet.linux-arm64`), served at `/buildlet/<os>-<arch>` to machines that fetch
+    /// themselves; a file here wins over the coordinator's own buildlet. Default: none
+    /// (only the coordinator's own platform is served).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buildlet_binaries: Option<PathBuf>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -125,6 +131,7 @@ impl Default for CoordinatorConfig {
             max_attempts: default_max_attempts(),
             gomote_idle_timeout: default_gomote_idle(),
             source_cache_bytes: default_source_cache_bytes(),
+            buildlet_binaries: None,
         }
     }
 }
@@ -283,7 +290,8 @@ pub struct ReversePool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KubePool {
-    /// Container image running the buildlet. Required.
+    /// Container image the pods run. It needs only `sh` and `curl` (or `wget`): the pod's
+    /// command fetches the buildlet from the coordinator at start. Required.
     pub image: String,
     /// Namespace the pods are created in. Default: `default`.
     #[serde(default = "default_namespace")]
@@ -294,17 +302,88 @@ pub struct KubePool {
     pub memory: ByteSize,
     /// Most pods alive at once; at least 1. Required.
     pub max_pods: u32,
+    /// Node labels a pod's node must have (the pod's `nodeSelector`). Default: none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the pods tolerate. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<KubeToleration>,
+    /// Port the buildlet listens on inside the pod; the coordinator dials the pod IP
+    /// there. Default: `8443`.
+    #[serde(default = "default_buildlet_port")]
+    pub buildlet_port: u16,
+    /// How long a pod may take from creation to a buildlet answering (image pull
+    /// included) before the attempt is an infrastructure failure. Default: `5m`.
+    #[serde(default = "default_kube_start_timeout", with = "humantime_serde")]
+    pub start_timeout: Duration,
+    /// A pod is deleted this long after it was created, leased or not (its deadline
+    /// label); a lease still holding it then is lost. Default: `6h`.
+    #[serde(default = "default_max_lifetime", with = "humantime_serde")]
+    pub max_lifetime: Duration,
+    /// `GOOS-GOARCH` of the machines: which buildlet binary they fetch. Default:
+    /// `linux-amd64`.
+    #[serde(default = "default_platform")]
+    pub platform: String,
+    /// `https://host:port` of the coordinator as pods see it: they fetch the buildlet
+    /// there, trusting the coordinator's CA, so `host` must be a name on its certificate.
+    /// Default: none, meaning `https://buildfarm-coordinator.<namespace>.svc:<the port
+    /// of [coordinator] listen>` (the Service of `deploy/kubernetes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator_url: Option<String>,
+    /// Value of the owner label on this coordinator's pods; the sweeper only touches
+    /// pods with this owner. Give every coordinator sharing a namespace its own.
+    /// Default: none, meaning `bf-` and 10 hex digits derived from the master key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// One entry of a kube pool's `tolerations`, as in a pod spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeToleration {
+    /// Taint key; empty with `operator = "Exists"` tolerates every taint. Default: empty.
+    #[serde(default)]
+    pub key: String,
+    /// `Equal` or `Exists`. Default: `Equal`.
+    #[serde(default = "default_toleration_operator")]
+    pub operator: String,
+    /// Taint value (with `Equal`; empty with `Exists`). Default: empty.
+    #[serde(default)]
+    pub value: String,
+    /// `NoSchedule`, `PreferNoSchedule`, `NoExecute`, or empty for all. Default: empty.
+    #[serde(default)]
+    pub effect: String,
 }
 
 fn default_namespace() -> String {
     "default".to_owned()
+}
+fn default_buildlet_port() -> u16 {
+    8443
+}
+fn default_kube_start_timeout() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+fn default_ec2_start_timeout() -> Duration {
+    Duration::from_secs(10 * 60)
+}
+fn default_max_lifetime() -> Duration {
+    Duration::from_secs(6 * 60 * 60)
+}
+fn default_platform() -> String {
+    "linux-amd64".to_owned()
+}
+fn default_toleration_operator() -> String {
+    "Equal".to_owned()
 }
 
 /// `kind = "ec2"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ec2Pool {
-    /// Machine image, `ami-...`. Required.
+    /// Machine image, `ami-...`. It needs only `sh`, `curl` (or `wget`) and something that
+    /// runs user-data (cloud-init): the user-data fetches the buildlet from the
+    /// coordinator at boot. Required.
     pub ami: String,
     /// Instance type, e.g. `c6i.large`. Required.
     pub instance_type: String,
@@ -318,6 +397,57 @@ pub struct Ec2Pool {
     pub max_instances: u32,
     /// On-demand vCPU quota shared by this pool's instances; at least 1. Required.
     pub vcpu_quota: u32,
+    /// vCPUs of one instance, counted against `vcpu_quota`; at least 1. Default: none,
+    /// meaning asked from EC2 (DescribeInstanceTypes) at the first acquire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus_per_instance: Option<u32>,
+    /// Subnet the instances are launched in, `subnet-...`. Default: none (the default
+    /// VPC's default subnet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet_id: Option<String>,
+    /// Security groups of the instances, `sg-...`; they must let the coordinator reach
+    /// `buildlet_port`. Default: none (the VPC's default group).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_group_ids: Vec<String>,
+    /// Which address of an instance the coordinator dials: `private` (same VPC) or
+    /// `public`. Default: `private`.
+    #[serde(default)]
+    pub address: Ec2Address,
+    /// Port the buildlet listens on. Default: `8443`.
+    #[serde(default = "default_buildlet_port")]
+    pub buildlet_port: u16,
+    /// How long an instance may take from RunInstances to a buildlet answering before
+    /// the attempt is an infrastructure failure. Default: `10m`.
+    #[serde(default = "default_ec2_start_timeout", with = "humantime_serde")]
+    pub start_timeout: Duration,
+    /// An instance is terminated this long after launch, leased or not (its deadline
+    /// tag); a lease still holding it then is lost. Default: `6h`.
+    #[serde(default = "default_max_lifetime", with = "humantime_serde")]
+    pub max_lifetime: Duration,
+    /// `GOOS-GOARCH` of the machines: which buildlet binary they fetch. Default:
+    /// `linux-amd64`.
+    #[serde(default = "default_platform")]
+    pub platform: String,
+    /// `https://host:port` of the coordinator as instances see it: they fetch the
+    /// buildlet there at boot, trusting the coordinator's CA, so `host` must be a name on
+    /// its certificate. Required.
+    pub coordinator_url: String,
+    /// Value of the owner tag on this coordinator's instances; the sweeper only touches
+    /// instances with this owner. Give every coordinator sharing an account its own.
+    /// Default: none, meaning `bf-` and 10 hex digits derived from the master key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// `address` of an EC2 pool: which address of an instance the coordinator dials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ec2Address {
+    /// The instance's private IPv4 address.
+    #[default]
+    Private,
+    /// The instance's public IPv4 address.
+    Public,
 }
 
 /// `kind = "docker"`.
@@ -331,6 +461,27 @@ pub struct DockerPool {
     pub network: Option<String>,
     /// Most containers alive at once; at least 1. Required.
     pub max: u32,
+    /// The Docker engine: `unix:///path/to/docker.sock`, or `tcp://host:port` (plain
+    /// HTTP; give such an engine only on a trusted network). The coordinator dials each
+    /// container at its address on `network`, so that network must be routable from
+    /// the coordinator. Default: none, meaning `DOCKER_HOST`, else the local socket
+    /// `/var/run/docker.sock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
+    /// Base URL containers fetch the buildlet from, `https://host:port`, with `host` a
+    /// name on the coordinator's certificate. Default: none, meaning
+    /// `https://localhost:<listen port>` dialled at the network's gateway address (the
+    /// coordinator must then listen on `0.0.0.0` or on that gateway address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator_url: Option<String>,
+    /// Longest a container may live; its `buildfarm.deadline` label says when that is,
+    /// and the sweeper removes it then (the lease is lost). Default: `12h`.
+    #[serde(default = "default_docker_lifetime", with = "humantime_serde")]
+    pub max_lifetime: Duration,
+}
+
+fn default_docker_lifetime() -> Duration {
+    Duration::from_secs(12 * 3600)
 }
 
 /// `[[builders]]`: one platform configuration that builds commits.

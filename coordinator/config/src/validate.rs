@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use crate::error::{ErrorKind, FieldPath};
 use crate::limits::Limits;
-use crate::model::{Builder, Config, CoordinatorConfig, Env, HostType, Pool, Repo, SandboxConfig};
+use crate::model::{
+    Builder, Config, CoordinatorConfig, Env, HostType, KubeToleration, Pool, Repo, SandboxConfig,
+};
 use crate::names::parse_builder_name;
 
 /// One problem found, before it is given a location.
@@ -33,6 +35,12 @@ impl Issues {
     }
 
     fn positive(&mut self, path: FieldPath, value: u32) {
+        if value == 0 {
+            self.push(path, ErrorKind::Zero);
+        }
+    }
+
+    fn positive_port(&mut self, path: FieldPath, value: u16) {
         if value == 0 {
             self.push(path, ErrorKind::Zero);
         }
@@ -111,6 +119,18 @@ pub(crate) fn check(config: &Config) -> Vec<Issue> {
         let path = FieldPath::root().key("host_types").index(i);
         host_type(&mut out, &path, h);
         out.unique(&mut seen, "host type", &h.name, path.key("name"));
+        // The default fetch URL names `localhost`, which only the generated certificate has.
+        if let Pool::Docker(d) = &h.pool
+            && d.coordinator_url.is_none()
+            && config.coordinator.tls_cert.is_some()
+        {
+            out.push(
+                path.key("pool").key("coordinator_url"),
+                ErrorKind::Invalid(
+                    "required when [coordinator] tls_cert is set: containers fetch the buildlet from a name on that certificate".into(),
+                ),
+            );
+        }
     }
 
     let mut seen = HashMap::new();
@@ -318,8 +338,35 @@ fn host_type(out: &mut Issues, path: &FieldPath, h: &HostType) {
                 out.push(pool.key("memory"), ErrorKind::Zero);
             }
             out.positive(pool.key("max_pods"), p.max_pods);
+            for (k, v) in &p.node_selector {
+                if !is_label_key(k) || !is_label_value(v) {
+                    out.push(
+                        pool.key("node_selector").key(k),
+                        ErrorKind::Invalid(format!(
+                            "node selector \"{k}\" = \"{v}\" must be a Kubernetes label key and value"
+                        )),
+                    );
+                }
+            }
+            for (i, t) in p.tolerations.iter().enumerate() {
+                toleration(out, &pool.key("tolerations").index(i), t);
+            }
+            out.positive_port(pool.key("buildlet_port"), p.buildlet_port);
+            out.positive_duration(pool.key("start_timeout"), p.start_timeout);
+            out.positive_duration(pool.key("max_lifetime"), p.max_lifetime);
+            if let Some(o) = &p.owner
+                && !is_label_value(o)
+            {
+                out.push(pool.key("owner"), owner_error(o));
+            }
+            if let Some(u) = &p.coordinator_url {
+                https_url(out, pool.key("coordinator_url"), u);
+            }
+            platform(out, pool.key("platform"), &p.platform);
         }
         Pool::Ec2(p) => {
+            https_url(out, pool.key("coordinator_url"), &p.coordinator_url);
+            platform(out, pool.key("platform"), &p.platform);
             if !p.ami.starts_with("ami-") || p.ami.len() == 4 {
                 out.push(
                     pool.key("ami"),
@@ -340,6 +387,44 @@ fn host_type(out: &mut Issues, path: &FieldPath, h: &HostType) {
             }
             out.positive(pool.key("max_instances"), p.max_instances);
             out.positive(pool.key("vcpu_quota"), p.vcpu_quota);
+            if let Some(v) = p.vcpus_per_instance {
+                out.positive(pool.key("vcpus_per_instance"), v);
+                if v > p.vcpu_quota {
+                    out.push(
+                        pool.key("vcpus_per_instance"),
+                        ErrorKind::Invalid(format!(
+                            "one instance needs {v} vCPUs, more than the pool's vcpu_quota of {}",
+                            p.vcpu_quota
+                        )),
+                    );
+                }
+            }
+            if let Some(s) = &p.subnet_id
+                && !s.starts_with("subnet-")
+            {
+                out.push(
+                    pool.key("subnet_id"),
+                    ErrorKind::Invalid(format!("subnet \"{s}\" must look like subnet-<id>")),
+                );
+            }
+            for (i, g) in p.security_group_ids.iter().enumerate() {
+                if !g.starts_with("sg-") {
+                    out.push(
+                        pool.key("security_group_ids").index(i),
+                        ErrorKind::Invalid(format!(
+                            "security group \"{g}\" must look like sg-<id>"
+                        )),
+                    );
+                }
+            }
+            out.positive_port(pool.key("buildlet_port"), p.buildlet_port);
+            out.positive_duration(pool.key("start_timeout"), p.start_timeout);
+            out.positive_duration(pool.key("max_lifetime"), p.max_lifetime);
+            if let Some(o) = &p.owner
+                && !is_label_value(o)
+            {
+                out.push(pool.key("owner"), owner_error(o));
+            }
         }
         Pool::Docker(p) => {
             out.non_empty(pool.key("image"), &p.image);
@@ -347,8 +432,144 @@ fn host_type(out: &mut Issues, path: &FieldPath, h: &HostType) {
                 out.non_empty(pool.key("network"), n);
             }
             out.positive(pool.key("max"), p.max);
+            if let Some(e) = &p.engine
+                && !["unix://", "tcp://", "http://"]
+                    .iter()
+                    .any(|scheme| e.starts_with(scheme) && e.len() > scheme.len())
+            {
+                out.push(
+                    pool.key("engine"),
+                    ErrorKind::Invalid(format!(
+                        "engine \"{e}\" must look like unix:///var/run/docker.sock or tcp://host:port"
+                    )),
+                );
+            }
+            if let Some(url) = &p.coordinator_url
+                && !(url.starts_with("https://") && url.len() > "https://".len())
+            {
+                out.push(
+                    pool.key("coordinator_url"),
+                    ErrorKind::Invalid(format!(
+                        "coordinator URL \"{url}\" must start with https:// (containers fetch the buildlet over TLS)"
+                    )),
+                );
+            }
+            if p.max_lifetime.is_zero() {
+                out.push(pool.key("max_lifetime"), ErrorKind::Zero);
+            }
         }
     }
+}
+
+fn toleration(out: &mut Issues, path: &FieldPath, t: &KubeToleration) {
+    match t.operator.as_str() {
+        "Equal" => {}
+        "Exists" if t.value.is_empty() => {}
+        "Exists" => out.push(
+            path.key("value"),
+            ErrorKind::Invalid("must be empty with operator \"Exists\"".into()),
+        ),
+        other => out.push(
+            path.key("operator"),
+            ErrorKind::Invalid(format!(
+                "operator \"{other}\" must be \"Equal\" or \"Exists\""
+            )),
+        ),
+    }
+    if t.key.is_empty() && t.operator != "Exists" {
+        out.push(
+            path.key("key"),
+            ErrorKind::Invalid("an empty key needs operator \"Exists\"".into()),
+        );
+    }
+    if !t.key.is_empty() && !is_label_key(&t.key) {
+        out.push(
+            path.key("key"),
+            ErrorKind::Invalid(format!("\"{}\" is not a Kubernetes label key", t.key)),
+        );
+    }
+    if !matches!(
+        t.effect.as_str(),
+        "" | "NoSchedule" | "PreferNoSchedule" | "NoExecute"
+    ) {
+        out.push(
+            path.key("effect"),
+            ErrorKind::Invalid(format!(
+                "effect \"{}\" must be NoSchedule, PreferNoSchedule, NoExecute or empty",
+                t.effect
+            )),
+        );
+    }
+}
+
+/// `GOOS-GOARCH`, as the coordinator serves buildlets under.
+fn platform(out: &mut Issues, path: FieldPath, p: &str) {
+    let part = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    };
+    if !matches!(p.split_once('-'), Some((os, arch)) if part(os) && part(arch)) {
+        out.push(
+            path,
+            ErrorKind::Invalid(format!(
+                "platform \"{p}\" must be GOOS-GOARCH, e.g. linux-arm64"
+            )),
+        );
+    }
+}
+
+/// Machines fetch the buildlet over HTTPS only.
+fn https_url(out: &mut Issues, path: FieldPath, url: &str) {
+    let host = url
+        .strip_prefix("https://")
+        .map(|r| r.split('/').next().unwrap_or(""));
+    if host.is_none_or(str::is_empty) {
+        out.push(
+            path,
+            ErrorKind::Invalid(format!(
+                "coordinator URL \"{url}\" must look like https://host:port"
+            )),
+        );
+    }
+}
+
+fn owner_error(owner: &str) -> ErrorKind {
+    ErrorKind::Invalid(format!(
+        "owner \"{owner}\" must be a Kubernetes label value and an EC2 tag value: 1 to 63 of [A-Za-z0-9._-], starting and ending alphanumeric"
+    ))
+}
+
+/// A Kubernetes label value (non-empty here): at most 63 of `[A-Za-z0-9._-]`, starting
+/// and ending with an alphanumeric.
+fn is_label_value(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+/// A Kubernetes label key: an optional DNS-subdomain prefix and `/`, then a name shaped
+/// like a label value.
+fn is_label_key(s: &str) -> bool {
+    let (prefix, name) = match s.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|part| {
+                !part.is_empty()
+                    && part
+                        .bytes()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+            })
+    });
+    prefix_ok && is_label_value(name)
 }
 
 /// A Kubernetes CPU quantity: decimal cores (`2`, `1.5`) or millicores (`500m`), above zero.
@@ -505,6 +726,70 @@ url = "/srv/r"
             errors.contains("c.toml:10:1: repos[0].danger_accept_unsigned_webhooks: set together with webhook_secret"),
             "{errors}"
         );
+    }
+
+    #[test]
+    fn cloud_pool_fields_are_checked_with_their_paths() {
+        let text = r#"
+[[host_types]]
+name = "k"
+[host_types.pool]
+kind = "kube"
+image = "i"
+cpu = "1"
+memory = "1 GiB"
+max_pods = 1
+node_selector = { "bad key!" = "x" }
+tolerations = [{ operator = "Sometimes" }, { key = "a", operator = "Exists", value = "v" }]
+owner = "-bad-"
+platform = "linux"
+coordinator_url = "http://c:1"
+
+[[host_types]]
+name = "e"
+[host_types.pool]
+kind = "ec2"
+ami = "ami-1"
+instance_type = "c5.large"
+region = "r"
+max_instances = 1
+vcpu_quota = 2
+vcpus_per_instance = 4
+subnet_id = "net-1"
+security_group_ids = ["sg-1", "group"]
+coordinator_url = "ftp://c"
+start_timeout = "0s"
+"#;
+        let errors = crate::Config::from_toml_str(text, "c.toml")
+            .expect_err("bad cloud fields accepted")
+            .to_string();
+        for needle in [
+            "host_types[0].pool.node_selector.bad key!",
+            "host_types[0].pool.tolerations[0].operator: operator \"Sometimes\"",
+            "host_types[0].pool.tolerations[1].value: must be empty",
+            "host_types[0].pool.owner:",
+            "host_types[0].pool.platform: platform \"linux\" must be GOOS-GOARCH",
+            "host_types[0].pool.coordinator_url:",
+            "host_types[1].pool.vcpus_per_instance: one instance needs 4 vCPUs",
+            "host_types[1].pool.subnet_id:",
+            "host_types[1].pool.security_group_ids[1]:",
+            "host_types[1].pool.coordinator_url:",
+            "host_types[1].pool.start_timeout:",
+        ] {
+            assert!(errors.contains(needle), "no {needle:?} in:\n{errors}");
+        }
+    }
+
+    #[test]
+    fn kube_label_keys_and_values() {
+        for ok in ["a", "node-pool", "kubernetes.io/arch", "x.y-z/A_b.c", "n1"] {
+            assert!(is_label_key(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "/a", "A.B/c", "a/b/", &"x".repeat(64)] {
+            assert!(!is_label_key(bad), "{bad}");
+        }
+        assert!(is_label_value("bf-0123456789"));
+        assert!(!is_label_value("has space"));
     }
 
     #[test]

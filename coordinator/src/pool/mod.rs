@@ -1,8 +1,15 @@
 //! Pools hand out buildlets of one host type and take them back. Every pool kind
-//! (local, reverse, and later kube, ec2, docker) implements [`Pool`]; the dispatcher
+//! (local, reverse, docker, kube and ec2) implements [`Pool`]; the dispatcher
 //! never knows which kind it is talking to.
 
+pub mod bootstrap;
+pub mod cloud;
+pub mod docker;
+pub mod ec2;
+pub mod kube;
 pub mod local;
+pub mod provision;
+pub mod reconcile;
 pub mod reverse;
 pub mod sandbox;
 
