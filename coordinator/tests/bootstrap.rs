@@ -50,7 +50,7 @@ async fn coordinator(buildlet: &Path) -> Coord {
     )
     .await
     .expect("start coordinator");
-    let data = running.farm.data_dir.clone();
+    let data = running.farm.data_dir().to_path_buf();
     let ca = app::load_or_create_ca(&data.join("tls")).expect("ca");
     Coord {
         _tmp: tmp,

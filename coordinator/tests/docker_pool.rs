@@ -75,11 +75,11 @@ async fn the_example_module_builds_in_containers() {
     )
     .await
     .expect("start coordinator");
-    let owner = coordinator::pool::docker::owner_id(&running.farm.data_dir);
+    let owner = coordinator::pool::docker::owner_id(running.farm.data_dir());
 
     let deadline = tokio::time::Instant::now() + WAIT;
     let build = loop {
-        let builds = running.farm.store.recent_builds(10).await.expect("store");
+        let builds = running.farm.store().recent_builds(10).await.expect("store");
         if let Some(b) = builds
             .iter()
             .find(|b| b.builder == native && b.state.is_final())
@@ -94,7 +94,7 @@ async fn the_example_module_builds_in_containers() {
     };
     let log = running
         .farm
-        .store
+        .store()
         .get_log(&build.id)
         .await
         .expect("log")
@@ -104,7 +104,7 @@ async fn the_example_module_builds_in_containers() {
     assert!(log.contains("ok"), "go test reported no ok:\n{log}");
     let attempts = running
         .farm
-        .store
+        .store()
         .list_attempts(&build.id)
         .await
         .expect("attempts");
@@ -171,8 +171,12 @@ async fn a_restarted_coordinator_sweeps_what_the_last_one_left() {
         }
     };
     let first = start(config.clone()).await;
-    let owner = coordinator::pool::docker::owner_id(&first.farm.data_dir);
-    let pool = first.farm.pools["linux-amd64-docker"].clone();
+    let owner = coordinator::pool::docker::owner_id(first.farm.data_dir());
+    let pool = first
+        .farm
+        .pool("linux-amd64-docker")
+        .expect("docker pool")
+        .clone();
     let lease = tokio::time::timeout(
         WAIT,
         pool.acquire(&tokio_util::sync::CancellationToken::new()),

@@ -277,12 +277,7 @@ impl Farm {
     }
 
     fn pool(&self) -> Arc<dyn Pool> {
-        self.running
-            .farm
-            .pools
-            .get(HOST_TYPE)
-            .expect("the pool")
-            .clone()
+        self.running.farm.pool(HOST_TYPE).expect("the pool").clone()
     }
 
     async fn stop(self) {
@@ -347,7 +342,7 @@ impl Fixture for LocalFixture {
         let stale = root.join("contract-1-stale");
         std::fs::create_dir_all(&stale).expect("mkdir");
         std::fs::write(stale.join("left.txt"), "from a crashed run").expect("write");
-        let mut config = self.farm.running.farm.config.clone();
+        let mut config = self.farm.running.farm.config().clone();
         config.coordinator.data_dir = self.farm.tmp.path().join("data2");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -393,7 +388,7 @@ impl ReverseFixture {
             expected: expected as u32,
         });
         let farm = Farm::start(pool, "127.0.0.1:0", &common::buildlet_bin(), |_, _| {}).await;
-        let key = revdial::handshake::builder_key(&farm.running.farm.master_key, HOST_TYPE);
+        let key = revdial::handshake::builder_key(farm.running.farm.master_key(), HOST_TYPE);
         let key_file = farm.tmp.path().join("builder.key");
         std::fs::write(&key_file, format!("{key}\n")).expect("key");
         let mut machines = Vec::new();
@@ -494,7 +489,7 @@ impl DockerFixture {
     }
 
     fn owner(&self) -> String {
-        coordinator::pool::docker::owner_id(&self.farm.running.farm.data_dir)
+        coordinator::pool::docker::owner_id(self.farm.running.farm.data_dir())
     }
 }
 
@@ -567,7 +562,7 @@ impl DockerFixture {
 
 fn docker_pool_options(f: &DockerFixture) -> coordinator::pool::docker::DockerPoolOptions {
     let running = &f.farm.running;
-    let ca = app::load_or_create_ca(&running.farm.data_dir.join("tls")).expect("ca");
+    let ca = app::load_or_create_ca(&running.farm.data_dir().join("tls")).expect("ca");
     let config = DockerPoolConfig {
         image: "unused".into(),
         network: Some(f.env.network.clone()),
@@ -579,7 +574,7 @@ fn docker_pool_options(f: &DockerFixture) -> coordinator::pool::docker::DockerPo
     coordinator::pool::docker::options(
         &config,
         HOST_TYPE,
-        &running.farm.data_dir,
+        running.farm.data_dir(),
         running.addr,
         Arc::new(ca),
         running.ca_pem.clone(),

@@ -124,12 +124,7 @@ async fn start(
         },
     )
     .await?;
-    let pool = running
-        .farm
-        .pools
-        .get(HOST_TYPE)
-        .context("the pool")?
-        .clone();
+    let pool = running.farm.pool(HOST_TYPE).context("the pool")?.clone();
     Ok((running, pool))
 }
 
@@ -212,7 +207,7 @@ async fn measure_docker(
         dir.path().to_owned(),
     )
     .await?;
-    let owner = coordinator::pool::docker::owner_id(&running.farm.data_dir);
+    let owner = coordinator::pool::docker::owner_id(running.farm.data_dir());
     let r = measure(pool.as_ref(), || {
         let owner = owner.clone();
         async move { containers(&owner) == 0 }
