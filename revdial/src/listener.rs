@@ -12,15 +12,15 @@ use std::time::{Duration, SystemTime};
 
 use buildfarm_proto::revdial::tunnel_client::TunnelClient;
 use buildfarm_proto::revdial::{Hello, PingRequest};
+use hyper::client::conn::http2;
 use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::accept::{Acceptor, ConnLimits, Tracked};
@@ -286,10 +286,12 @@ impl Listener {
         let kill = CancellationToken::new();
         let lost = CancellationToken::new();
         let io = WatchedIo::new(io, signal.clone(), kill.clone());
-        let channel = connect_channel(io, cfg, &self.inner.tasks).await.map_err(|source| {
-            kill.cancel();
-            DialInError::Channel { peer, source }
-        })?;
+        let channel = connect_channel(io, cfg, &self.inner.tasks)
+            .await
+            .map_err(|source| {
+                kill.cancel();
+                DialInError::Channel { peer, source }
+            })?;
         let channel = TunnelChannel::new(
             channel,
             lost.clone(),

@@ -9,9 +9,9 @@ use buildfarm_proto::revdial::tunnel_server::{Tunnel, TunnelServer};
 use buildfarm_proto::revdial::{PingRequest, PingResponse};
 use futures::future::BoxFuture;
 use http_body_util::BodyExt;
+use hyper::client::conn::http2::SendRequest;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
-use hyper::client::conn::http2::SendRequest;
 use tonic::{Request, Response, Status};
 
 /// Answers pings; served by every dialer.

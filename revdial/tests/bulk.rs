@@ -80,7 +80,10 @@ impl Buildlet for Store {
         unimplemented()
     }
     type GetTarStream = BoxStream<DataChunk>;
-    async fn get_tar(&self, _: Request<GetTarRequest>) -> Result<Response<Self::GetTarStream>, Status> {
+    async fn get_tar(
+        &self,
+        _: Request<GetTarRequest>,
+    ) -> Result<Response<Self::GetTarStream>, Status> {
         let all = self.0.lock().expect("store lock").clone();
         let chunks: Vec<_> = (0..all.len().div_ceil(MESSAGE))
             .map(|i| {
@@ -137,7 +140,8 @@ impl Setup {
         })
         .await;
         let mut events = farm.listener.registry().subscribe();
-        let mut cfg = farm.dialer_config(farm.addr, HOST_TYPE, "bulk-1", Farm::builder_key(HOST_TYPE));
+        let mut cfg =
+            farm.dialer_config(farm.addr, HOST_TYPE, "bulk-1", Farm::builder_key(HOST_TYPE));
         cfg.max_frame_size = dialer_frame;
         let store = Store::default();
         let stop = CancellationToken::new();
@@ -167,7 +171,9 @@ impl Setup {
     async fn round_trip(&self, data: &Bytes, what: &str) {
         let mut client = BuildletClient::new(self.channel.clone());
         let header = PutTarRequest {
-            msg: Some(put_tar_request::Msg::Header(PutTarHeader { dir: String::new() })),
+            msg: Some(put_tar_request::Msg::Header(PutTarHeader {
+                dir: String::new(),
+            })),
         };
         let chunks: Vec<_> = (0..data.len().div_ceil(MESSAGE))
             .map(|i| PutTarRequest {
@@ -229,7 +235,11 @@ fn sizes_around(frame: u32) -> Vec<usize> {
     let mut v: Vec<usize> = (f - 16..=f + 1)
         .filter(|&n| message(n).abs_diff(f) <= 1 || n.abs_diff(f) <= 1)
         .collect();
-    assert_eq!(v.len(), 6, "three message sizes and three payload sizes around {f}");
+    assert_eq!(
+        v.len(),
+        6,
+        "three message sizes and three payload sizes around {f}"
+    );
     v.sort_unstable();
     v
 }

@@ -160,39 +160,88 @@ impl Samples {
     }
 }
 
+/// A tunnel: a listener with `cfg` and one dialer in the remote runtime whose max
+/// frame size is `dialer_frame`.
+struct OneTunnel {
+    farm: TunnelFarm,
+    channel: revdial::TunnelChannel,
+    stop: CancellationToken,
+    dialer: tokio::task::JoinHandle<Result<(), revdial::DialerError>>,
+}
+
+impl OneTunnel {
+    async fn start(remote: &Remote, cfg: ListenerConfig, dialer_frame: u32) -> Result<OneTunnel> {
+        let farm = TunnelFarm::start(cfg).await?;
+        let mut events = farm.listener.registry().subscribe();
+        let stop = CancellationToken::new();
+        let mut dcfg = dialer_config(
+            &farm.addr.to_string(),
+            farm.ca.cert_pem(),
+            "bench-1",
+            Duration::from_secs(5),
+        );
+        dcfg.max_frame_size = dialer_frame;
+        let dialer = remote
+            .handle()
+            .spawn(revdial::run_dialer(dcfg, bench_routes(), stop.clone()));
+        let id = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match events.recv().await {
+                    Ok(HostEvent::Connected(info)) => return Ok(info.id),
+                    Ok(_) => {}
+                    Err(e) => bail!("registry events: {e}"),
+                }
+            }
+        })
+        .await
+        .context("the dialer did not connect within 10 s")??;
+        let channel = farm
+            .listener
+            .registry()
+            .get(id)
+            .context("host vanished")?
+            .channel;
+        Ok(OneTunnel {
+            farm,
+            channel,
+            stop,
+            dialer,
+        })
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.dialer).await;
+        self.farm.stop().await;
+    }
+}
+
+/// HTTP/2's default max frame size, for the A/B figure of the frame size alone.
+const H2_DEFAULT_FRAME: u32 = 16 << 10;
+
 async fn throughput_and_latency() -> Result<Vec<Figure>> {
     let remote = Remote::new()?;
-    let farm = TunnelFarm::start(ListenerConfig::default()).await?;
-    let mut events = farm.listener.registry().subscribe();
-    let dialer_stop = CancellationToken::new();
-    let cfg = dialer_config(
-        &farm.addr.to_string(),
-        farm.ca.cert_pem(),
-        "bench-1",
-        Duration::from_secs(5),
-    );
-    let dialer = remote.handle().spawn(revdial::run_dialer(
-        cfg,
-        bench_routes(),
-        dialer_stop.clone(),
-    ));
-    let id = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match events.recv().await {
-                Ok(HostEvent::Connected(info)) => return Ok(info.id),
-                Ok(_) => {}
-                Err(e) => bail!("registry events: {e}"),
-            }
-        }
-    })
-    .await
-    .context("the dialer did not connect within 10 s")??;
-    let host = farm.listener.registry().get(id).context("host vanished")?;
+    let tunnel = OneTunnel::start(
+        &remote,
+        ListenerConfig::default(),
+        revdial::h2::MAX_FRAME_SIZE,
+    )
+    .await?;
+    let small = OneTunnel::start(
+        &remote,
+        ListenerConfig {
+            max_frame_size: H2_DEFAULT_FRAME,
+            ..ListenerConfig::default()
+        },
+        H2_DEFAULT_FRAME,
+    )
+    .await?;
     let fwd = ForwardServer::start(&remote).await?;
     let rtt_server = RawTlsPeer::start(&remote).await?;
 
     // Callers run as tasks on the caller's runtime, as the coordinator's do.
-    let (tunnel_ch, fwd_ch) = (host.channel.clone(), fwd.channel.clone());
+    let (tunnel_ch, fwd_ch) = (tunnel.channel.clone(), fwd.channel.clone());
+    let small_ch = small.channel.clone();
     let rtt_stop = rtt_server.stop.clone();
     let h = remote.handle();
     let m = tokio::spawn(async move {
@@ -203,6 +252,9 @@ async fn throughput_and_latency() -> Result<Vec<Figure>> {
             m.tunnel_down.push(time_get_tar(&mut tun).await?);
             m.tls_down.push(raw_tls_stream(&h, Direction::Down).await?);
             m.tunnel_up.push(time_put_tar(&mut tun).await?);
+            let mut sm = BuildletClient::new(small_ch.clone());
+            m.small_down.push(time_get_tar(&mut sm).await?);
+            m.small_up.push(time_put_tar(&mut sm).await?);
             m.tls_up.push(raw_tls_stream(&h, Direction::Up).await?);
             m.fwd_down.push(time_get_tar(&mut fw).await?);
             m.fwd_up.push(time_put_tar(&mut fw).await?);
@@ -271,6 +323,20 @@ async fn throughput_and_latency() -> Result<Vec<Figure>> {
             ),
         ),
         stream(
+            "revdial_stream_frames_16k",
+            &m.small_down,
+            &m.tls_down,
+            format!(
+                "the same GetTar through a tunnel whose ends advertise HTTP/2's default 16 KiB frames (A/B of the frame size); {medians}"
+            ),
+        ),
+        stream(
+            "revdial_stream_up_frames_16k",
+            &m.small_up,
+            &m.tls_up,
+            format!("the same PutTar with 16 KiB frames both ways; {medians}"),
+        ),
+        stream(
             "revdial_stream_vs_tcp",
             &m.tunnel_down,
             &m.tcp_down,
@@ -328,9 +394,8 @@ async fn throughput_and_latency() -> Result<Vec<Figure>> {
     ];
     fwd.stop.cancel();
     rtt_stop.cancel();
-    dialer_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), dialer).await;
-    farm.stop().await;
+    tunnel.stop().await;
+    small.stop().await;
     drop(remote);
     Ok(figures)
 }
@@ -338,6 +403,8 @@ async fn throughput_and_latency() -> Result<Vec<Figure>> {
 #[derive(Default)]
 struct Measured {
     tunnel_down: Samples,
+    small_down: Samples,
+    small_up: Samples,
     tunnel_up: Samples,
     fwd_down: Samples,
     fwd_up: Samples,
@@ -388,7 +455,9 @@ where
 {
     let chunk = tonic::codegen::Bytes::from(vec![0x5a_u8; CHUNK]);
     let header = PutTarRequest {
-        msg: Some(put_tar_request::Msg::Header(PutTarHeader { dir: String::new() })),
+        msg: Some(put_tar_request::Msg::Header(PutTarHeader {
+            dir: String::new(),
+        })),
     };
     let data = futures::stream::iter((0..STREAM_BYTES.div_ceil(CHUNK)).map(move |i| {
         let n = (STREAM_BYTES - i * CHUNK).min(CHUNK);
@@ -406,7 +475,10 @@ where
     .into_inner();
     let elapsed = t.elapsed();
     if resp.bytes != STREAM_BYTES as u64 {
-        bail!("PutTar stream delivered {} of {STREAM_BYTES} bytes", resp.bytes);
+        bail!(
+            "PutTar stream delivered {} of {STREAM_BYTES} bytes",
+            resp.bytes
+        );
     }
     Ok(elapsed)
 }
@@ -566,7 +638,9 @@ impl RawTlsPeer {
                 let token = token.clone();
                 h2.spawn(async move {
                     let _ = s.set_nodelay(true);
-                    let Ok(mut s) = acceptor.accept(s).await else { return };
+                    let Ok(mut s) = acceptor.accept(s).await else {
+                        return;
+                    };
                     let mut buf = [0u8; RTT_BYTES];
                     loop {
                         tokio::select! {
@@ -881,9 +955,12 @@ async fn fleet() -> Result<Vec<Figure>> {
     let bound = keepalive + cfg_timeout;
     let stopped = Instant::now();
     signal_child(pid, libc::SIGSTOP)?;
-    let lost_all = wait_count("lost tunnels", n, bound * 3 + Duration::from_secs(30), || {
-        n - registry.len().min(n)
-    })
+    let lost_all = wait_count(
+        "lost tunnels",
+        n,
+        bound * 3 + Duration::from_secs(30),
+        || n - registry.len().min(n),
+    )
     .await;
     let detect = stopped.elapsed();
     signal_child(pid, libc::SIGCONT)?;
