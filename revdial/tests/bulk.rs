@@ -14,7 +14,7 @@ use buildfarm_proto::buildlet::buildlet_server::{Buildlet, BuildletServer};
 use buildfarm_proto::buildlet::*;
 use bytes::Bytes;
 use common::*;
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use rand::{RngCore, SeedableRng};
 use revdial::{ListenerConfig, TunnelChannel};
 use tokio_util::sync::CancellationToken;
