@@ -10,6 +10,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Bulk chunks are `bytes::Bytes`: decoding slices the received buffer instead of
+    // copying every chunk into a fresh `Vec`, and senders hand over their buffers.
+    tonic_prost_build::configure()
+        .bytes(".buildfarm.buildlet.v1.DataChunk.data")
+        .bytes(".buildfarm.buildlet.v1.PutTarRequest.data")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -580,7 +580,7 @@ impl BuildletClient {
                             p(sent);
                         }
                         let msg = pb::PutTarRequest {
-                            msg: Some(pb::put_tar_request::Msg::Data(data.to_vec())),
+                            msg: Some(pb::put_tar_request::Msg::Data(data)),
                         };
                         if tx.send(msg).await.is_err() {
                             break;

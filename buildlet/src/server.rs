@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use buildfarm_proto::buildlet as pb;
 use buildfarm_proto::buildlet::buildlet_server::{Buildlet, BuildletServer};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -411,7 +411,8 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// A `Write` that sends fixed-size chunks into a channel, waiting when it is full.
 struct ChannelWriter {
     tx: mpsc::Sender<Result<pb::DataChunk, Status>>,
-    buf: Vec<u8>,
+    /// Frozen into a chunk when full; `split` hands the filled part over without a copy.
+    buf: BytesMut,
 }
 
 impl ChannelWriter {
@@ -419,7 +420,8 @@ impl ChannelWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(GET_TAR_CHUNK));
+        let data = self.buf.split().freeze();
+        self.buf.reserve(GET_TAR_CHUNK);
         self.tx
             .blocking_send(Ok(pb::DataChunk { data }))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "caller went away"))
@@ -465,7 +467,7 @@ impl Buildlet for BuildletService {
         let data = stream.map(move |m| match m {
             Ok(pb::PutTarRequest {
                 msg: Some(Msg::Data(d)),
-            }) => Ok(Bytes::from(d)),
+            }) => Ok(d),
             Ok(_) => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "put_tar message after the header is not data",
@@ -659,7 +661,7 @@ impl Buildlet for BuildletService {
         self.inner.tasks.spawn_blocking(move || {
             let mut w = ChannelWriter {
                 tx: tx.clone(),
-                buf: Vec::with_capacity(GET_TAR_CHUNK),
+                buf: BytesMut::with_capacity(GET_TAR_CHUNK),
             };
             let res = tarball::write_tar_gz(&src, &mut w);
             let res = match res {

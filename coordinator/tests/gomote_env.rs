@@ -486,7 +486,7 @@ async fn oversized_unary_and_streamed_messages_get_resource_exhausted_naming_the
         cp::InstancePutTarRequest {
             instance: String::new(),
             request: Some(bp::PutTarRequest {
-                msg: Some(bp::put_tar_request::Msg::Data(vec![0u8; 2 << 20])),
+                msg: Some(bp::put_tar_request::Msg::Data(vec![0u8; 2 << 20].into())),
             }),
         },
     ];

@@ -689,6 +689,7 @@ where
         .timer(TokioTimer::new())
         .keep_alive_interval(limits.keepalive_interval)
         .keep_alive_timeout(limits.keepalive_timeout)
+        .max_frame_size(crate::h2::MAX_FRAME_SIZE)
         .max_header_list_size(u32::try_from(decode_bound).unwrap_or(u32::MAX));
     let http = builder.serve_connection(io, svc);
     tokio::pin!(http);

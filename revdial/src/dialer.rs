@@ -66,13 +66,19 @@ pub struct DialerConfig {
     pub connect_timeout: Duration,
     /// Bound on the revdial handshake. Default 10 s.
     pub handshake_timeout: Duration,
-    /// HTTP/2 PING interval of the server side. Default 5 s.
+    /// The dialer sends no PINGs of its own; it closes the tunnel (and dials again)
+    /// when nothing arrives from the coordinator, which pings quiet tunnels, for
+    /// `keepalive_interval + keepalive_timeout`. Their sum must exceed the
+    /// coordinator's keep-alive interval (5 s by default). Defaults 5 s and 5 s.
     pub keepalive_interval: Duration,
-    /// An unanswered PING closes the tunnel after this long. Default 5 s.
+    /// See `keepalive_interval`. Default 5 s.
     pub keepalive_timeout: Duration,
     /// HTTP/2 flow-control windows. Defaults 4 MiB per stream, 16 MiB per connection.
     pub stream_window: u32,
     pub connection_window: u32,
+    /// Largest HTTP/2 frame this end accepts (PutTar chunks from the coordinator travel
+    /// in frames up to this size). Default [`crate::h2::MAX_FRAME_SIZE`] (256 KiB).
+    pub max_frame_size: u32,
     pub backoff: Backoff,
     /// On shutdown, in-flight calls get this long to finish before the tunnel is cut.
     /// Default 5 s.
@@ -100,8 +106,9 @@ impl DialerConfig {
             handshake_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(5),
-            stream_window: 4 << 20,
-            connection_window: 16 << 20,
+            stream_window: crate::h2::STREAM_WINDOW,
+            connection_window: crate::h2::CONNECTION_WINDOW,
+            max_frame_size: crate::h2::MAX_FRAME_SIZE,
             backoff: Backoff::default(),
             shutdown_grace: Duration::from_secs(5),
         }
@@ -389,11 +396,15 @@ async fn serve_tunnel(
             }
         }
     };
+    // No HTTP/2 PINGs of our own: the coordinator pings every tunnel that is quiet, so
+    // frames arrive at least every keep-alive interval, and `quiet_watch` notices when
+    // they stop. Each idle tunnel then costs the coordinator one PING exchange per
+    // interval instead of two.
     let server = Server::builder()
-        .http2_keepalive_interval(Some(cfg.keepalive_interval))
-        .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
+        .http2_keepalive_interval(None)
         .initial_stream_window_size(cfg.stream_window)
         .initial_connection_window_size(cfg.connection_window)
+        .max_frame_size(Some(cfg.max_frame_size))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, stop);
     tokio::pin!(server);
@@ -403,6 +414,11 @@ async fn serve_tunnel(
     };
     let result = tokio::select! {
         r = &mut server => r,
+        quiet = quiet_watch(&signal, cfg.keepalive_interval + cfg.keepalive_timeout) => {
+            signal.fire(|| format!("nothing heard from the coordinator for {quiet:?}"));
+            kill.cancel();
+            server.await
+        }
         _ = cut_after_grace => {
             warn!(grace = ?cfg.shutdown_grace, "in-flight calls did not finish in time; closing the tunnel");
             kill.cancel();
@@ -413,6 +429,23 @@ async fn serve_tunnel(
         info!(reason = %signal.reason(), "reverse tunnel lost");
     }
     result.map_err(AttemptError::from)
+}
+
+/// Returns once a whole `window` passes without a read that brought data; returns the
+/// window. A live coordinator sends at least a PING per keep-alive interval, so the
+/// window (the dialer's keep-alive interval plus timeout) must exceed the
+/// coordinator's keep-alive interval; the defaults are 10 s against 5 s. A dead
+/// coordinator is noticed within two windows.
+async fn quiet_watch(signal: &LinkSignal, window: Duration) -> Duration {
+    let mut seen = signal.reads();
+    loop {
+        tokio::time::sleep(window).await;
+        let now = signal.reads();
+        if now == seen {
+            return window;
+        }
+        seen = now;
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod accept;
 mod auth;
 mod backoff;
 mod dialer;
+pub mod h2;
 pub mod handshake;
 mod link;
 mod listener;

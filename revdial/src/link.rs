@@ -5,6 +5,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -12,10 +13,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// Fired once when the connection under a tunnel is gone; keeps the first reason.
+/// Also counts reads that brought data, so a watchdog can tell a silent peer.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct LinkSignal {
     token: CancellationToken,
     reason: Arc<Mutex<Option<String>>>,
+    reads: Arc<AtomicU64>,
 }
 
 impl LinkSignal {
@@ -37,6 +40,11 @@ impl LinkSignal {
 
     pub(crate) async fn fired(&self) {
         self.token.cancelled().await
+    }
+
+    /// Reads that returned data so far.
+    pub(crate) fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
     }
 
     pub(crate) fn reason(&self) -> String {
@@ -99,6 +107,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for WatchedIo<T> {
             Poll::Ready(Ok(())) => {
                 if had_room && buf.filled().len() == before {
                     this.signal.fire(|| "peer closed the connection".to_owned());
+                } else if buf.filled().len() > before {
+                    this.signal.reads.fetch_add(1, Ordering::Relaxed);
                 }
                 Poll::Ready(Ok(()))
             }
@@ -188,6 +198,7 @@ mod tests {
         let mut buf = [0; 2];
         w.read_exact(&mut buf).await.unwrap();
         assert!(!signal.token.is_cancelled(), "data is not death");
+        assert!(signal.reads() >= 1, "a read with data is counted");
         drop(b);
         assert_eq!(w.read(&mut buf).await.unwrap(), 0);
         assert!(signal.token.is_cancelled());

@@ -12,14 +12,15 @@ use std::time::{Duration, SystemTime};
 
 use buildfarm_proto::revdial::tunnel_client::TunnelClient;
 use buildfarm_proto::revdial::{Hello, PingRequest};
+use hyper::client::conn::http2;
 use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::{Channel, Endpoint};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::accept::{Acceptor, ConnLimits, Tracked};
@@ -42,13 +43,18 @@ pub struct ListenerConfig {
     pub keepalive_timeout: Duration,
     /// Time a dialer has for the whole handshake (TLS excluded). Default 10 s.
     pub handshake_timeout: Duration,
-    /// Interval of the `Tunnel.Ping` round trips that measure RTT. Default 10 s.
+    /// Interval of the `Tunnel.Ping` round trips that measure RTT. Default 30 s: liveness
+    /// is the HTTP/2 keep-alive's job, and a gRPC call costs an idle fleet several
+    /// times what a PING does.
     pub ping_interval: Duration,
     /// HTTP/2 flow-control window per stream. Default 4 MiB.
     pub stream_window: u32,
     /// HTTP/2 flow-control window per connection; larger than a stream's so one big
     /// transfer cannot starve small calls. Default 16 MiB.
     pub connection_window: u32,
+    /// Largest HTTP/2 frame this end accepts (the dialer's GetTar chunks travel in
+    /// frames up to this size). Default [`crate::h2::MAX_FRAME_SIZE`] (256 KiB).
+    pub max_frame_size: u32,
 }
 
 impl Default for ListenerConfig {
@@ -57,9 +63,10 @@ impl Default for ListenerConfig {
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
-            ping_interval: Duration::from_secs(10),
-            stream_window: 4 << 20,
-            connection_window: 16 << 20,
+            ping_interval: Duration::from_secs(30),
+            stream_window: crate::h2::STREAM_WINDOW,
+            connection_window: crate::h2::CONNECTION_WINDOW,
+            max_frame_size: crate::h2::MAX_FRAME_SIZE,
         }
     }
 }
@@ -95,7 +102,7 @@ pub enum DialInError {
     #[error("opening the reverse gRPC channel to {peer}: {source}")]
     Channel {
         peer: SocketAddr,
-        source: tonic::transport::Error,
+        source: hyper::Error,
     },
     #[error("listener is shut down")]
     ShutDown,
@@ -279,10 +286,12 @@ impl Listener {
         let kill = CancellationToken::new();
         let lost = CancellationToken::new();
         let io = WatchedIo::new(io, signal.clone(), kill.clone());
-        let channel = connect_channel(io, cfg).await.map_err(|source| {
-            kill.cancel();
-            DialInError::Channel { peer, source }
-        })?;
+        let channel = connect_channel(io, cfg, &self.inner.tasks)
+            .await
+            .map_err(|source| {
+                kill.cancel();
+                DialInError::Channel { peer, source }
+            })?;
         let channel = TunnelChannel::new(
             channel,
             lost.clone(),
@@ -322,36 +331,35 @@ impl Listener {
     }
 }
 
-/// Makes an HTTP/2 client over the already-open stream. tonic calls the connector
-/// again after the connection drops; the stream is handed out once, so later calls
-/// fail and the channel's calls get `Unavailable`.
+/// Makes the HTTP/2 client over the already-open stream: hyper's connection task
+/// (owned by the listener's task tracker) and the handle calls go through. No tonic
+/// `Channel`: its request buffer is one more task hop per call and its queue a few KiB
+/// per tunnel, and there is nothing to reconnect to anyway.
 async fn connect_channel<S>(
     io: WatchedIo<S>,
     cfg: &ListenerConfig,
-) -> Result<Channel, tonic::transport::Error>
+    tasks: &TaskTracker,
+) -> Result<http2::SendRequest<tonic::body::Body>, hyper::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let slot = Arc::new(Mutex::new(Some(io)));
-    let connector = tower::service_fn(move |_: http::Uri| {
-        let io = slot.lock().ok().and_then(|mut s| s.take());
-        async move {
-            io.map(TokioIo::new).ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::NotConnected,
-                    "reverse tunnel is closed; the host must dial in again",
-                )
-            })
-        }
-    });
-    Endpoint::from_static("http://revdial.invalid")
-        .http2_keep_alive_interval(cfg.keepalive_interval)
+    let (send, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(cfg.keepalive_interval)
         .keep_alive_timeout(cfg.keepalive_timeout)
         .keep_alive_while_idle(true)
         .initial_stream_window_size(cfg.stream_window)
         .initial_connection_window_size(cfg.connection_window)
-        .connect_with_connector(connector)
-        .await
+        .max_frame_size(cfg.max_frame_size)
+        .handshake(TokioIo::new(io))
+        .await?;
+    // Ends when the stream dies (WatchedIo fires the link signal) or is killed.
+    tasks.spawn(async move {
+        if let Err(error) = conn.await {
+            debug!(%error, "reverse tunnel connection ended");
+        }
+    });
+    Ok(send)
 }
 
 /// Watches one tunnel until it dies, measuring ping round trips meanwhile.

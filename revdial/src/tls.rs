@@ -207,6 +207,9 @@ pub async fn connect_channel(
         .http2_keep_alive_interval(std::time::Duration::from_secs(20))
         .keep_alive_timeout(std::time::Duration::from_secs(10))
         .keep_alive_while_idle(true)
+        .initial_stream_window_size(crate::h2::STREAM_WINDOW)
+        .initial_connection_window_size(crate::h2::CONNECTION_WINDOW)
+        .max_frame_size(crate::h2::MAX_FRAME_SIZE)
         .tcp_nodelay(true);
     let connector = tokio_rustls::TlsConnector::from(config);
     let addr = addr.to_owned();

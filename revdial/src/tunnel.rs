@@ -9,9 +9,9 @@ use buildfarm_proto::revdial::tunnel_server::{Tunnel, TunnelServer};
 use buildfarm_proto::revdial::{PingRequest, PingResponse};
 use futures::future::BoxFuture;
 use http_body_util::BodyExt;
+use hyper::client::conn::http2::SendRequest;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 /// Answers pings; served by every dialer.
@@ -36,13 +36,13 @@ impl TunnelService {
 /// including ones in flight, fails with `Unavailable`.
 #[derive(Clone, Debug)]
 pub struct TunnelChannel {
-    inner: Channel,
+    inner: SendRequest<Body>,
     lost: CancellationToken,
     host: std::sync::Arc<str>,
 }
 
 impl TunnelChannel {
-    pub(crate) fn new(inner: Channel, lost: CancellationToken, host: String) -> Self {
+    pub(crate) fn new(inner: SendRequest<Body>, lost: CancellationToken, host: String) -> Self {
         TunnelChannel {
             inner,
             lost,
@@ -71,15 +71,25 @@ impl tower::Service<http::Request<Body>> for TunnelChannel {
             return Poll::Ready(Ok(()));
         }
         let host = self.host.clone();
-        tower::Service::poll_ready(&mut self.inner, cx).map_err(|e| unavailable(&host, e))
+        self.inner.poll_ready(cx).map_err(|e| unavailable(&host, e))
     }
 
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         let host = self.host.clone();
         if self.lost.is_cancelled() {
             return Box::pin(async move { Err(unavailable(&host, "host disconnected")) });
         }
-        let fut = tower::Service::call(&mut self.inner, req);
+        // gRPC clients send a path only; HTTP/2 needs a scheme and an authority.
+        let mut uri = std::mem::take(req.uri_mut()).into_parts();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(http::uri::Authority::from_static("revdial.invalid"));
+        match http::Uri::from_parts(uri) {
+            Ok(u) => *req.uri_mut() = u,
+            Err(e) => {
+                return Box::pin(async move { Err(Status::internal(format!("request uri: {e}"))) });
+            }
+        }
+        let fut = self.inner.send_request(req);
         Box::pin(async move {
             match fut.await {
                 Ok(res) => Ok(res.map(|body| {

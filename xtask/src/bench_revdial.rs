@@ -21,7 +21,7 @@ use buildfarm_proto::buildlet::buildlet_server::{Buildlet, BuildletServer};
 use buildfarm_proto::buildlet::*;
 use buildfarm_proto::revdial::PingRequest;
 use buildfarm_proto::revdial::tunnel_client::TunnelClient;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use revdial::tls::{self, CertificateAuthority};
 use revdial::{
     Authenticator, Credential, DialerConfig, HostEvent, Listener, ListenerConfig, TunnelService,
@@ -102,119 +102,321 @@ fn bench_routes() -> Routes {
     Routes::new(BuildletServer::new(StreamBuildlet))
 }
 
-async fn throughput_and_latency() -> Result<Vec<Figure>> {
-    let farm = TunnelFarm::start(ListenerConfig::default()).await?;
-    let mut events = farm.listener.registry().subscribe();
-    let dialer_stop = CancellationToken::new();
-    let cfg = dialer_config(
-        &farm.addr.to_string(),
-        farm.ca.cert_pem(),
-        "bench-1",
-        Duration::from_secs(5),
-    );
-    let dialer = tokio::spawn(revdial::run_dialer(
-        cfg,
-        bench_routes(),
-        dialer_stop.clone(),
-    ));
-    let id = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match events.recv().await {
-                Ok(HostEvent::Connected(info)) => return Ok(info.id),
-                Ok(_) => {}
-                Err(e) => bail!("registry events: {e}"),
-            }
-        }
-    })
-    .await
-    .context("the dialer did not connect within 10 s")??;
-    let host = farm.listener.registry().get(id).context("host vanished")?;
+/// Rounds of the stream and call benches; each figure is the median over rounds, and
+/// every round measures each path and its baseline back to back (interleaved), so a
+/// burst of load from elsewhere on the machine hits both.
+const ROUNDS: usize = 3;
 
-    // 1. Throughput.
-    let mut client = BuildletClient::new(host.channel.clone());
-    let tunnel = time_stream(&mut client).await?;
-    let tcp = raw_tcp_stream().await?;
-    let tls_time = raw_tls_stream().await?;
-    let mb = STREAM_BYTES as f64 / 1e6;
-    let rate = |d: Duration| mb / d.as_secs_f64();
-    let mut figures = vec![
-        Figure {
-            name: "revdial_stream_vs_tls".into(),
-            measured: rate(tunnel),
-            baseline: rate(tls_time),
-            unit: "MB/s".into(),
-            ratio: tls_time.as_secs_f64() / tunnel.as_secs_f64(),
-            note: format!(
-                "{mb:.0} MB gRPC GetTar stream through a tunnel; baseline: raw tokio-rustls write; target >= 0.8"
-            ),
-        },
-        Figure {
-            name: "revdial_stream_vs_tcp".into(),
-            measured: rate(tunnel),
-            baseline: rate(tcp),
-            unit: "MB/s".into(),
-            ratio: tcp.as_secs_f64() / tunnel.as_secs_f64(),
-            note: format!("{mb:.0} MB; baseline: raw TCP write of 64 KiB chunks"),
-        },
-    ];
+/// The far end's runtime: the dialer (a buildlet in production runs in its own
+/// process), the forward server and the far end of each raw baseline. Separate from
+/// the caller's runtime, as the coordinator and a buildlet are.
+struct Remote {
+    rt: Option<tokio::runtime::Runtime>,
+}
 
-    // The same stream over a forward gRPC connection: is the cost the tunnel's or gRPC's?
-    let fwd = ForwardServer::start().await?;
-    let forward_stream = time_stream(&mut BuildletClient::new(fwd.channel.clone())).await?;
-    figures.push(Figure {
-        name: "revdial_stream_vs_grpc".into(),
-        measured: rate(tunnel),
-        baseline: rate(forward_stream),
-        unit: "MB/s".into(),
-        ratio: forward_stream.as_secs_f64() / tunnel.as_secs_f64(),
-        note: format!(
-            "{mb:.0} MB; baseline: the same GetTar over a forward gRPC/TLS connection (default windows)"
-        ),
-    });
+impl Remote {
+    fn new() -> Result<Remote> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("bench-remote")
+            .enable_all()
+            .build()
+            .context("building the remote runtime")?;
+        Ok(Remote { rt: Some(rt) })
+    }
 
-    // 2. Small-call latency: the same Ping service, through the tunnel and forward.
-    let mut via_tunnel = TunnelClient::new(host.channel.clone());
-    let mut forward = TunnelClient::new(fwd.channel.clone());
-    let mut t_tunnel = Vec::with_capacity(PINGS);
-    let mut t_forward = Vec::with_capacity(PINGS);
-    for i in 0..PINGS + 50 {
-        let t = Instant::now();
-        via_tunnel.ping(PingRequest {}).await?;
-        let a = t.elapsed();
-        let t = Instant::now();
-        forward.ping(PingRequest {}).await?;
-        let b = t.elapsed();
-        // The first calls warm up both connections.
-        if i >= 50 {
-            t_tunnel.push(a);
-            t_forward.push(b);
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.rt {
+            Some(rt) => rt.handle().clone(),
+            None => unreachable!("the runtime is only taken on drop"),
         }
     }
-    let (tun, fw) = (median(t_tunnel), median(t_forward));
-    figures.push(Figure {
-        name: "revdial_ping_latency".into(),
-        measured: tun.as_secs_f64() * 1e6,
-        baseline: fw.as_secs_f64() * 1e6,
-        unit: "us".into(),
-        ratio: fw.as_secs_f64() / tun.as_secs_f64(),
-        note: format!(
-            "median of {PINGS} unary Tunnel.Ping; baseline: forward gRPC over TLS to the same service"
-        ),
-    });
-    fwd.stop.cancel();
+}
 
-    dialer_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), dialer).await;
-    farm.stop().await;
+impl Drop for Remote {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another one's context would panic.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Medians and percentiles of one kind of measurement across rounds.
+#[derive(Default)]
+struct Samples(Vec<Duration>);
+
+impl Samples {
+    fn push(&mut self, d: Duration) {
+        self.0.push(d);
+    }
+    fn pct(&self, p: f64) -> Duration {
+        let mut v = self.0.clone();
+        v.sort();
+        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+        v.get(i).copied().unwrap_or_default()
+    }
+    fn median(&self) -> Duration {
+        self.pct(0.5)
+    }
+}
+
+/// A tunnel: a listener with `cfg` and one dialer in the remote runtime whose max
+/// frame size is `dialer_frame`.
+struct OneTunnel {
+    farm: TunnelFarm,
+    channel: revdial::TunnelChannel,
+    stop: CancellationToken,
+    dialer: tokio::task::JoinHandle<Result<(), revdial::DialerError>>,
+}
+
+impl OneTunnel {
+    async fn start(remote: &Remote, cfg: ListenerConfig, dialer_frame: u32) -> Result<OneTunnel> {
+        let farm = TunnelFarm::start(cfg).await?;
+        let mut events = farm.listener.registry().subscribe();
+        let stop = CancellationToken::new();
+        let mut dcfg = dialer_config(
+            &farm.addr.to_string(),
+            farm.ca.cert_pem(),
+            "bench-1",
+            Duration::from_secs(5),
+        );
+        dcfg.max_frame_size = dialer_frame;
+        let dialer = remote
+            .handle()
+            .spawn(revdial::run_dialer(dcfg, bench_routes(), stop.clone()));
+        let id = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match events.recv().await {
+                    Ok(HostEvent::Connected(info)) => return Ok(info.id),
+                    Ok(_) => {}
+                    Err(e) => bail!("registry events: {e}"),
+                }
+            }
+        })
+        .await
+        .context("the dialer did not connect within 10 s")??;
+        let channel = farm
+            .listener
+            .registry()
+            .get(id)
+            .context("host vanished")?
+            .channel;
+        Ok(OneTunnel {
+            farm,
+            channel,
+            stop,
+            dialer,
+        })
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.dialer).await;
+        self.farm.stop().await;
+    }
+}
+
+/// HTTP/2's default max frame size, for the A/B figure of the frame size alone.
+const H2_DEFAULT_FRAME: u32 = 16 << 10;
+
+async fn throughput_and_latency() -> Result<Vec<Figure>> {
+    let remote = Remote::new()?;
+    let tunnel = OneTunnel::start(
+        &remote,
+        ListenerConfig::default(),
+        revdial::h2::MAX_FRAME_SIZE,
+    )
+    .await?;
+    let small = OneTunnel::start(
+        &remote,
+        ListenerConfig {
+            max_frame_size: H2_DEFAULT_FRAME,
+            ..ListenerConfig::default()
+        },
+        H2_DEFAULT_FRAME,
+    )
+    .await?;
+    let fwd = ForwardServer::start(&remote).await?;
+    let rtt_server = RawTlsPeer::start(&remote).await?;
+
+    // Callers run as tasks on the caller's runtime, as the coordinator's do.
+    let (tunnel_ch, fwd_ch) = (tunnel.channel.clone(), fwd.channel.clone());
+    let small_ch = small.channel.clone();
+    let rtt_stop = rtt_server.stop.clone();
+    let h = remote.handle();
+    let m = tokio::spawn(async move {
+        let mut m = Measured::default();
+        for _ in 0..ROUNDS {
+            let mut tun = BuildletClient::new(tunnel_ch.clone());
+            let mut fw = BuildletClient::new(fwd_ch.clone());
+            m.tunnel_down.push(time_get_tar(&mut tun).await?);
+            m.tls_down.push(raw_tls_stream(&h, Direction::Down).await?);
+            m.tunnel_up.push(time_put_tar(&mut tun).await?);
+            let mut sm = BuildletClient::new(small_ch.clone());
+            m.small_down.push(time_get_tar(&mut sm).await?);
+            m.small_up.push(time_put_tar(&mut sm).await?);
+            m.tls_up.push(raw_tls_stream(&h, Direction::Up).await?);
+            m.fwd_down.push(time_get_tar(&mut fw).await?);
+            m.fwd_up.push(time_put_tar(&mut fw).await?);
+            m.tcp_down.push(raw_tcp_stream(&h).await?);
+            let mut via_tunnel = TunnelClient::new(tunnel_ch.clone());
+            let mut forward = TunnelClient::new(fwd_ch.clone());
+            let mut raw = rtt_server.connect().await?;
+            for i in 0..PINGS + 50 {
+                let t = Instant::now();
+                via_tunnel.ping(PingRequest {}).await?;
+                let a = t.elapsed();
+                let t = Instant::now();
+                forward.ping(PingRequest {}).await?;
+                let b = t.elapsed();
+                let t = Instant::now();
+                raw_round_trip(&mut raw).await?;
+                let c = t.elapsed();
+                // The first calls of a round warm up the connections.
+                if i >= 50 {
+                    m.ping_tunnel.push(a);
+                    m.ping_fwd.push(b);
+                    m.rtt_tls.push(c);
+                }
+            }
+        }
+        Ok::<_, anyhow::Error>(m)
+    })
+    .await
+    .context("the measuring task panicked")??;
+
+    let mb = STREAM_BYTES as f64 / 1e6;
+    let rate = |d: Duration| mb / d.as_secs_f64();
+    let stream = |name: &str, got: &Samples, base: &Samples, note: String| Figure {
+        name: name.into(),
+        measured: rate(got.median()),
+        baseline: rate(base.median()),
+        unit: "MB/s".into(),
+        ratio: base.median().as_secs_f64() / got.median().as_secs_f64(),
+        note,
+    };
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let latency = |name: &str, got: &Samples, p: f64, note: String| Figure {
+        name: name.into(),
+        measured: us(got.pct(p)),
+        baseline: us(m.rtt_tls.pct(p)),
+        unit: "us".into(),
+        ratio: m.rtt_tls.pct(p).as_secs_f64() / got.pct(p).as_secs_f64(),
+        note,
+    };
+    let medians = format!("median of {ROUNDS} interleaved rounds");
+    let figures = vec![
+        stream(
+            "revdial_stream_vs_tls",
+            &m.tunnel_down,
+            &m.tls_down,
+            format!(
+                "{mb:.0} MB GetTar down a tunnel (dialer in its own runtime); baseline: raw tokio-rustls, writer in the same other runtime; {medians}; goal >= 0.95"
+            ),
+        ),
+        stream(
+            "revdial_stream_up_vs_tls",
+            &m.tunnel_up,
+            &m.tls_up,
+            format!(
+                "{mb:.0} MB PutTar up a tunnel; baseline: raw tokio-rustls the same way; {medians}; goal >= 0.95"
+            ),
+        ),
+        stream(
+            "revdial_stream_frames_16k",
+            &m.small_down,
+            &m.tls_down,
+            format!(
+                "the same GetTar through a tunnel whose ends advertise HTTP/2's default 16 KiB frames (A/B of the frame size); {medians}"
+            ),
+        ),
+        stream(
+            "revdial_stream_up_frames_16k",
+            &m.small_up,
+            &m.tls_up,
+            format!("the same PutTar with 16 KiB frames both ways; {medians}"),
+        ),
+        stream(
+            "revdial_stream_vs_tcp",
+            &m.tunnel_down,
+            &m.tcp_down,
+            format!("{mb:.0} MB GetTar; baseline: raw TCP write of 64 KiB chunks; {medians}"),
+        ),
+        stream(
+            "forward_stream_vs_tls",
+            &m.fwd_down,
+            &m.tls_down,
+            format!(
+                "{mb:.0} MB GetTar over forward gRPC/TLS (buildlet listen mode); baseline: raw tokio-rustls; {medians}; goal >= 0.95"
+            ),
+        ),
+        stream(
+            "forward_stream_up_vs_tls",
+            &m.fwd_up,
+            &m.tls_up,
+            format!(
+                "{mb:.0} MB PutTar over forward gRPC/TLS; baseline: raw tokio-rustls; {medians}; goal >= 0.95"
+            ),
+        ),
+        stream(
+            "revdial_stream_vs_grpc",
+            &m.tunnel_down,
+            &m.fwd_down,
+            format!("{mb:.0} MB GetTar; baseline: the same over forward gRPC/TLS; {medians}"),
+        ),
+        latency(
+            "revdial_ping_p50",
+            &m.ping_tunnel,
+            0.5,
+            format!(
+                "p50 of {} unary Tunnel.Ping through a tunnel; baseline: p50 of a raw TLS {RTT_BYTES}-byte request/response round trip; goal ratio >= 0.67 (<= 1.5x)",
+                m.ping_tunnel.0.len()
+            ),
+        ),
+        latency(
+            "revdial_ping_p99",
+            &m.ping_tunnel,
+            0.99,
+            "p99 of the same; baseline: p99 of the raw TLS round trip".into(),
+        ),
+        latency(
+            "forward_ping_p50",
+            &m.ping_fwd,
+            0.5,
+            "p50 of Tunnel.Ping over forward gRPC/TLS; baseline: raw TLS round trip p50; goal ratio >= 0.67".into(),
+        ),
+        latency(
+            "forward_ping_p99",
+            &m.ping_fwd,
+            0.99,
+            "p99 of the same; baseline: raw TLS round trip p99".into(),
+        ),
+    ];
+    fwd.stop.cancel();
+    rtt_stop.cancel();
+    tunnel.stop().await;
+    small.stop().await;
+    drop(remote);
     Ok(figures)
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v.get(v.len() / 2).copied().unwrap_or_default()
+#[derive(Default)]
+struct Measured {
+    tunnel_down: Samples,
+    small_down: Samples,
+    small_up: Samples,
+    tunnel_up: Samples,
+    fwd_down: Samples,
+    fwd_up: Samples,
+    tls_down: Samples,
+    tls_up: Samples,
+    tcp_down: Samples,
+    ping_tunnel: Samples,
+    ping_fwd: Samples,
+    rtt_tls: Samples,
 }
 
-async fn time_stream<C>(client: &mut BuildletClient<C>) -> Result<Duration>
+async fn time_get_tar<C>(client: &mut BuildletClient<C>) -> Result<Duration>
 where
     C: tonic::client::GrpcService<tonic::body::Body>,
     C::Error: Into<tonic::codegen::StdError>,
@@ -236,10 +438,47 @@ where
         Ok::<_, Status>(got)
     })
     .await
-    .context("tunnel stream took over 300 s")??;
+    .context("GetTar stream took over 300 s")??;
     let elapsed = t.elapsed();
     if got != STREAM_BYTES {
-        bail!("tunnel stream delivered {got} of {STREAM_BYTES} bytes");
+        bail!("GetTar stream delivered {got} of {STREAM_BYTES} bytes");
+    }
+    Ok(elapsed)
+}
+
+async fn time_put_tar<C>(client: &mut BuildletClient<C>) -> Result<Duration>
+where
+    C: tonic::client::GrpcService<tonic::body::Body>,
+    C::Error: Into<tonic::codegen::StdError>,
+    C::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <C::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let chunk = tonic::codegen::Bytes::from(vec![0x5a_u8; CHUNK]);
+    let header = PutTarRequest {
+        msg: Some(put_tar_request::Msg::Header(PutTarHeader {
+            dir: String::new(),
+        })),
+    };
+    let data = futures::stream::iter((0..STREAM_BYTES.div_ceil(CHUNK)).map(move |i| {
+        let n = (STREAM_BYTES - i * CHUNK).min(CHUNK);
+        PutTarRequest {
+            msg: Some(put_tar_request::Msg::Data(chunk.slice(..n).into())),
+        }
+    }));
+    let t = Instant::now();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(300),
+        client.put_tar(futures::stream::once(async { header }).chain(data)),
+    )
+    .await
+    .context("PutTar stream took over 300 s")??
+    .into_inner();
+    let elapsed = t.elapsed();
+    if resp.bytes != STREAM_BYTES as u64 {
+        bail!(
+            "PutTar stream delivered {} of {STREAM_BYTES} bytes",
+            resp.bytes
+        );
     }
     Ok(elapsed)
 }
@@ -268,22 +507,23 @@ async fn read_count(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<usize
     }
 }
 
-async fn raw_tcp_stream() -> Result<Duration> {
+/// Raw TCP: the remote end writes, this end reads; timed from the first byte asked for
+/// (after connecting) to the last received.
+async fn raw_tcp_stream(remote: &tokio::runtime::Handle) -> Result<Duration> {
     let tcp = TcpListener::bind("127.0.0.1:0").await?;
     let addr = tcp.local_addr()?;
-    let writer = tokio::spawn(async move {
-        let (mut s, _) = tcp.accept().await?;
+    let writer = remote.spawn(async move {
+        let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
+        let mut s = s;
         write_all_chunks(&mut s).await
     });
+    let (mut s, _) = tcp.accept().await?;
+    s.set_nodelay(true)?;
     let t = Instant::now();
-    let got = tokio::time::timeout(Duration::from_secs(300), async {
-        let mut s = TcpStream::connect(addr).await?;
-        s.set_nodelay(true)?;
-        read_count(&mut s).await
-    })
-    .await
-    .context("raw tcp stream took over 300 s")??;
+    let got = tokio::time::timeout(Duration::from_secs(300), read_count(&mut s))
+        .await
+        .context("raw tcp stream took over 300 s")??;
     let elapsed = t.elapsed();
     writer.await??;
     if got != STREAM_BYTES {
@@ -292,34 +532,151 @@ async fn raw_tcp_stream() -> Result<Duration> {
     Ok(elapsed)
 }
 
-async fn raw_tls_stream() -> Result<Duration> {
+/// Which way bytes flow, seen from the caller (the coordinator): down is from the far
+/// end (GetTar), up is to it (PutTar).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Down,
+    Up,
+}
+
+/// Raw TLS between the two runtimes: the remote end dials (as a dialer does), then
+/// bytes flow `dir`; timed after the handshake, until the reader has the last byte.
+async fn raw_tls_stream(remote: &tokio::runtime::Handle, dir: Direction) -> Result<Duration> {
     let ca = CertificateAuthority::generate("bench raw tls")?;
     let server = ca.issue_server(&["localhost"])?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&server, None, &[])?);
     let connector = tokio_rustls::TlsConnector::from(tls::client_config(ca.cert_pem(), None, &[])?);
     let tcp = TcpListener::bind("127.0.0.1:0").await?;
     let addr = tcp.local_addr()?;
-    let writer = tokio::spawn(async move {
-        let (s, _) = tcp.accept().await?;
-        s.set_nodelay(true)?;
-        let mut s = acceptor.accept(s).await?;
-        write_all_chunks(&mut s).await
-    });
-    let t = Instant::now();
-    let got = tokio::time::timeout(Duration::from_secs(300), async {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+    let far = remote.spawn(async move {
         let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
         let mut s = connector.connect(tls::server_name("localhost")?, s).await?;
-        read_count(&mut s).await
+        // Wait until the near end has started its clock.
+        let _ = ready_rx.await;
+        match dir {
+            Direction::Down => {
+                write_all_chunks(&mut s).await?;
+                // Drain until the reader closes: closing with unread bytes (the
+                // server's session tickets) would reset the connection under it.
+                let _ = read_count(&mut s).await;
+                Ok(STREAM_BYTES)
+            }
+            Direction::Up => read_count(&mut s).await,
+        }
+    });
+    let (s, _) = tcp.accept().await?;
+    s.set_nodelay(true)?;
+    let mut s = acceptor.accept(s).await?;
+    let t = Instant::now();
+    let _ = ready_tx.send(());
+    let got = tokio::time::timeout(Duration::from_secs(300), async {
+        match dir {
+            Direction::Down => {
+                let got = read_count(&mut s).await;
+                let _ = s.shutdown().await;
+                got
+            }
+            Direction::Up => {
+                write_all_chunks(&mut s).await?;
+                far.await.context("raw tls reader panicked")?
+            }
+        }
     })
     .await
     .context("raw tls stream took over 300 s")??;
     let elapsed = t.elapsed();
-    writer.await??;
     if got != STREAM_BYTES {
         bail!("raw tls delivered {got} of {STREAM_BYTES} bytes");
     }
     Ok(elapsed)
+}
+
+/// A loopback listener not yet tied to a runtime, for the remote one to take.
+fn bind_std() -> Result<(std::net::TcpListener, SocketAddr)> {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
+    tcp.set_nonblocking(true)?;
+    let addr = tcp.local_addr()?;
+    Ok((tcp, addr))
+}
+
+/// Bytes each way of the raw TLS round trip: about what a small unary gRPC call puts
+/// on the wire (HEADERS, DATA and trailers after HPACK).
+const RTT_BYTES: usize = 64;
+
+/// A raw TLS echo in the remote runtime: reads [`RTT_BYTES`], answers as many.
+struct RawTlsPeer {
+    addr: SocketAddr,
+    connector: tokio_rustls::TlsConnector,
+    stop: CancellationToken,
+}
+
+impl RawTlsPeer {
+    async fn start(remote: &Remote) -> Result<RawTlsPeer> {
+        let ca = CertificateAuthority::generate("bench rtt")?;
+        let server = ca.issue_server(&["localhost"])?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&server, None, &[])?);
+        let connector =
+            tokio_rustls::TlsConnector::from(tls::client_config(ca.cert_pem(), None, &[])?);
+        let (tcp, addr) = bind_std()?;
+        let stop = CancellationToken::new();
+        let h = remote.handle();
+        let h2 = h.clone();
+        let token = stop.clone();
+        h.spawn(async move {
+            let Ok(tcp) = TcpListener::from_std(tcp) else {
+                return;
+            };
+            loop {
+                let (s, _) = tokio::select! {
+                    _ = token.cancelled() => return,
+                    r = tcp.accept() => match r { Ok(x) => x, Err(_) => return },
+                };
+                let acceptor = acceptor.clone();
+                let token = token.clone();
+                h2.spawn(async move {
+                    let _ = s.set_nodelay(true);
+                    let Ok(mut s) = acceptor.accept(s).await else {
+                        return;
+                    };
+                    let mut buf = [0u8; RTT_BYTES];
+                    loop {
+                        tokio::select! {
+                            _ = token.cancelled() => return,
+                            r = s.read_exact(&mut buf) => if r.is_err() { return },
+                        }
+                        if s.write_all(&buf).await.is_err() || s.flush().await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(RawTlsPeer {
+            addr,
+            connector,
+            stop,
+        })
+    }
+
+    async fn connect(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let s = TcpStream::connect(self.addr).await?;
+        s.set_nodelay(true)?;
+        Ok(self
+            .connector
+            .connect(tls::server_name("localhost")?, s)
+            .await?)
+    }
+}
+
+async fn raw_round_trip(s: &mut tokio_rustls::client::TlsStream<TcpStream>) -> Result<()> {
+    let mut buf = [0x5a_u8; RTT_BYTES];
+    s.write_all(&buf).await?;
+    s.flush().await?;
+    s.read_exact(&mut buf).await?;
+    Ok(())
 }
 
 /// The bench service served forward: a TLS gRPC server (the buildlet's own accept
@@ -330,20 +687,21 @@ struct ForwardServer {
 }
 
 impl ForwardServer {
-    async fn start() -> Result<ForwardServer> {
+    async fn start(remote: &Remote) -> Result<ForwardServer> {
         let ca = CertificateAuthority::generate("bench forward")?;
         let server = ca.issue_server(&["localhost"])?;
         let server_tls = tls::server_config(&server, None, &[tls::ALPN_H2])?;
-        let tcp = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = tcp.local_addr()?;
+        let (tcp, addr) = bind_std()?;
         let stop = CancellationToken::new();
         let routes = bench_routes().add_service(TunnelService::server());
-        tokio::spawn(buildlet::server::serve_tls(
-            tcp,
-            server_tls,
-            routes,
-            stop.clone(),
-        ));
+        let token = stop.clone();
+        remote.handle().spawn(async move {
+            // Registered with the remote runtime's reactor, not the caller's.
+            let Ok(tcp) = TcpListener::from_std(tcp) else {
+                return;
+            };
+            buildlet::server::serve_tls(tcp, server_tls, routes, token).await
+        });
         let channel = tls::connect_channel(
             &addr.to_string(),
             tls::server_name("localhost")?,
@@ -432,6 +790,39 @@ fn trim_heap() {
     }
 }
 
+/// Resident memory of another process, from /proc/<pid>/status.
+fn proc_rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in the child's status")
+}
+
+fn signal_child(pid: u32, sig: libc::c_int) -> Result<()> {
+    let pid = libc::pid_t::try_from(pid).context("child pid")?;
+    // SAFETY: kill has no memory preconditions; pid is our own child.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        bail!("kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The fleet child's first line: its RSS before it dials.
+async fn child_start_rss(child: &mut tokio::process::Child) -> Result<u64> {
+    use tokio::io::AsyncBufReadExt;
+    let out = child.stdout.take().context("fleet child stdout")?;
+    let mut lines = tokio::io::BufReader::new(out).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .context("fleet child said nothing for 30 s")??
+        .context("fleet child exited")?;
+    line.strip_prefix("rss_kib ")
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("fleet child's first line {line:?}"))
+}
+
 /// Spawns this binary as the fleet's dialer process.
 fn spawn_fleet_child(
     mode: &str,
@@ -448,7 +839,7 @@ fn spawn_fleet_child(
         .env("BENCH_FLEET_CA", ca_pem)
         .env("BENCH_FLEET_N", n.to_string())
         .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .context("spawning the fleet's dialer process")
@@ -529,17 +920,23 @@ async fn fleet() -> Result<Vec<Figure>> {
 
     // The fleet: n tunnels with the production keep-alive and ping intervals.
     let cfg = ListenerConfig::default();
-    let (keepalive, ping) = (cfg.keepalive_interval, cfg.ping_interval);
+    let (keepalive, cfg_timeout, ping) = (
+        cfg.keepalive_interval,
+        cfg.keepalive_timeout,
+        cfg.ping_interval,
+    );
     let farm = TunnelFarm::start(cfg).await?;
     trim_heap();
     let before = rss_kib()?;
     let mut child = spawn_fleet_child("tunnel", farm.addr, farm.ca.cert_pem(), n)?;
+    let child_before = child_start_rss(&mut child).await?;
     let registry = farm.listener.registry();
     let took = wait_count("tunnels", n, connect_bound, || registry.len()).await?;
     // Let the connect burst's buffers settle before measuring.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss_kib()?;
     let pid = child.id().context("fleet child pid")?;
+    let child_after = proc_rss_kib(pid)?;
     let (cpu0, child0, t0) = (cpu_time(), child_cpu_time(pid), Instant::now());
     tokio::time::sleep(IDLE).await;
     let (cpu1, child1, wall) = (cpu_time(), child_cpu_time(pid), t0.elapsed());
@@ -551,6 +948,23 @@ async fn fleet() -> Result<Vec<Figure>> {
         _ => "?".into(),
     };
     let kib_per_conn = after.saturating_sub(before) as f64 / n as f64;
+    let child_kib_per_conn = child_after.saturating_sub(child_before) as f64 / n as f64;
+
+    // Loss detection: freeze the dialer process (its sockets stay open, nothing is
+    // answered, like a partition) and time until the listener has lost every tunnel.
+    let bound = keepalive + cfg_timeout;
+    let stopped = Instant::now();
+    signal_child(pid, libc::SIGSTOP)?;
+    let lost_all = wait_count(
+        "lost tunnels",
+        n,
+        bound * 3 + Duration::from_secs(30),
+        || n - registry.len().min(n),
+    )
+    .await;
+    let detect = stopped.elapsed();
+    signal_child(pid, libc::SIGCONT)?;
+    lost_all?;
     if let Some(stdin) = child.stdin.take() {
         drop(stdin);
     }
@@ -570,6 +984,26 @@ async fn fleet() -> Result<Vec<Figure>> {
             note: format!(
                 "listener side only (dialers in a child process), {n} tunnels connected in {:.1} s; baseline: {n} idle raw TLS conns held",
                 took.as_secs_f64()
+            ),
+        },
+        Figure {
+            name: "revdial_fleet_dialer_rss_per_conn".into(),
+            measured: child_kib_per_conn,
+            baseline: raw_kib_per_conn,
+            unit: "KiB/conn".into(),
+            ratio: raw_kib_per_conn / child_kib_per_conn.max(0.001),
+            note: format!(
+                "dialer side: the {n} dialers' process; baseline: the listener's {n} idle raw TLS conns"
+            ),
+        },
+        Figure {
+            name: "revdial_fleet_loss_detect".into(),
+            measured: detect.as_secs_f64(),
+            baseline: bound.as_secs_f64(),
+            unit: "s".into(),
+            ratio: bound.as_secs_f64() / detect.as_secs_f64().max(0.001),
+            note: format!(
+                "dialer process frozen (SIGSTOP): until all {n} tunnels are lost; baseline: keep-alive interval + timeout, the bound"
             ),
         },
         Figure {
@@ -598,6 +1032,9 @@ pub fn fleet_child() -> Result<()> {
     raise_nofile()?;
     revdial::tls::install_crypto_provider();
     let rt = tokio::runtime::Runtime::new()?;
+    // The parent reads this line to know the dialer process's memory before the fleet.
+    trim_heap();
+    println!("rss_kib {}", rss_kib()?);
     rt.block_on(async move {
         let stop = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
@@ -670,8 +1107,8 @@ pub fn fleet_child() -> Result<()> {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// GetTar streams `dir` (a byte count) of filler bytes in 64 KiB messages; everything
-/// else is unimplemented.
+/// GetTar streams `dir` (a byte count) of filler bytes in 64 KiB messages; PutTar
+/// counts what it is sent; everything else is unimplemented.
 #[derive(Clone, Copy)]
 struct StreamBuildlet;
 
@@ -681,11 +1118,19 @@ fn unimplemented<T>() -> Result<T, Status> {
 
 #[tonic::async_trait]
 impl Buildlet for StreamBuildlet {
+    /// Counts the data bytes it is sent and drops them.
     async fn put_tar(
         &self,
-        _: Request<Streaming<PutTarRequest>>,
+        req: Request<Streaming<PutTarRequest>>,
     ) -> Result<Response<PutTarResponse>, Status> {
-        unimplemented()
+        let mut stream = req.into_inner();
+        let mut bytes = 0u64;
+        while let Some(m) = stream.message().await? {
+            if let Some(put_tar_request::Msg::Data(d)) = m.msg {
+                bytes += d.len() as u64;
+            }
+        }
+        Ok(Response::new(PutTarResponse { entries: 0, bytes }))
     }
     async fn put_tar_from_url(
         &self,
@@ -715,7 +1160,7 @@ impl Buildlet for StreamBuildlet {
             .dir
             .parse()
             .map_err(|_| Status::invalid_argument("dir must be a byte count"))?;
-        let chunk = vec![0x5a_u8; CHUNK];
+        let chunk = tonic::codegen::Bytes::from(vec![0x5a_u8; CHUNK]);
         let s = futures::stream::unfold(total, move |left| {
             let chunk = chunk.clone();
             async move {
@@ -723,8 +1168,7 @@ impl Buildlet for StreamBuildlet {
                     return None;
                 }
                 let n = left.min(CHUNK);
-                let mut data = chunk;
-                data.truncate(n);
+                let data = chunk.slice(..n).into();
                 Some((Ok(DataChunk { data }), left - n))
             }
         });

@@ -267,7 +267,7 @@ impl Buildlet for TestBuildlet {
             while left > 0 {
                 let n = left.min(CHUNK);
                 left -= n;
-                yield Ok(DataChunk { data: chunk.slice(..n).to_vec() });
+                yield Ok(DataChunk { data: chunk.slice(..n) });
             }
         };
         Ok(Response::new(Box::pin(s)))

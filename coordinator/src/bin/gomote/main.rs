@@ -695,7 +695,7 @@ async fn put_tar(
         cp::InstancePutTarRequest {
             instance: String::new(),
             request: Some(bp::PutTarRequest {
-                msg: Some(bp::put_tar_request::Msg::Data(chunk)),
+                msg: Some(bp::put_tar_request::Msg::Data(chunk.into())),
             }),
         }
     });
