@@ -462,7 +462,7 @@ where
     let data = futures::stream::iter((0..STREAM_BYTES.div_ceil(CHUNK)).map(move |i| {
         let n = (STREAM_BYTES - i * CHUNK).min(CHUNK);
         PutTarRequest {
-            msg: Some(put_tar_request::Msg::Data(chunk.slice(..n).into())),
+            msg: Some(put_tar_request::Msg::Data(chunk.slice(..n))),
         }
     }));
     let t = Instant::now();
@@ -1168,7 +1168,7 @@ impl Buildlet for StreamBuildlet {
                     return None;
                 }
                 let n = left.min(CHUNK);
-                let data = chunk.slice(..n).into();
+                let data = chunk.slice(..n);
                 Some((Ok(DataChunk { data }), left - n))
             }
         });
