@@ -186,6 +186,8 @@ impl Hosts {
         let m = machines.clone();
         let task = tokio::spawn(async move {
             let mut booted: HashSet<String> = HashSet::new();
+            let mut at_ip: std::collections::HashMap<String, String> =
+                std::collections::HashMap::new();
             loop {
                 if let Ok(out) = ec2.describe_instances().send().await {
                     for i in out.reservations().iter().flat_map(|r| r.instances()) {
@@ -217,6 +219,14 @@ impl Hosts {
                                 .decode(data)
                                 .expect("user-data is base64");
                             let script = String::from_utf8(script).expect("user-data is text");
+                            // Moto hands a terminated instance's address to the next
+                            // one; the old machine (maybe gone from the listing already)
+                            // must be dead and its port free before the new one listens.
+                            if let Some(old) = at_ip.insert(ip.to_owned(), id.to_owned())
+                                && m.kill(&old)
+                            {
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
                             m.boot(id, &script, ip);
                             booted.insert(id.to_owned());
                         } else if *state != InstanceStateName::Running && booted.contains(id) {
