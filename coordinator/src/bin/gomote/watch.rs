@@ -21,6 +21,10 @@ use crate::{
     Client, describe_exit, print_state_changes, render_try, status_err, submit_try, write_output,
 };
 
+/// Quiet time before a new try run: saves of several files in an editor come within
+/// it, and a try run costs far more than the wait.
+const TRY_DEBOUNCE: Duration = Duration::from_millis(500);
+
 /// However long saves keep coming, a run starts after this long.
 const MAX_DEBOUNCE_WAIT: Duration = Duration::from_secs(5);
 
@@ -274,7 +278,7 @@ pub async fn watch_try(
                 }
             }
             Some(()) = saves.recv() => {
-                wait_quiet(&mut saves, debounce_for_try()).await;
+                wait_quiet(&mut saves, TRY_DEBOUNCE).await;
                 let now = match local_patch(&src, &commit).await {
                     Ok(now) => now,
                     Err(e) => {
@@ -299,12 +303,6 @@ pub async fn watch_try(
             }
         }
     }
-}
-
-fn debounce_for_try() -> Duration {
-    // Saves of several files in an editor come within this; a try run costs far more
-    // than the wait.
-    Duration::from_millis(500)
 }
 
 /// Submits and starts following a try run; a refusal (a patch that does not apply, a
