@@ -39,18 +39,18 @@ struct Setup {
     moto: Moto,
     ec2: aws_sdk_ec2::Client,
     hosts: Hosts,
-    subnet: String,
+    subnet: moto::LoopbackSubnet,
     ami: String,
     provision: Arc<TestProvision>,
     shutdowns: Vec<CancellationToken>,
 }
 
 impl Setup {
-    async fn new(net: u8) -> Setup {
+    async fn new() -> Setup {
         revdial::tls::install_crypto_provider();
         let moto = Moto::start().await;
         let ec2 = moto::client(&moto.url);
-        let subnet = moto::loopback_subnet(&ec2, net).await;
+        let subnet = moto::loopback_subnet(&ec2).await;
         let ami = moto::some_ami(&ec2).await;
         let hosts = Hosts::start(ec2.clone());
         Setup {
@@ -72,7 +72,7 @@ impl Setup {
             "endpoint_url": self.moto.url,
             "max_instances": max_instances,
             "vcpu_quota": vcpu_quota,
-            "subnet_id": self.subnet,
+            "subnet_id": self.subnet.id,
             "buildlet_port": PORT,
             "start_timeout": "90s",
             "coordinator_url": "https://coordinator.test:8119",
@@ -163,7 +163,7 @@ fn tag<'a>(tags: &'a [Tag], key: &str) -> Option<&'a str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acquire_run_release_launches_tags_and_terminates_one_instance() {
-    let mut s = Setup::new(81).await;
+    let mut s = Setup::new().await;
     let pool = s.pool(s.config(3, 64), None);
     let lease = tokio::time::timeout(WAIT, pool.acquire(&CancellationToken::new()))
         .await
@@ -183,7 +183,7 @@ async fn acquire_run_release_launches_tags_and_terminates_one_instance() {
     let id = i.instance_id().expect("id").to_owned();
     assert_eq!(i.instance_type().map(|t| t.as_str()), Some("c5.large"));
     assert_eq!(i.image_id(), Some(s.ami.as_str()));
-    assert_eq!(i.subnet_id(), Some(s.subnet.as_str()));
+    assert_eq!(i.subnet_id(), Some(s.subnet.id.as_str()));
     let tags = i.tags();
     let machine = tag(tags, labels::MACHINE).expect("machine tag");
     assert_eq!(lease.name, format!("ec2/{machine}"));
@@ -222,7 +222,7 @@ async fn acquire_run_release_launches_tags_and_terminates_one_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_vcpu_quota_is_never_exceeded() {
-    let mut s = Setup::new(82).await;
+    let mut s = Setup::new().await;
     // c5.large has 2 vCPUs (asked from DescribeInstanceTypes): 4 vCPUs hold 2 instances.
     let pool = s.pool(s.config(5, 4), None);
     let a = pool.acquire(&CancellationToken::new()).await.expect("a");
@@ -267,7 +267,7 @@ async fn the_vcpu_quota_is_never_exceeded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_coordinator_crash_the_next_one_sweeps_the_instances_it_left() {
-    let mut s = Setup::new(83).await;
+    let mut s = Setup::new().await;
     let first = s.pool(s.config(2, 64), None);
     let lease = first
         .acquire(&CancellationToken::new())
@@ -330,7 +330,7 @@ async fn after_a_coordinator_crash_the_next_one_sweeps_the_instances_it_left() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leased_instance_that_stops_cancels_lost() {
-    let mut s = Setup::new(84).await;
+    let mut s = Setup::new().await;
     let pool = s.pool(s.config(1, 64), None);
     let lease = pool
         .acquire(&CancellationToken::new())
@@ -374,7 +374,7 @@ async fn eventually_terminated(s: &Setup, id: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insufficient_capacity_is_retried_then_a_clear_infra_failure() {
-    let mut s = Setup::new(85).await;
+    let mut s = Setup::new().await;
     // Two refusals, then capacity: the acquire succeeds on the third call.
     let flaky = FaultProxy::start(&s.moto.url, 2, "InsufficientInstanceCapacity").await;
     let pool = s.pool(s.config(1, 64), Some(&flaky.url));

@@ -139,6 +139,7 @@ pub struct Ec2Fixture {
     moto: Moto,
     ec2: aws_sdk_ec2::Client,
     hosts: Hosts,
+    _subnet: moto::LoopbackSubnet,
     pool: Arc<Ec2Pool>,
     shutdown: CancellationToken,
     _proxy: Option<FaultProxy>,
@@ -149,7 +150,7 @@ impl Ec2Fixture {
         revdial::tls::install_crypto_provider();
         let moto = Moto::start().await;
         let ec2 = moto::client(&moto.url);
-        let subnet = moto::loopback_subnet(&ec2, 92).await;
+        let subnet = moto::loopback_subnet(&ec2).await;
         let ami = moto::some_ami(&ec2).await;
         let hosts = Hosts::start(ec2.clone());
         // Broken: EC2 never has capacity for the type.
@@ -166,7 +167,7 @@ impl Ec2Fixture {
             "endpoint_url": endpoint,
             "max_instances": capacity,
             "vcpu_quota": 2 * capacity,
-            "subnet_id": subnet,
+            "subnet_id": subnet.id,
             "buildlet_port": 18451,
             "start_timeout": "120s",
             "coordinator_url": "https://coordinator.test:8119",
@@ -195,6 +196,7 @@ impl Ec2Fixture {
             moto,
             ec2,
             hosts,
+            _subnet: subnet,
             pool: Arc::new(pool),
             shutdown,
             _proxy: proxy,

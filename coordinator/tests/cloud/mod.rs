@@ -129,16 +129,25 @@ impl Machines {
             "the boot script does not listen on 0.0.0.0: {script}"
         );
         let script = script.replace("--listen '0.0.0.0:", &format!("--listen '{ip}:"));
-        let child = Command::new("/bin/sh")
+        let mut command = Command::new("/bin/sh");
+        command
             .arg("-c")
             .arg(script)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
-            .process_group(0)
-            .spawn()
-            .expect("starting a machine's boot script");
+            .process_group(0);
+        // kill_on_drop does not run when the test process is killed (a timed-out test, an
+        // interrupted run): the machine must not outlive it holding its address.
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = command.spawn().expect("starting a machine's boot script");
         self.procs
             .lock()
             .unwrap_or_else(|e| e.into_inner())

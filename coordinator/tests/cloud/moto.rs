@@ -100,9 +100,30 @@ pub fn client(url: &str) -> aws_sdk_ec2::Client {
     aws_sdk_ec2::Client::from_conf(config)
 }
 
-/// A VPC and subnet in `127.<net>.0.0/16`: moto hands out private addresses from the
-/// subnet, so every instance's address is on this host's loopback. Returns the subnet.
-pub async fn loopback_subnet(ec2: &aws_sdk_ec2::Client, net: u8) -> String {
+/// A VPC subnet on this host's loopback, held for as long as the value lives.
+pub struct LoopbackSubnet {
+    pub id: String,
+    /// A listener on `127.<net>.0.1` that reserves the /16 for this test process: tests
+    /// run in parallel processes, each with its own moto, and two VPCs on one /16 would
+    /// hand the same instance address to two buildlets. The kernel frees it if the
+    /// process dies.
+    _reservation: std::net::TcpListener,
+}
+
+/// Port of the reservation listener; instances' buildlets use other ports.
+const RESERVATION_PORT: u16 = 18450;
+
+/// A VPC and subnet in `127.<net>.0.0/16` for a `net` no other test process holds: moto
+/// hands out private addresses from the subnet, so every instance's address is on this
+/// host's loopback.
+pub async fn loopback_subnet(ec2: &aws_sdk_ec2::Client) -> LoopbackSubnet {
+    let (net, reservation) = (60u8..=250)
+        .find_map(|net| {
+            std::net::TcpListener::bind((std::net::Ipv4Addr::new(127, net, 0, 1), RESERVATION_PORT))
+                .ok()
+                .map(|l| (net, l))
+        })
+        .expect("a free 127.N.0.0/16 for the test's VPC");
     let vpc = ec2
         .create_vpc()
         .cidr_block(format!("127.{net}.0.0/16"))
@@ -117,11 +138,15 @@ pub async fn loopback_subnet(ec2: &aws_sdk_ec2::Client, net: u8) -> String {
         .send()
         .await
         .expect("create subnet");
-    subnet
+    let id = subnet
         .subnet()
         .and_then(|s| s.subnet_id())
         .expect("subnet id")
-        .to_owned()
+        .to_owned();
+    LoopbackSubnet {
+        id,
+        _reservation: reservation,
+    }
 }
 
 /// An AMI moto knows.
