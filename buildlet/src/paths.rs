@@ -37,8 +37,8 @@ pub enum PathError {
 }
 
 /// The components of a client-supplied relative path, after dropping empty and `.` parts.
-/// Refuses absolute paths, `..` and NUL bytes.
-fn components(rel: &str) -> Result<Vec<&str>, PathError> {
+/// Refuses absolute paths, `..` and NUL bytes. Tar entry names go through it too.
+pub(crate) fn components(rel: &str) -> Result<Vec<&str>, PathError> {
     if rel.contains('\0') {
         return Err(PathError::NulByte(rel.to_owned()));
     }

@@ -215,23 +215,15 @@ fn create_staging(staging_root: &Path) -> Result<StagingDir, TarError> {
     }
 }
 
-/// Splits an entry name into its components, refusing absolute names and any `..`.
+/// Splits an entry name into its components by the same rule as every other
+/// client-supplied path ([`crate::paths::components`]), naming the entry in the error.
 fn entry_components<'a>(name: &'a str, display: &str) -> Result<Vec<&'a str>, TarError> {
-    if name.contains('\0') {
-        return Err(TarError::NulByte(display.to_owned()));
-    }
-    if name.starts_with('/') {
-        return Err(TarError::Absolute(display.to_owned()));
-    }
-    let mut out = Vec::new();
-    for part in name.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => return Err(TarError::Escapes(display.to_owned())),
-            p => out.push(p),
-        }
-    }
-    Ok(out)
+    use crate::paths::PathError;
+    crate::paths::components(name).map_err(|e| match e {
+        PathError::NulByte(_) => TarError::NulByte(display.to_owned()),
+        PathError::Absolute(_) => TarError::Absolute(display.to_owned()),
+        _ => TarError::Escapes(display.to_owned()),
+    })
 }
 
 /// Checks a symlink target, relative to the link's own directory, stays inside the root.
