@@ -29,6 +29,7 @@ use crate::pool::Pool;
 use crate::reconcile::Reconciler;
 use crate::retry::{Backoff, store_op};
 use crate::runner::{RunEnv, RunOutcome};
+use crate::plan::workspace::Workspaces;
 use crate::sources::SourceCache;
 
 pub use crate::dispatcher::{ActiveBuild, InstanceGrant};
@@ -135,6 +136,7 @@ pub struct Farm {
     tuning: Tuning,
     dispatcher: Arc<Dispatcher>,
     sources: Arc<SourceCache>,
+    workspaces: Arc<Workspaces>,
     reconciler: Mutex<Reconciler>,
     poll_problems: Mutex<Vec<PollProblem>>,
 }
@@ -178,6 +180,11 @@ impl Farm {
             parts.config.coordinator.source_cache_bytes.as_u64(),
             parts.mirrors.values(),
         ));
+        let workspaces = Workspaces::new(
+            parts.data_dir.join("workspaces"),
+            parts.config.coordinator.workspace_bytes.as_u64(),
+            parts.config.coordinator.workspace_max_age,
+        );
         Arc::new(Farm {
             config: parts.config,
             store: parts.store,
@@ -195,6 +202,7 @@ impl Farm {
             tuning: parts.tuning,
             dispatcher: Dispatcher::new(policy),
             sources,
+            workspaces,
             reconciler: Mutex::new(Reconciler::default()),
             poll_problems: Mutex::new(Vec::new()),
         })
@@ -621,6 +629,7 @@ impl Farm {
                         farm.changed(b);
                     })
                 },
+                workspaces: self.workspaces.clone(),
             };
             match crate::runner::run(&env, &build).await {
                 RunOutcome::Finished(state, summary) => {
