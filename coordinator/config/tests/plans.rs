@@ -99,8 +99,8 @@ restore = "a"
     assert_eq!(
         errors(&text),
         [
-            "coordinator.toml:14:11: builders[0].steps[1].restore: \"a\" is not among this step's requirements (add it to `requires`)",
-            "coordinator.toml:19:11: builders[0].steps[2].restore: step \"a\" saves no snapshot (give it `snapshot = \"dir\"`)",
+            "coordinator.toml:14:1: builders[0].steps[1].restore: \"a\" is not among this step's requirements (add it to `requires`)",
+            "coordinator.toml:19:1: builders[0].steps[2].restore: step \"a\" saves no snapshot (give it `snapshot = \"dir\"`)",
         ]
     );
 }
@@ -126,9 +126,9 @@ units = "every-test"
         errors(&text),
         [
             "coordinator.toml:8:1: builders[0].test_shards: is 2 but no step has `units` to split (e.g. units = \"go-packages\")",
-            "coordinator.toml:12:12: builders[0].steps[0].snapshot: \"/etc\" must be relative to the buildlet's workdir",
+            "coordinator.toml:12:1: builders[0].steps[0].snapshot: \"/etc\" must be relative to the buildlet's workdir",
             "coordinator.toml:13:24: builders[0].steps[0].cache.key_files[0]: \"../go.sum\" must not contain `..`",
-            "coordinator.toml:13:47: builders[0].steps[0].cache.paths: must not be empty",
+            "coordinator.toml:13:38: builders[0].steps[0].cache.paths: must not be empty",
         ]
     );
 }
