@@ -25,11 +25,11 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::dispatcher::{Cancelled, Dispatcher, QueueFull, Ready, Slot};
 use crate::git::Mirror;
 use crate::logs::LogHub;
+use crate::plan::workspace::Workspaces;
 use crate::pool::Pool;
 use crate::reconcile::Reconciler;
 use crate::retry::{Backoff, store_op};
 use crate::runner::{RunEnv, RunOutcome};
-use crate::plan::workspace::Workspaces;
 use crate::sources::SourceCache;
 
 pub use crate::dispatcher::{ActiveBuild, InstanceGrant};

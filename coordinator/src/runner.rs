@@ -95,7 +95,12 @@ impl RunEnv {
         self.finish_infra_attempt(build_id, n, why).await
     }
 
-    pub(crate) async fn finish_infra_attempt(&self, build_id: &str, n: u32, why: &str) -> Option<()> {
+    pub(crate) async fn finish_infra_attempt(
+        &self,
+        build_id: &str,
+        n: u32,
+        why: &str,
+    ) -> Option<()> {
         if let Err(e) = store_op("finish_attempt", self.store_retry, &self.shutdown, || {
             self.store
                 .finish_attempt(build_id, n, BuildState::InfraFailure, Some(why))

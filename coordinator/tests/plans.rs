@@ -38,7 +38,11 @@ fn make_module(dir: &Path) -> String {
     std::fs::create_dir_all(dir).expect("mkdir repo");
     git(dir, &["init", "--quiet", "--initial-branch=main"]);
     write(dir, "go.mod", "module example.com/t\n\ngo 1.19\n");
-    write(dir, "t.go", "package t\n\n// T is two.\nfunc T() int { return 2 }\n");
+    write(
+        dir,
+        "t.go",
+        "package t\n\n// T is two.\nfunc T() int { return 2 }\n",
+    );
     write(
         dir,
         "t_test.go",
@@ -49,16 +53,34 @@ fn make_module(dir: &Path) -> String {
         ("b", "t.Fatal(\"package b fails on purpose\")"),
         ("c", "t.Log(\"package c passes\")"),
     ] {
-        write(dir, &format!("{pkg}/{pkg}.go"), &format!("package {pkg}\n\n// X is x.\nfunc X() int {{ return 1 }}\n"));
+        write(
+            dir,
+            &format!("{pkg}/{pkg}.go"),
+            &format!("package {pkg}\n\n// X is x.\nfunc X() int {{ return 1 }}\n"),
+        );
         write(
             dir,
             &format!("{pkg}/{pkg}_test.go"),
-            &format!("package {pkg}\n\nimport \"testing\"\n\nfunc TestX(t *testing.T) {{\n\t{body}\n}}\n"),
+            &format!(
+                "package {pkg}\n\nimport \"testing\"\n\nfunc TestX(t *testing.T) {{\n\t{body}\n}}\n"
+            ),
         );
     }
-    write(dir, "d/d.go", "package d\n\n// D has no tests.\nfunc D() {}\n");
-    write(dir, "e/e.go", "package e\n\n// E builds, its test does not.\nfunc E() {}\n");
-    write(dir, "e/e_test.go", "package e\n\nimport \"testing\"\n\nfunc TestE(t *testing.T) { undefinedName() }\n");
+    write(
+        dir,
+        "d/d.go",
+        "package d\n\n// D has no tests.\nfunc D() {}\n",
+    );
+    write(
+        dir,
+        "e/e.go",
+        "package e\n\n// E builds, its test does not.\nfunc E() {}\n",
+    );
+    write(
+        dir,
+        "e/e_test.go",
+        "package e\n\nimport \"testing\"\n\nfunc TestE(t *testing.T) { undefinedName() }\n",
+    );
     write(
         dir,
         "hang/hang_test.go",
@@ -71,8 +93,16 @@ fn make_module(dir: &Path) -> String {
          \t\tos.WriteFile(m, []byte(\"x\"), 0o666)\n\
          \t\ttime.Sleep(300 * time.Second)\n\t}\n}\n",
     );
-    write(dir, "hang/doc.go", "// Package hang hangs once on request.\npackage hang\n");
-    write(dir, "cmd/hello/main.go", "package main\n\nimport \"fmt\"\n\nfunc main() { fmt.Println(\"hello\") }\n");
+    write(
+        dir,
+        "hang/doc.go",
+        "// Package hang hangs once on request.\npackage hang\n",
+    );
+    write(
+        dir,
+        "cmd/hello/main.go",
+        "package main\n\nimport \"fmt\"\n\nfunc main() { fmt.Println(\"hello\") }\n",
+    );
     git(dir, &["add", "-A"]);
     git(dir, &["commit", "--quiet", "-m", "module"]);
     git(dir, &["rev-parse", "HEAD"])
@@ -223,8 +253,15 @@ async fn sharded_tests_match_a_direct_go_test_run_and_record_durations() {
         .lines()
         .map(str::to_owned)
         .collect();
-    assert_eq!(direct.len(), listed.len(), "every package has a verdict: {direct:?}");
-    assert!(!direct["example.com/t/b"] && !direct["example.com/t/e"], "{direct:?}");
+    assert_eq!(
+        direct.len(),
+        listed.len(),
+        "every package has a verdict: {direct:?}"
+    );
+    assert!(
+        !direct["example.com/t/b"] && !direct["example.com/t/e"],
+        "{direct:?}"
+    );
 
     let farm = TestFarm::start(&s.cfg, &s.data).await;
     let (b, log) = one_build(&farm, &s.rev).await;
@@ -235,17 +272,28 @@ async fn sharded_tests_match_a_direct_go_test_run_and_record_durations() {
     let units = farm_units(&log);
     let order: Vec<String> = units.iter().map(|u| u.0.clone()).collect();
     assert_eq!(order, listed, "each unit once, in unit order:\n{log}");
-    let farm_verdicts: BTreeMap<String, bool> =
-        units.iter().map(|u| (u.0.clone(), u.1)).collect();
+    let farm_verdicts: BTreeMap<String, bool> = units.iter().map(|u| (u.0.clone(), u.1)).collect();
     assert_eq!(farm_verdicts, direct, "{log}");
     // Each unit's own output is whole, right under its header.
-    let b_at = log.find("[buildfarm] unit example.com/t/b: FAIL").expect("b header");
-    let next = log[b_at + 1..].find("[buildfarm] unit ").map_or(log.len(), |i| b_at + 1 + i);
-    assert!(log[b_at..next].contains("package b fails on purpose"), "{log}");
-    assert!(log.contains("8 units in 3 shards (balanced by count)"), "{log}");
-    let buildlets: std::collections::BTreeSet<&str> =
-        units.iter().map(|u| u.2.as_str()).collect();
-    assert!(buildlets.len() >= 2, "shards ran on helpers too: {buildlets:?}\n{log}");
+    let b_at = log
+        .find("[buildfarm] unit example.com/t/b: FAIL")
+        .expect("b header");
+    let next = log[b_at + 1..]
+        .find("[buildfarm] unit ")
+        .map_or(log.len(), |i| b_at + 1 + i);
+    assert!(
+        log[b_at..next].contains("package b fails on purpose"),
+        "{log}"
+    );
+    assert!(
+        log.contains("8 units in 3 shards (balanced by count)"),
+        "{log}"
+    );
+    let buildlets: std::collections::BTreeSet<&str> = units.iter().map(|u| u.2.as_str()).collect();
+    assert!(
+        buildlets.len() >= 2,
+        "shards ran on helpers too: {buildlets:?}\n{log}"
+    );
 
     // The next build balances by the durations this one recorded.
     let rev2 = commit(&s.repo, "NOTES");
@@ -290,7 +338,9 @@ async fn a_helper_killed_mid_shard_reruns_only_its_shard() {
         &shared_with_sandbox(shared.path()),
     );
     let farm = TestFarm::start(&s.cfg, &s.data).await;
-    let running = farm.wait_running("t", &s.rev, &host_builder("sharded")).await;
+    let running = farm
+        .wait_running("t", &s.rev, &host_builder("sharded"))
+        .await;
     let id = running["id"].as_str().expect("id").to_owned();
     eventually("the hanging unit", || marker.exists().then_some(())).await;
 
@@ -334,10 +384,17 @@ async fn a_helper_killed_mid_shard_reruns_only_its_shard() {
         .filter(|l| l.contains("lost with its buildlet"))
         .collect();
     assert_eq!(lost.len(), 1, "one shard lost, once: {log}");
-    assert!(lost[0].contains("run again alone on another buildlet"), "{log}");
+    assert!(
+        lost[0].contains("run again alone on another buildlet"),
+        "{log}"
+    );
     // Only the lost shard ran again: the build kept its one attempt.
     let detail = farm.get_json(&format!("/api/builds/{id}")).await;
-    assert_eq!(detail["attempts"].as_array().map(Vec::len), Some(1), "{detail:#}");
+    assert_eq!(
+        detail["attempts"].as_array().map(Vec::len),
+        Some(1),
+        "{detail:#}"
+    );
     farm.kill().await;
 }
 
@@ -368,7 +425,10 @@ command = ["sh", "-c", "find . -type f ! -name MANIFEST | LC_ALL=C sort | xargs 
         .filter_map(|l| l.strip_prefix("tree digest: "))
         .collect();
     assert_eq!(digests.len(), 2, "{log}");
-    assert_eq!(digests[0], digests[1], "the restored tree is the saved one: {log}");
+    assert_eq!(
+        digests[0], digests[1],
+        "the restored tree is the saved one: {log}"
+    );
     let started: Vec<&str> = log
         .lines()
         .filter_map(|l| l.strip_prefix("[buildfarm] step "))
@@ -384,10 +444,13 @@ command = ["sh", "-c", "find . -type f ! -name MANIFEST | LC_ALL=C sort | xargs 
         .expect("saved note")
         .to_owned();
     assert!(
-        log.contains(&format!("restored snapshot sha256:{saved} of step build into src/")),
+        log.contains(&format!(
+            "restored snapshot sha256:{saved} of step build into src/"
+        )),
         "{log}"
     );
-    let blob = std::fs::read(s.data.join(format!("workspaces/blobs/{saved}.tar.gz"))).expect("blob");
+    let blob =
+        std::fs::read(s.data.join(format!("workspaces/blobs/{saved}.tar.gz"))).expect("blob");
     assert_eq!(hex::encode(sha2::Sha256::digest(&blob)), saved);
     farm.kill().await;
 }
@@ -437,7 +500,11 @@ cache = {{ key_files = ["go.mod", "go.sum"], paths = ["gocache"] }}
     assert!(log.contains(": saved gocache"), "saved afresh: {log}");
 
     // A changed key file is a different cache: a miss.
-    write(&s.repo, "go.mod", "module example.com/t\n\ngo 1.19\n\n// changed\n");
+    write(
+        &s.repo,
+        "go.mod",
+        "module example.com/t\n\ngo 1.19\n\n// changed\n",
+    );
     let rev4 = commit(&s.repo, "NOTES3");
     let (b, log) = one_build(&farm, &rev4).await;
     assert_eq!(b["state"], "ok", "{log}");
@@ -480,9 +547,15 @@ command = ["sh", "-c", "test -e {d}/left.done && test -e {d}/right.done && echo 
     let farm = TestFarm::start(&s.cfg, &s.data).await;
     let (b, log) = one_build(&farm, &s.rev).await;
     assert_eq!(b["state"], "ok", "{log}");
-    assert!(log.contains("left saw right") && log.contains("right saw left"), "{log}");
+    assert!(
+        log.contains("left saw right") && log.contains("right saw left"),
+        "{log}"
+    );
     assert!(log.contains("join after both"), "{log}");
-    let at = |needle: &str| log.find(needle).unwrap_or_else(|| panic!("{needle} in {log}"));
+    let at = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("{needle} in {log}"))
+    };
     let join_started = at("[buildfarm] step join started");
     assert!(at("[buildfarm] step left passed") < join_started, "{log}");
     assert!(at("[buildfarm] step right passed") < join_started, "{log}");

@@ -184,7 +184,13 @@ impl Dag {
             OnPath,
             Done,
         }
-        fn visit(dag: &Dag, i: usize, marks: &mut [Mark], path: &mut Vec<usize>, out: &mut Vec<DagError>) {
+        fn visit(
+            dag: &Dag,
+            i: usize,
+            marks: &mut [Mark],
+            path: &mut Vec<usize>,
+            out: &mut Vec<DagError>,
+        ) {
             marks[i] = Mark::OnPath;
             path.push(i);
             for &j in &dag.requires[i] {
@@ -192,8 +198,10 @@ impl Dag {
                     Mark::New => visit(dag, j, marks, path, out),
                     Mark::OnPath => {
                         let start = path.iter().position(|&p| p == j).unwrap_or(0);
-                        let mut cycle: Vec<String> =
-                            path[start..].iter().map(|&p| dag.names[p].clone()).collect();
+                        let mut cycle: Vec<String> = path[start..]
+                            .iter()
+                            .map(|&p| dag.names[p].clone())
+                            .collect();
                         cycle.push(dag.names[j].clone());
                         let step = path[start..].iter().copied().min().unwrap_or(j);
                         out.push(DagError::Cycle { step, cycle });
@@ -351,17 +359,22 @@ mod tests {
 
     #[test]
     fn bad_references_are_all_reported() {
-        let steps = [
-            step("a", &["nope", "a", "b", "b"]),
-            step("b", &[]),
-        ];
+        let steps = [step("a", &["nope", "a", "b", "b"]), step("b", &[])];
         let errs = Dag::new(&steps).unwrap_err();
         assert_eq!(
             errs,
             [
-                DagError::UnknownRequire { step: 0, index: 0, name: "nope".into() },
+                DagError::UnknownRequire {
+                    step: 0,
+                    index: 0,
+                    name: "nope".into()
+                },
                 DagError::SelfRequire { step: 0, index: 1 },
-                DagError::DuplicateRequire { step: 0, index: 3, name: "b".into() },
+                DagError::DuplicateRequire {
+                    step: 0,
+                    index: 3,
+                    name: "b".into()
+                },
             ]
         );
     }
@@ -406,9 +419,18 @@ mod tests {
         assert_eq!(
             errs,
             [
-                DagError::RestoreWithoutSnapshot { step: 1, name: "lint".into() },
-                DagError::RestoreNotRequired { step: 3, name: "build".into() },
-                DagError::UnknownRestore { step: 4, name: "missing".into() },
+                DagError::RestoreWithoutSnapshot {
+                    step: 1,
+                    name: "lint".into()
+                },
+                DagError::RestoreNotRequired {
+                    step: 3,
+                    name: "build".into()
+                },
+                DagError::UnknownRestore {
+                    step: 4,
+                    name: "missing".into()
+                },
             ]
         );
     }

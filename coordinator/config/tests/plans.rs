@@ -42,7 +42,10 @@ command = ["go", "test"]
     assert_eq!(b.steps[0].cache.as_ref().unwrap().key_files, ["go.sum"]);
     assert_eq!(b.steps[1].requires, ["build"]);
     assert_eq!(b.steps[1].units, Some(Units::GoPackages));
-    assert_eq!(b.steps[1].restore, None, "default: the requirements' snapshots");
+    assert_eq!(
+        b.steps[1].restore, None,
+        "default: the requirements' snapshots"
+    );
     let dag = buildfarm_config::dag::Dag::new(&b.steps).unwrap();
     assert_eq!(dag.restores(1), [0]);
 
@@ -119,7 +122,10 @@ units = "every-test"
     );
     let e = errors(&text);
     assert_eq!(e.len(), 1, "a parse error stops the checks: {e:?}");
-    assert!(e[0].contains("steps[0].units") && e[0].contains("every-test"), "{e:?}");
+    assert!(
+        e[0].contains("steps[0].units") && e[0].contains("every-test"),
+        "{e:?}"
+    );
 
     let text = text.replace("units = \"every-test\"\n", "");
     assert_eq!(

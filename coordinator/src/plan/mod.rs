@@ -312,7 +312,9 @@ pub(crate) fn exit_problem(
         )));
     }
     if let Some(err) = st.error.as_deref().filter(|e| !e.is_empty()) {
-        return Some(StepEnd::Failed(format!("step {name} could not start: {err}")));
+        return Some(StepEnd::Failed(format!(
+            "step {name} could not start: {err}"
+        )));
     }
     match (st.code, st.signal) {
         (Some(0), _) => None,

@@ -49,7 +49,9 @@ pub(crate) async fn prepare(
     lease: &Lease,
     log: &mut StepLog,
 ) -> Result<Option<CacheState>, StepEnd> {
-    let file = open_source(ctx.env, ctx.build).await.map_err(from_outcome)?;
+    let file = open_source(ctx.env, ctx.build)
+        .await
+        .map_err(from_outcome)?;
     lease
         .client
         .put_tar(SRC_DIR, file, None)
@@ -60,9 +62,10 @@ pub(crate) async fn prepare(
             StepEnd::Infra(format!("step {} left no snapshot", ctx.dag.name(from)))
         })?;
         let dir = ctx.steps()[from].snapshot.clone().unwrap_or_default();
-        let (_pin, file) = ctx.ws.open(&digest).await.map_err(|e| {
-            StepEnd::Infra(format!("snapshot of step {}: {e}", ctx.dag.name(from)))
-        })?;
+        let (_pin, file) =
+            ctx.ws.open(&digest).await.map_err(|e| {
+                StepEnd::Infra(format!("snapshot of step {}: {e}", ctx.dag.name(from)))
+            })?;
         lease
             .client
             .put_tar(&dir, file, None)
@@ -172,7 +175,10 @@ async fn restore_cache(ws: &Arc<Workspaces>, key: &str, lease: &Lease, log: &mut
         }
     }
     let paths: Vec<&str> = entry.iter().map(|(_, p)| p.as_str()).collect();
-    log.note(&format!("cache {short}: hit, restored {}", paths.join(", ")));
+    log.note(&format!(
+        "cache {short}: hit, restored {}",
+        paths.join(", ")
+    ));
     true
 }
 

@@ -175,9 +175,15 @@ pub(crate) async fn run(ctx: &Ctx<'_>, i: usize, lease: Lease) -> StepEnd {
         .enumerate()
         .filter_map(|(u, r)| r.as_ref().map(|r| (names[u].clone(), r.millis)))
         .collect();
-    if let Some(Err(e)) = store_op("record_unit_durations", env.store_retry, &env.shutdown, || {
-        env.store.record_unit_durations(&env.builder.name, &recorded)
-    })
+    if let Some(Err(e)) = store_op(
+        "record_unit_durations",
+        env.store_retry,
+        &env.shutdown,
+        || {
+            env.store
+                .record_unit_durations(&env.builder.name, &recorded)
+        },
+    )
     .await
     {
         warn!(error = %e, "recording unit durations");
@@ -198,7 +204,11 @@ pub(crate) async fn run(ctx: &Ctx<'_>, i: usize, lease: Lease) -> StepEnd {
         StepEnd::Passed
     } else {
         let shown: Vec<&str> = failed.iter().take(10).copied().collect();
-        let more = if failed.len() > shown.len() { ", ..." } else { "" };
+        let more = if failed.len() > shown.len() {
+            ", ..."
+        } else {
+            ""
+        };
         StepEnd::Failed(format!(
             "step {}: {} of {} units failed: {}{more}",
             s.name,
@@ -219,7 +229,11 @@ async fn prepare_and_list(
     let s = &ctx.steps()[i];
     prepare::prepare(ctx, i, lease, log).await?;
     let argv = units::list_command(kind);
-    log.note(&format!("step {}: listing units: {}", s.name, argv.join(" ")));
+    log.note(&format!(
+        "step {}: listing units: {}",
+        s.name,
+        argv.join(" ")
+    ));
     let mut spec = ExecSpec::new(argv[0].clone())
         .args(argv[1..].iter().cloned())
         .dir(SRC_DIR)

@@ -10,7 +10,11 @@ use std::collections::{BTreeMap, HashMap};
 /// never recorded count as the mean of the recorded ones (or 1 when none is, which
 /// balances by count). Longest units are placed first, each on the least loaded shard
 /// (ties: the lowest shard), and each shard lists its units in unit order. Deterministic.
-pub fn assign(units: &[String], durations: &HashMap<String, u64>, shards: usize) -> Vec<Vec<usize>> {
+pub fn assign(
+    units: &[String],
+    durations: &HashMap<String, u64>,
+    shards: usize,
+) -> Vec<Vec<usize>> {
     let shards = shards.max(1).min(units.len().max(1));
     let known: Vec<u64> = units
         .iter()
@@ -28,9 +32,7 @@ pub fn assign(units: &[String], durations: &HashMap<String, u64>, shards: usize)
     let mut load = vec![0u64; shards];
     let mut out = vec![Vec::new(); shards];
     for i in order {
-        let target = (0..shards)
-            .min_by_key(|&s| (load[s], s))
-            .unwrap_or(0);
+        let target = (0..shards).min_by_key(|&s| (load[s], s)).unwrap_or(0);
         load[target] += cost(i);
         out[target].push(i);
     }
@@ -83,7 +85,10 @@ mod tests {
     }
 
     fn loads(shards: &[Vec<usize>], cost: impl Fn(usize) -> u64) -> Vec<u64> {
-        shards.iter().map(|s| s.iter().map(|&i| cost(i)).sum()).collect()
+        shards
+            .iter()
+            .map(|s| s.iter().map(|&i| cost(i)).sum())
+            .collect()
     }
 
     #[test]
@@ -126,7 +131,11 @@ mod tests {
     #[test]
     fn more_shards_than_units_gives_one_unit_each_and_none_empty() {
         assert_eq!(assign(&names(2), &HashMap::new(), 5), [vec![0], vec![1]]);
-        assert!(assign(&[], &HashMap::new(), 3).iter().all(|s| !s.is_empty()));
+        assert!(
+            assign(&[], &HashMap::new(), 3)
+                .iter()
+                .all(|s| !s.is_empty())
+        );
         assert_eq!(assign(&names(3), &HashMap::new(), 0), [vec![0, 1, 2]]);
     }
 
@@ -156,7 +165,10 @@ mod tests {
             m.push(0, b"zero".to_vec()),
             [b"zero".to_vec(), b"one".to_vec(), b"two".to_vec()]
         );
-        assert!(m.push(1, b"again".to_vec()).is_empty(), "a repeat is ignored");
+        assert!(
+            m.push(1, b"again".to_vec()).is_empty(),
+            "a repeat is ignored"
+        );
         assert_eq!(m.push(3, b"three".to_vec()), [b"three".to_vec()]);
         assert_eq!(m.released(), 4);
     }

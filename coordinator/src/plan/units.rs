@@ -35,7 +35,8 @@ pub fn parse(kind: Units, stdout: &[u8]) -> Result<Vec<String>, UnitsError> {
                 if name.is_empty() {
                     continue;
                 }
-                if name.chars().any(|c| c.is_whitespace() || c.is_control()) || name.starts_with('-')
+                if name.chars().any(|c| c.is_whitespace() || c.is_control())
+                    || name.starts_with('-')
                 {
                     return Err(UnitsError::BadName {
                         line: i + 1,
@@ -65,13 +66,19 @@ mod tests {
 
     #[test]
     fn go_packages_are_listed_and_run_one_by_one() {
-        assert_eq!(list_command(Units::GoPackages), ["go", "list", "-e", "./..."]);
+        assert_eq!(
+            list_command(Units::GoPackages),
+            ["go", "list", "-e", "./..."]
+        );
         let out = b"example.com/t\nexample.com/t/a\n\nexample.com/t/b\n";
         assert_eq!(
             parse(Units::GoPackages, out).unwrap(),
             ["example.com/t", "example.com/t/a", "example.com/t/b"]
         );
-        assert_eq!(unit_args(Units::GoPackages, "example.com/t/a"), ["example.com/t/a"]);
+        assert_eq!(
+            unit_args(Units::GoPackages, "example.com/t/a"),
+            ["example.com/t/a"]
+        );
     }
 
     #[test]

@@ -61,7 +61,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn is_digest(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 fn is_key(s: &str) -> bool {
@@ -155,10 +157,7 @@ impl Workspaces {
 
     /// Opens a blob after checking its content still has its digest (a corrupt one is
     /// removed), marks it used and pins it.
-    pub async fn open(
-        self: &Arc<Self>,
-        digest: &str,
-    ) -> Result<(Pin, tokio::fs::File), ReadError> {
+    pub async fn open(self: &Arc<Self>, digest: &str) -> Result<(Pin, tokio::fs::File), ReadError> {
         if !is_digest(digest) {
             return Err(ReadError::Io(anyhow::anyhow!("bad blob digest {digest:?}")));
         }
@@ -232,7 +231,8 @@ impl Workspaces {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let mut f = tempfile::NamedTempFile::new_in(&dir)
                 .with_context(|| format!("creating a file in {}", dir.display()))?;
-            std::io::Write::write_all(&mut f, text.as_bytes()).context("writing a cache pointer")?;
+            std::io::Write::write_all(&mut f, text.as_bytes())
+                .context("writing a cache pointer")?;
             f.persist(&path)
                 .with_context(|| format!("saving {}", path.display()))?;
             Ok(())
@@ -380,7 +380,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ws = Workspaces::new(dir.path().to_owned(), 1 << 30, Duration::from_secs(3600));
         let (tmp, mut f) = ws.temp_file().await.unwrap();
-        tokio::io::AsyncWriteExt::write_all(&mut f, b"snapshot bytes").await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut f, b"snapshot bytes")
+            .await
+            .unwrap();
         drop(f);
         let pin = ws.adopt(tmp).await.unwrap();
         assert_eq!(pin.digest, hex::encode(Sha256::digest(b"snapshot bytes")));
@@ -414,7 +416,9 @@ mod tests {
         let mut pins = Vec::new();
         for body in [b"one".as_slice(), b"two".as_slice()] {
             let (tmp, mut f) = ws.temp_file().await.unwrap();
-            tokio::io::AsyncWriteExt::write_all(&mut f, body).await.unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut f, body)
+                .await
+                .unwrap();
             drop(f);
             pins.push(ws.adopt(tmp).await.unwrap());
         }

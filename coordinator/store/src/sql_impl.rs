@@ -24,7 +24,11 @@ pub(crate) fn invalid(operation: &'static str, reason: impl Into<String>) -> Sto
 }
 
 /// Names that end up in line-joined columns or in URLs: non-empty, no whitespace.
-pub(crate) fn check_token(operation: &'static str, what: &str, value: &str) -> Result<(), StoreError> {
+pub(crate) fn check_token(
+    operation: &'static str,
+    what: &str,
+    value: &str,
+) -> Result<(), StoreError> {
     if value.is_empty() {
         return Err(invalid(operation, format!("{what} is empty")));
     }
