@@ -561,3 +561,106 @@ command = ["sh", "-c", "test -e {d}/left.done && test -e {d}/right.done && echo 
     assert!(at("[buildfarm] step right passed") < join_started, "{log}");
     farm.kill().await;
 }
+
+/// Waits until no buildlet of this farm runs: every lease was released.
+async fn all_buildlets_released(data: &Path) {
+    eventually("every buildlet to be released", || {
+        buildlet_pids(&data.display().to_string())
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_step_stops_its_sibling_and_releases_every_buildlet() {
+    let shared = tempfile::tempdir().expect("shared");
+    let d = shared.path().display().to_string();
+    let builders = format!(
+        r#"
+[[builders]]
+name = "{name}"
+host_type = "local"
+[[builders.steps]]
+name = "slow"
+command = ["sh", "-c", "touch {d}/slow; sleep 291"]
+[[builders.steps]]
+name = "broken"
+command = ["sh", "-c", "while [ ! -e {d}/slow ]; do sleep 0.1; done; echo broken on purpose; exit 3"]
+[[builders.steps]]
+name = "never"
+requires = ["slow", "broken"]
+command = ["touch", "{d}/never"]
+"#,
+        name = host_builder("fails"),
+    );
+    let s = setup(&builders, &shared_with_sandbox(shared.path()));
+    let farm = TestFarm::start(&s.cfg, &s.data).await;
+    let (b, log) = one_build(&farm, &s.rev).await;
+    assert_eq!(b["state"], "failed", "{log}");
+    assert!(
+        b["summary"]
+            .as_str()
+            .is_some_and(|x| x.contains("step broken exited with status 3")),
+        "{b:#}"
+    );
+    assert!(log.contains("broken on purpose"), "{log}");
+    assert!(!shared.path().join("never").exists(), "{log}");
+    // The sibling's buildlet (sleeping 291 s) was released with the build.
+    all_buildlets_released(&s.data).await;
+    farm.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_a_sharded_build_releases_its_buildlet_and_helpers() {
+    let shared = tempfile::tempdir().expect("shared");
+    let marker = shared.path().join("hang-marker");
+    // Post-submit builds only for a branch the repo lacks: the one build is the try run.
+    let builder = sharded_builder(&marker.display().to_string()).replace(
+        "test_shards = 3",
+        "test_shards = 3\nbranches = [\"release\"]",
+    );
+    let s = setup(&builder, &shared_with_sandbox(shared.path()));
+    let cfg = std::fs::read_to_string(&s.cfg).expect("config");
+    std::fs::write(
+        &s.cfg,
+        cfg.replace("branches = [\"main\"]", "branches = [\"main\", \"release\"]"),
+    )
+    .expect("config");
+    let farm = TestFarm::start(&s.cfg, &s.data).await;
+    let name = host_builder("sharded");
+    let mut watcher = farm
+        .gomote()
+        .args(["try", "t", &s.rev, "--builders", &name])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("gomote try");
+    let stderr = watcher.stderr.take().expect("stderr");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let first = lines.next().expect("a line").expect("read");
+    let try_id = first
+        .strip_prefix("gomote: try run ")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .to_owned();
+    std::thread::spawn(move || for _ in lines {});
+
+    eventually("the hanging unit", || marker.exists().then_some(())).await;
+    let running = buildlet_pids(&s.data.display().to_string()).len();
+    assert!(running >= 1, "buildlets are running");
+    let out = farm
+        .gomote()
+        .args(["cancel", &try_id])
+        .output()
+        .expect("gomote cancel");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = tokio::task::spawn_blocking(move || watcher.wait()).await;
+    let v = farm.get_json(&format!("/api/try/{try_id}")).await;
+    assert_eq!(v["builds"][0]["state"], "cancelled", "{v:#}");
+    all_buildlets_released(&s.data).await;
+    farm.kill().await;
+}
