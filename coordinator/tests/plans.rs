@@ -235,6 +235,7 @@ name = "test"
 requires = ["build"]
 units = "go-packages"
 command = ["go", "test", "-count=1"]
+cache = {{ key_files = ["go.mod"], paths = ["gocache"] }}
 "#;
 
 fn sharded_builder(marker: &str) -> String {
@@ -294,12 +295,20 @@ async fn sharded_tests_match_a_direct_go_test_run_and_record_durations() {
         buildlets.len() >= 2,
         "shards ran on helpers too: {buildlets:?}\n{log}"
     );
+    assert!(
+        log.contains(": saved gocache"),
+        "the first buildlet saves the cache: {log}"
+    );
 
     // The next build balances by the durations this one recorded.
     let rev2 = commit(&s.repo, "NOTES");
     let (b2, log2) = one_build(&farm, &rev2).await;
     assert_eq!(b2["state"], "failed", "{log2}");
     assert!(log2.contains("balanced by recorded durations"), "{log2}");
+    assert!(log2.contains(": hit, restored gocache"), "{log2}");
+    let verdicts2: BTreeMap<String, bool> =
+        farm_units(&log2).into_iter().map(|u| (u.0, u.1)).collect();
+    assert_eq!(verdicts2, direct, "{log2}");
     farm.kill().await;
     drop(s.tmp);
 }
@@ -624,7 +633,10 @@ async fn cancelling_a_sharded_build_releases_its_buildlet_and_helpers() {
     let cfg = std::fs::read_to_string(&s.cfg).expect("config");
     std::fs::write(
         &s.cfg,
-        cfg.replace("branches = [\"main\"]", "branches = [\"main\", \"release\"]"),
+        cfg.replace(
+            "branches = [\"main\"]",
+            "branches = [\"main\", \"release\"]",
+        ),
     )
     .expect("config");
     let farm = TestFarm::start(&s.cfg, &s.data).await;

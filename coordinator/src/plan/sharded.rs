@@ -65,7 +65,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>, i: usize, lease: Lease) -> StepEnd {
         r = prepare_and_list(ctx, i, &lease, kind, &mut log) => r,
     };
     log.flush_to(env);
-    let names = match listed {
+    let (names, cache) = match listed {
         Ok(n) => n,
         Err(end) => return end,
     };
@@ -169,6 +169,12 @@ pub(crate) async fn run(ctx: &Ctx<'_>, i: usize, lease: Lease) -> StepEnd {
     drop(workers);
 
     let board = board.into_inner().unwrap_or_else(|e| e.into_inner());
+    // The first buildlet saves the cache after a miss, unless it was lost meanwhile.
+    if !lease.lost.is_cancelled() {
+        let mut log = StepLog::default();
+        prepare::save_cache(ctx, i, cache, &lease, &mut log).await;
+        log.flush_to(env);
+    }
     let recorded: Vec<(String, u64)> = board
         .results
         .iter()
@@ -225,9 +231,9 @@ async fn prepare_and_list(
     lease: &Lease,
     kind: buildfarm_config::Units,
     log: &mut StepLog,
-) -> Result<Vec<String>, StepEnd> {
+) -> Result<(Vec<String>, Option<prepare::CacheState>), StepEnd> {
     let s = &ctx.steps()[i];
-    prepare::prepare(ctx, i, lease, log).await?;
+    let cache = prepare::prepare(ctx, i, lease, log).await?;
     let argv = units::list_command(kind);
     log.note(&format!(
         "step {}: listing units: {}",
@@ -252,8 +258,9 @@ async fn prepare_and_list(
         log.append(&stdout);
         return Err(end);
     }
-    units::parse(kind, &stdout)
-        .map_err(|e| StepEnd::Failed(format!("step {}: listing units: {e}", s.name)))
+    let names = units::parse(kind, &stdout)
+        .map_err(|e| StepEnd::Failed(format!("step {}: listing units: {e}", s.name)))?;
+    Ok((names, cache))
 }
 
 /// What workers share.
