@@ -25,6 +25,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::dispatcher::{Cancelled, Dispatcher, QueueFull, Ready, Slot};
 use crate::git::Mirror;
 use crate::logs::LogHub;
+use crate::plan::workspace::Workspaces;
 use crate::pool::Pool;
 use crate::reconcile::Reconciler;
 use crate::retry::{Backoff, store_op};
@@ -135,6 +136,7 @@ pub struct Farm {
     tuning: Tuning,
     dispatcher: Arc<Dispatcher>,
     sources: Arc<SourceCache>,
+    workspaces: Arc<Workspaces>,
     reconciler: Mutex<Reconciler>,
     poll_problems: Mutex<Vec<PollProblem>>,
 }
@@ -178,6 +180,11 @@ impl Farm {
             parts.config.coordinator.source_cache_bytes.as_u64(),
             parts.mirrors.values(),
         ));
+        let workspaces = Workspaces::new(
+            parts.data_dir.join("workspaces"),
+            parts.config.coordinator.workspace_bytes.as_u64(),
+            parts.config.coordinator.workspace_max_age,
+        );
         Arc::new(Farm {
             config: parts.config,
             store: parts.store,
@@ -195,6 +202,7 @@ impl Farm {
             tuning: parts.tuning,
             dispatcher: Dispatcher::new(policy),
             sources,
+            workspaces,
             reconciler: Mutex::new(Reconciler::default()),
             poll_problems: Mutex::new(Vec::new()),
         })
@@ -621,6 +629,7 @@ impl Farm {
                         farm.changed(b);
                     })
                 },
+                workspaces: self.workspaces.clone(),
             };
             match crate::runner::run(&env, &build).await {
                 RunOutcome::Finished(state, summary) => {

@@ -10,6 +10,7 @@ pub mod git;
 pub mod http;
 pub mod logs;
 pub mod notifications;
+pub mod plan;
 pub mod poller;
 pub mod pool;
 pub mod reconcile;

@@ -17,6 +17,24 @@ const TRUNCATION_MARKER: &[u8] = b"\n[... log truncated by buildfarm ...]\n";
 pub struct LiveLog {
     state: Mutex<LogState>,
     tx: broadcast::Sender<Bytes>,
+    /// Shards of the build's sharded test steps, for the build page (live only).
+    shards: Mutex<Vec<ShardView>>,
+}
+
+/// One shard of a sharded test step as the build page shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ShardView {
+    pub step: String,
+    /// 1-based.
+    pub shard: usize,
+    /// `waiting`, `running`, `passed`, `failed` or `lost` (its buildlet died; the rest of
+    /// its units are queued again).
+    pub state: &'static str,
+    pub units: usize,
+    pub done: usize,
+    pub failed: usize,
+    /// The buildlet running it; empty while waiting.
+    pub buildlet: String,
 }
 
 struct LogState {
@@ -36,7 +54,28 @@ impl LiveLog {
                 closed: false,
             }),
             tx,
+            shards: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Adds or replaces (by step and shard) one shard's view.
+    pub fn set_shard(&self, view: ShardView) {
+        let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+        match shards
+            .iter_mut()
+            .find(|s| s.step == view.step && s.shard == view.shard)
+        {
+            Some(s) => *s = view,
+            None => shards.push(view),
+        }
+    }
+
+    /// The shards so far, in the order they were first set.
+    pub fn shards(&self) -> Vec<ShardView> {
+        self.shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Appends bytes and sends them to subscribers.

@@ -20,7 +20,7 @@ use crate::retry::{Backoff, store_op};
 use crate::sources::SourceCache;
 
 /// How one attempt ended.
-enum Outcome {
+pub(crate) enum Outcome {
     /// The build has a result (ok or failed); `summary` says why.
     Done(BuildState, String),
     /// The infrastructure failed; another attempt may succeed.
@@ -62,13 +62,15 @@ pub struct RunEnv {
     /// The pause between attempts, so a crash-looping pool doesn't spin.
     pub attempt_backoff: Backoff,
     pub on_attempt: AttemptHook,
+    /// Snapshots and caches of plan steps.
+    pub workspaces: Arc<crate::plan::workspace::Workspaces>,
 }
 
 /// Where the source goes in the buildlet's workdir; steps run there.
-const SRC_DIR: &str = "src";
+pub(crate) const SRC_DIR: &str = "src";
 
 impl RunEnv {
-    fn cancelled(&self) -> RunOutcome {
+    pub(crate) fn cancelled(&self) -> RunOutcome {
         if self.shutdown.is_cancelled() {
             RunOutcome::Stopped
         } else {
@@ -93,7 +95,12 @@ impl RunEnv {
         self.finish_infra_attempt(build_id, n, why).await
     }
 
-    async fn finish_infra_attempt(&self, build_id: &str, n: u32, why: &str) -> Option<()> {
+    pub(crate) async fn finish_infra_attempt(
+        &self,
+        build_id: &str,
+        n: u32,
+        why: &str,
+    ) -> Option<()> {
         if let Err(e) = store_op("finish_attempt", self.store_retry, &self.shutdown, || {
             self.store
                 .finish_attempt(build_id, n, BuildState::InfraFailure, Some(why))
@@ -108,6 +115,10 @@ impl RunEnv {
 
 /// Runs `build` to an outcome.
 pub async fn run(env: &RunEnv, build: &Build) -> RunOutcome {
+    if env.builder.is_plan() {
+        // Steps with requirements, snapshots, caches or units: one buildlet per step.
+        return crate::plan::run(env, build).await;
+    }
     let max_attempts = env.max_attempts.max(1);
     let timeout = env.builder.build_timeout;
     let mut attempts_here = 0u32;
@@ -245,10 +256,14 @@ async fn run_step(
     ))
 }
 
-async fn steps(env: &RunEnv, build: &Build, lease: &Lease) -> Outcome {
-    let (builder, log) = (&env.builder, &env.log);
+/// The build's source tarball (its rev, with its try patch applied), opened for reading.
+pub(crate) async fn open_source(env: &RunEnv, build: &Build) -> Result<tokio::fs::File, Outcome> {
+    let log = &env.log;
     let Some(mirror) = env.mirror.as_ref() else {
-        return Outcome::Done(BuildState::Failed, format!("unknown repo {}", build.repo));
+        return Err(Outcome::Done(
+            BuildState::Failed,
+            format!("unknown repo {}", build.repo),
+        ));
     };
     let patch = match (build.kind, &build.try_id) {
         (BuildKind::Try, Some(try_id)) => {
@@ -257,26 +272,34 @@ async fn steps(env: &RunEnv, build: &Build, lease: &Lease) -> Outcome {
             })
             .await
             {
-                None => return Outcome::Cancelled,
+                None => return Err(Outcome::Cancelled),
                 Some(Ok(t)) => t.patch,
                 Some(Err(e)) => {
-                    return Outcome::Done(
+                    return Err(Outcome::Done(
                         BuildState::Failed,
                         format!("reading try run {try_id}: {e}"),
-                    );
+                    ));
                 }
             }
         }
         _ => None,
     };
-    let file = match env.sources.open(mirror, &build.rev, patch.as_deref()).await {
-        Ok(f) => f,
+    match env.sources.open(mirror, &build.rev, patch.as_deref()).await {
+        Ok(f) => Ok(f),
         Err(e) => {
             // A patch that does not apply is the change's fault, not the farm's.
             let msg = format!("{e:#}");
             log.note(&format!("preparing source: {msg}"));
-            return Outcome::Done(BuildState::Failed, format!("source: {msg}"));
+            Err(Outcome::Done(BuildState::Failed, format!("source: {msg}")))
         }
+    }
+}
+
+async fn steps(env: &RunEnv, build: &Build, lease: &Lease) -> Outcome {
+    let (builder, log) = (&env.builder, &env.log);
+    let file = match open_source(env, build).await {
+        Ok(f) => f,
+        Err(outcome) => return outcome,
     };
     if let Err(e) = lease.client.put_tar(SRC_DIR, file, None).await {
         return Outcome::Infra(format!("pushing source: {e}"));

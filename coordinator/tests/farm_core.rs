@@ -235,6 +235,23 @@ impl Store for FlakyStore {
         self.run("builds_for_try", self.inner.builds_for_try(try_id))
             .await
     }
+
+    async fn unit_durations(&self, builder: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        self.run("unit_durations", self.inner.unit_durations(builder))
+            .await
+    }
+
+    async fn record_unit_durations(
+        &self,
+        builder: &str,
+        units: &[(String, u64)],
+    ) -> Result<(), StoreError> {
+        self.run(
+            "record_unit_durations",
+            self.inner.record_unit_durations(builder, units),
+        )
+        .await
+    }
 }
 
 // ---- a pool of in-memory buildlets ----

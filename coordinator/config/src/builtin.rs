@@ -96,6 +96,11 @@ fn builder(name: String, env: Env, steps: &[(&str, &[&str])]) -> Builder {
                 command: argv.iter().map(|a| (*a).to_owned()).collect(),
                 env: Env::new(),
                 timeout: Duration::from_secs(20 * 60),
+                requires: Vec::new(),
+                snapshot: None,
+                restore: None,
+                cache: None,
+                units: None,
             })
             .collect(),
         build_timeout: Duration::from_secs(60 * 60),

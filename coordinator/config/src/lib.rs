@@ -6,6 +6,7 @@
 
 mod builtin;
 mod connections;
+pub mod dag;
 mod error;
 mod limits;
 mod model;
@@ -23,6 +24,7 @@ pub use limits::Limits;
 pub use model::{
     Builder, Config, CoordinatorConfig, DockerPool, Ec2Address, Ec2Pool, Env, HostType, KubePool,
     KubeToleration, LocalPool, Pool, Repo, ReversePool, SandboxConfig, SandboxMode, Secret, Step,
+    StepCache, Units,
 };
 pub use names::{
     BuilderName, BuilderNameError, KNOWN_GOARCH, KNOWN_GOOS, goarch_from_rust, goos_from_rust,

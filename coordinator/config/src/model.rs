@@ -97,6 +97,13 @@ pub struct CoordinatorConfig {
     /// (only the coordinator's own platform is served).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub buildlet_binaries: Option<PathBuf>,
+    /// Most bytes of step snapshots and caches kept in `<data_dir>/workspaces`; the least
+    /// recently used go first (never one a running build uses). Default: `10 GiB`.
+    #[serde(default = "default_workspace_bytes")]
+    pub workspace_bytes: ByteSize,
+    /// Snapshots and caches unused this long are removed. Default: `7days`.
+    #[serde(default = "default_workspace_max_age", with = "humantime_serde")]
+    pub workspace_max_age: Duration,
 }
 
 fn default_listen() -> SocketAddr {
@@ -117,6 +124,12 @@ fn default_gomote_idle() -> Duration {
 fn default_source_cache_bytes() -> ByteSize {
     ByteSize::gib(2)
 }
+fn default_workspace_bytes() -> ByteSize {
+    ByteSize::gib(10)
+}
+fn default_workspace_max_age() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
 
 impl Default for CoordinatorConfig {
     fn default() -> Self {
@@ -132,6 +145,8 @@ impl Default for CoordinatorConfig {
             gomote_idle_timeout: default_gomote_idle(),
             source_cache_bytes: default_source_cache_bytes(),
             buildlet_binaries: None,
+            workspace_bytes: default_workspace_bytes(),
+            workspace_max_age: default_workspace_max_age(),
         }
     }
 }
@@ -512,7 +527,8 @@ pub struct Builder {
     /// Limit for the whole build, all steps and shards. Default: `1h`.
     #[serde(default = "default_build_timeout", with = "humantime_serde")]
     pub build_timeout: Duration,
-    /// How many buildlets share the test step; at least 1. Default: `1`.
+    /// How many buildlets share a step with `units` (one leases the others as helpers);
+    /// at least 1, and more than 1 only with such a step. Default: `1`.
     #[serde(default = "default_shards")]
     pub test_shards: u32,
 }
@@ -528,6 +544,12 @@ fn default_shards() -> u32 {
 }
 
 impl Builder {
+    /// Whether the builder runs as a plan (see [`Step::requires`]) rather than its steps
+    /// in order on one buildlet.
+    pub fn is_plan(&self) -> bool {
+        self.steps.iter().any(Step::needs_plan)
+    }
+
     /// Whether this builder builds `repo` (ignoring branches).
     pub fn builds_repo(&self, repo: &str) -> bool {
         self.repos
@@ -547,9 +569,71 @@ pub struct Step {
     /// Environment for this step, over the builder's. Default: empty.
     #[serde(default)]
     pub env: Env,
-    /// Limit for this step. Default: `20m`.
+    /// Limit for this step (for a step with `units`: for each unit). Default: `20m`.
     #[serde(default = "default_step_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Names of the steps that must pass before this one starts. A builder where any step
+    /// uses `requires`, `snapshot`, `restore`, `cache` or `units` runs as a plan: each step
+    /// on its own buildlet of the builder's host type, steps whose requirements have
+    /// passed in parallel. Without any of these the steps run in order on one buildlet.
+    /// Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<String>,
+    /// Directory, relative to the buildlet's workdir (the source is in `src`), saved as a
+    /// snapshot once the step passes, for later steps on other buildlets to restore.
+    /// Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// Step whose snapshot is restored (at the same place) before this step runs; it must
+    /// be among this step's requirements, directly or through others. Default: none,
+    /// meaning the snapshots of the steps named in `requires`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<String>,
+    /// A cache restored before the step and saved after it passes, keyed by the named
+    /// files' contents and the Go version. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<StepCache>,
+    /// Makes this a test step split into units (`"go-packages"`: the packages `go list
+    /// ./...` prints), run over the builder's `test_shards` buildlets: `command` runs once
+    /// per unit with the unit appended (e.g. `["go", "test", "-short"]`). Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub units: Option<Units>,
+}
+
+/// `cache = { key_files = [...], paths = [...] }` of a step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepCache {
+    /// Files, relative to the source tree (`src`), whose contents key the cache (e.g.
+    /// `go.sum`); a missing file keys as missing. Default: none (the key is then the
+    /// builder, the step and the Go version).
+    #[serde(default)]
+    pub key_files: Vec<String>,
+    /// Directories, relative to the buildlet's workdir, saved and restored (e.g.
+    /// `gocache`, where buildlets point `GOCACHE`, and `go/pkg/mod`); at least one.
+    /// Required.
+    pub paths: Vec<String>,
+}
+
+/// How a test step lists its units. Adding a lister (e.g. `go tool dist test -list`)
+/// adds a variant here and its command and parsing in the runner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Units {
+    /// The module's packages, from `go list ./...` in the source tree; each unit is an
+    /// import path.
+    GoPackages,
+}
+
+impl Step {
+    /// Whether the step uses anything only a plan (a DAG of buildlets) can run.
+    pub fn needs_plan(&self) -> bool {
+        !self.requires.is_empty()
+            || self.snapshot.is_some()
+            || self.restore.is_some()
+            || self.cache.is_some()
+            || self.units.is_some()
+    }
 }
 
 fn default_step_timeout() -> Duration {

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
+use crate::dag::{Dag, DagError};
 use crate::error::{ErrorKind, FieldPath};
 use crate::limits::Limits;
 use crate::model::{
@@ -660,6 +661,75 @@ fn builder(out: &mut Issues, path: &FieldPath, b: &Builder, config: &Config) {
     }
     out.positive_duration(path.key("build_timeout"), b.build_timeout);
     out.positive(path.key("test_shards"), b.test_shards);
+    plan(out, path, b);
+}
+
+/// The plan fields of a builder's steps: the graph, relative paths, the cache, and
+/// `test_shards` only beside a step with units.
+fn plan(out: &mut Issues, path: &FieldPath, b: &Builder) {
+    let steps = path.key("steps");
+    for (i, s) in b.steps.iter().enumerate() {
+        let sp = steps.index(i);
+        if let Some(dir) = &s.snapshot {
+            workdir_path(out, sp.key("snapshot"), dir);
+        }
+        if let Some(cache) = &s.cache {
+            let cp = sp.key("cache");
+            if cache.paths.is_empty() {
+                out.push(cp.key("paths"), ErrorKind::Empty);
+            }
+            for (k, p) in cache.paths.iter().enumerate() {
+                workdir_path(out, cp.key("paths").index(k), p);
+            }
+            for (k, p) in cache.key_files.iter().enumerate() {
+                workdir_path(out, cp.key("key_files").index(k), p);
+            }
+        }
+    }
+    if b.test_shards > 1 && !b.steps.iter().any(|s| s.units.is_some()) {
+        out.push(
+            path.key("test_shards"),
+            ErrorKind::Invalid(format!(
+                "is {} but no step has `units` to split (e.g. units = \"go-packages\")",
+                b.test_shards
+            )),
+        );
+    }
+    if let Err(errors) = Dag::new(&b.steps) {
+        for e in errors {
+            let at = match &e {
+                DagError::UnknownRequire { step, index, .. }
+                | DagError::SelfRequire { step, index }
+                | DagError::DuplicateRequire { step, index, .. } => {
+                    steps.index(*step).key("requires").index(*index)
+                }
+                DagError::Cycle { step, .. } => steps.index(*step).key("requires"),
+                DagError::UnknownRestore { step, .. }
+                | DagError::RestoreNotRequired { step, .. }
+                | DagError::RestoreWithoutSnapshot { step, .. } => {
+                    steps.index(*step).key("restore")
+                }
+            };
+            out.push(at, ErrorKind::Invalid(e.to_string()));
+        }
+    }
+}
+
+/// A path a step names inside the buildlet's workdir: relative, no `..`, not empty.
+fn workdir_path(out: &mut Issues, path: FieldPath, value: &str) {
+    let p = Path::new(value);
+    let why = if value.is_empty() {
+        Some("must not be empty")
+    } else if p.is_absolute() {
+        Some("must be relative to the buildlet's workdir")
+    } else if p.components().any(|c| matches!(c, Component::ParentDir)) {
+        Some("must not contain `..`")
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        out.push(path, ErrorKind::Invalid(format!("{value:?} {why}")));
+    }
 }
 
 fn repo(out: &mut Issues, path: &FieldPath, r: &Repo) {

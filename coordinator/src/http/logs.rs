@@ -66,6 +66,9 @@ pub struct BuildPage {
     #[serde(skip)]
     pub duration: String,
     pub attempts: Vec<AttemptView>,
+    /// Shards of sharded test steps while the build runs (empty otherwise).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<crate::logs::ShardView>,
     /// True while the log is still growing.
     pub live: bool,
     #[serde(skip)]
@@ -101,6 +104,7 @@ pub fn build_page(
         created: fmt_ago(now_ms, b.created_at),
         duration,
         attempts: attempts.into_iter().map(AttemptView::from).collect(),
+        shards: Vec::new(),
         live,
         log: String::from_utf8_lossy(log).into_owned(),
         log_offset: log.len(),
@@ -123,8 +127,12 @@ async fn load_build(state: &AppState, id: &str) -> Result<BuildPage, PageError> 
         .list_attempts(id)
         .await
         .map_err(PageError::store)?;
+    let mut shards = Vec::new();
     let (log, live) = match state.farm.logs().get(id) {
-        Some(live) => (live.contents(), true),
+        Some(live) => {
+            shards = live.shards();
+            (live.contents(), true)
+        }
         None => (
             state
                 .farm
@@ -136,7 +144,9 @@ async fn load_build(state: &AppState, id: &str) -> Result<BuildPage, PageError> 
             false,
         ),
     };
-    Ok(build_page(&b, attempts, &log, live, now_ms()))
+    let mut page = build_page(&b, attempts, &log, live, now_ms());
+    page.shards = shards;
+    Ok(page)
 }
 
 /// `/build/{id}`.

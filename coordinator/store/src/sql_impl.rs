@@ -16,7 +16,7 @@ use crate::model::{BuildKind, BuildState, Commit, NewBuild, NewTry};
 /// How many hashes go in one `IN (...)` list (SQLite allows 32766 parameters per statement).
 pub(crate) const IN_CHUNK: usize = 500;
 
-fn invalid(operation: &'static str, reason: impl Into<String>) -> StoreError {
+pub(crate) fn invalid(operation: &'static str, reason: impl Into<String>) -> StoreError {
     StoreError::InvalidArgument {
         operation,
         reason: reason.into(),
@@ -24,7 +24,11 @@ fn invalid(operation: &'static str, reason: impl Into<String>) -> StoreError {
 }
 
 /// Names that end up in line-joined columns or in URLs: non-empty, no whitespace.
-fn check_token(operation: &'static str, what: &str, value: &str) -> Result<(), StoreError> {
+pub(crate) fn check_token(
+    operation: &'static str,
+    what: &str,
+    value: &str,
+) -> Result<(), StoreError> {
     if value.is_empty() {
         return Err(invalid(operation, format!("{what} is empty")));
     }
@@ -925,6 +929,59 @@ macro_rules! impl_store {
                     self.get_try(try_id).await?;
                 }
                 $crate::rows::into_builds(rows, OP)
+            }
+
+            async fn unit_durations(
+                &self,
+                builder: &str,
+            ) -> Result<Vec<(String, u64)>, $crate::StoreError> {
+                const OP: &str = "unit_durations";
+                let rows: Vec<(String, i64)> = sqlx::query_as(
+                    "SELECT unit, duration_ms FROM unit_durations WHERE builder = $1 ORDER BY unit",
+                )
+                .bind(builder)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| $crate::StoreError::db(OP, Some(builder), e))?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(unit, ms)| (unit, u64::try_from(ms).unwrap_or(0)))
+                    .collect())
+            }
+
+            async fn record_unit_durations(
+                &self,
+                builder: &str,
+                units: &[(String, u64)],
+            ) -> Result<(), $crate::StoreError> {
+                const OP: &str = "record_unit_durations";
+                $crate::sql_impl::check_token(OP, "builder", builder)?;
+                if let Some((_, _)) = units.iter().find(|(u, _)| u.is_empty()) {
+                    return Err($crate::sql_impl::invalid(OP, "a unit name is empty"));
+                }
+                if units.is_empty() {
+                    return Ok(());
+                }
+                let now = self.now();
+                let db = |e| $crate::StoreError::db(OP, Some(builder), e);
+                let mut tx = self.begin_write(OP, Some(builder)).await?;
+                for (unit, ms) in units {
+                    sqlx::query(
+                        "INSERT INTO unit_durations (builder, unit, duration_ms, updated_at) \
+                         VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (builder, unit) DO UPDATE SET \
+                         duration_ms = excluded.duration_ms, updated_at = excluded.updated_at",
+                    )
+                    .bind(builder)
+                    .bind(unit)
+                    .bind(i64::try_from(*ms).unwrap_or(i64::MAX))
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                }
+                tx.commit().await.map_err(db)?;
+                Ok(())
             }
         }
     };

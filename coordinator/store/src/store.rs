@@ -110,4 +110,14 @@ pub trait Store: Send + Sync {
 
     /// The try run's builds, by builder name.
     async fn builds_for_try(&self, try_id: &str) -> Result<Vec<Build>>;
+
+    // ---- test unit durations (shard balancing) ----
+
+    /// The last recorded duration of each test unit of `builder`, in milliseconds, by
+    /// unit name; empty when the builder never recorded any.
+    async fn unit_durations(&self, builder: &str) -> Result<Vec<(String, u64)>>;
+
+    /// Records (replacing older values) how long each unit took on `builder`, in
+    /// milliseconds, in one transaction. Unit names must not be empty.
+    async fn record_unit_durations(&self, builder: &str, units: &[(String, u64)]) -> Result<()>;
 }

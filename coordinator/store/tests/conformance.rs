@@ -204,6 +204,7 @@ store_test_suite!(
     not_found_errors,
     reopen_is_a_migration_no_op,
     concurrent_writers,
+    unit_durations_round_trip,
 );
 
 #[test]

@@ -881,3 +881,75 @@ pub async fn concurrent_writers(h: Harness) {
         total as u64
     );
 }
+
+pub async fn unit_durations_round_trip(h: Harness) {
+    let s = &h.store;
+    assert!(
+        s.unit_durations("linux-amd64")
+            .await
+            .expect("read")
+            .is_empty()
+    );
+    s.record_unit_durations(
+        "linux-amd64",
+        &[
+            ("example.com/t/a".into(), 1500),
+            ("example.com/t/b".into(), 20),
+        ],
+    )
+    .await
+    .expect("record");
+    s.record_unit_durations("linux-arm64", &[("example.com/t/a".into(), 9)])
+        .await
+        .expect("record other builder");
+    // A later run replaces a unit's value and adds new units.
+    s.record_unit_durations(
+        "linux-amd64",
+        &[
+            ("example.com/t/a".into(), 700),
+            ("example.com/t/c".into(), 3),
+        ],
+    )
+    .await
+    .expect("record again");
+    assert_eq!(
+        s.unit_durations("linux-amd64").await.expect("read"),
+        vec![
+            ("example.com/t/a".to_owned(), 700),
+            ("example.com/t/b".to_owned(), 20),
+            ("example.com/t/c".to_owned(), 3),
+        ]
+    );
+    assert_eq!(
+        s.unit_durations("linux-arm64").await.expect("read"),
+        vec![("example.com/t/a".to_owned(), 9)]
+    );
+    // Nothing to record is fine; bad names are refused and change nothing.
+    s.record_unit_durations("linux-amd64", &[])
+        .await
+        .expect("empty");
+    let err = s
+        .record_unit_durations("linux-amd64", &[("".into(), 5), ("x".into(), 1)])
+        .await
+        .expect_err("empty unit");
+    assert!(matches!(err, StoreError::InvalidArgument { .. }), "{err}");
+    let err = s
+        .record_unit_durations("linux amd64", &[("x".into(), 1)])
+        .await
+        .expect_err("bad builder");
+    assert!(err.to_string().contains("whitespace"), "{err}");
+    assert_eq!(
+        s.unit_durations("linux-amd64").await.expect("read").len(),
+        3
+    );
+    // Durations survive a reopen (a coordinator restart).
+    let again = h.reopen().await;
+    assert_eq!(
+        again
+            .unit_durations("linux-amd64")
+            .await
+            .expect("read")
+            .len(),
+        3
+    );
+}
