@@ -11,9 +11,9 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use buildfarm_proto::buildlet as pb;
+use buildfarm_tls::{ALPN_H2, Identity};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use revdial::tls::{ALPN_H2, Identity};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -459,15 +459,15 @@ impl BuildletClient {
         let op = format!("connect {}", opts.addr);
         let bad = |e: String| ClientError::new(op.clone(), ErrorCode::InvalidArgument, e);
         let tls =
-            revdial::tls::client_config(&opts.ca_pem, opts.client_identity.as_ref(), &[ALPN_H2])
+            buildfarm_tls::client_config(&opts.ca_pem, opts.client_identity.as_ref(), &[ALPN_H2])
                 .map_err(|e| bad(e.to_string()))?;
         let host = match &opts.server_name {
             Some(n) => n.clone(),
             None => host_of(&opts.addr).to_owned(),
         };
-        let server_name = revdial::tls::server_name(&host).map_err(|e| bad(e.to_string()))?;
+        let server_name = buildfarm_tls::server_name(&host).map_err(|e| bad(e.to_string()))?;
         let channel =
-            revdial::tls::connect_channel(&opts.addr, server_name, tls, opts.connect_timeout)
+            revdial::h2::connect_channel(&opts.addr, server_name, tls, opts.connect_timeout)
                 .await
                 .map_err(|e| {
                     let mut message = e.to_string();

@@ -206,7 +206,7 @@ enum Mode {
 struct ListenConfig {
     listen: String,
     server: ServerConfig,
-    identity: revdial::tls::Identity,
+    identity: buildfarm_tls::Identity,
     client_ca: Option<String>,
     policy: AuthPolicy,
     conn: ConnArgs,
@@ -248,10 +248,10 @@ fn validate(cli: Cli) -> anyhow::Result<Mode> {
     else {
         bail!("missing required arguments: {}", missing.join(", "));
     };
-    let identity = revdial::tls::Identity::from_files(&cert, &key)
+    let identity = buildfarm_tls::Identity::from_files(&cert, &key)
         .context("loading the tls certificate and key")?;
     let client_ca = match &a.client_ca {
-        Some(p) => Some(revdial::tls::load_ca_file(p).context("loading --client-ca")?),
+        Some(p) => Some(buildfarm_tls::load_ca_file(p).context("loading --client-ca")?),
         None => None,
     };
     let key_from_env = std::env::var("BUILDLET_AUTH_KEY").ok();
@@ -278,8 +278,9 @@ fn validate(cli: Cli) -> anyhow::Result<Mode> {
     server.host_type = a.host_type;
     server.cgroup = cgroup;
     // Make sure the config is usable before binding.
-    let _ = revdial::tls::server_config(&identity, client_ca.as_deref(), &[revdial::tls::ALPN_H2])
-        .context("building the tls config")?;
+    let _ =
+        buildfarm_tls::server_config(&identity, client_ca.as_deref(), &[buildfarm_tls::ALPN_H2])
+            .context("building the tls config")?;
     Ok(Mode::Listen(Box::new(ListenConfig {
         listen,
         server,
@@ -336,10 +337,10 @@ async fn run_listen(cfg: Box<ListenConfig>) -> anyhow::Result<()> {
     );
     let svc =
         BuildletService::new(cfg.server, shutdown.clone()).context("preparing the workdir")?;
-    let tls = revdial::tls::server_config(
+    let tls = buildfarm_tls::server_config(
         &cfg.identity,
         cfg.client_ca.as_deref(),
-        &[revdial::tls::ALPN_H2],
+        &[buildfarm_tls::ALPN_H2],
     )
     .context("building the tls config")?;
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
@@ -414,7 +415,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    revdial::tls::install_crypto_provider();
+    buildfarm_tls::install_crypto_provider();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -141,7 +141,7 @@ pub fn validate(r: ReverseArgs, a: ListenArgs) -> anyhow::Result<ReverseConfig> 
             "no credential: give --builder-key-file, or --host-token-id with --host-token-file"
         ),
     };
-    let ca_pem = revdial::tls::load_ca_file(&ca_file).context("loading --ca-file")?;
+    let ca_pem = buildfarm_tls::load_ca_file(&ca_file).context("loading --ca-file")?;
     if r.keepalive_interval.is_zero() || r.keepalive_timeout.is_zero() {
         bail!("--keepalive-interval and --keepalive-timeout must be positive");
     }

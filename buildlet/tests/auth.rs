@@ -5,9 +5,9 @@ mod common;
 
 use std::process::Stdio;
 
+use buildfarm_tls::CertificateAuthority;
 use buildlet::client::{BuildletClient, ErrorCode};
 use common::*;
-use revdial::tls::CertificateAuthority;
 
 #[tokio::test]
 async fn no_credentials_is_unauthenticated() {

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use buildfarm_tls::CertificateAuthority;
 use buildlet::client::{BuildletClient, ErrorCode, ExecEvent, ExecSpec, OutputStream};
 use futures::StreamExt;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
-use revdial::tls::CertificateAuthority;
 use revdial::{Authenticator, HostEvent, HostId, HostInfo, Listener, ListenerConfig, RefusalKind};
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
@@ -46,13 +46,13 @@ struct Farm {
 
 impl Farm {
     async fn start() -> Farm {
-        revdial::tls::install_crypto_provider();
+        buildfarm_tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = CertificateAuthority::generate("reverse test ca").expect("ca");
         let server = ca
             .issue_server(&["localhost", "127.0.0.1"])
             .expect("server cert");
-        let tls = revdial::tls::server_config(&server, None, &[revdial::tls::ALPN_REVDIAL])
+        let tls = buildfarm_tls::server_config(&server, None, &[buildfarm_tls::ALPN_REVDIAL])
             .expect("tls config");
         let ca_file = dir.path().join("ca.crt");
         std::fs::write(&ca_file, ca.cert_pem()).expect("write ca");

@@ -10,9 +10,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use buildfarm_tls::CertificateAuthority;
 use buildlet::client::{BuildletClient, ConnectOptions, ExecSpec};
 use flood::{Kind, Target};
-use revdial::tls::CertificateAuthority;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::time::Instant;
@@ -34,7 +34,7 @@ struct Listening {
 impl Listening {
     /// Starts `buildlet --listen` with mTLS and a bearer key, plus `limits` flags.
     async fn start(limits: &[&str]) -> Listening {
-        revdial::tls::install_crypto_provider();
+        buildfarm_tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = CertificateAuthority::generate("stall test ca").expect("ca");
         let (cert, key) = ca

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use buildfarm_config::{Config, Pool as PoolConfig};
-use revdial::tls::{self, CertificateAuthority, Identity};
+use buildfarm_tls::{self as tls, CertificateAuthority, Identity};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;

@@ -86,7 +86,7 @@ fn main() -> ExitCode {
             .with_writer(std::io::stderr)
             .init();
     }
-    revdial::tls::install_crypto_provider();
+    buildfarm_tls::install_crypto_provider();
 
     let (config, builtin) = match load_config(&cli) {
         Ok(c) => c,
@@ -206,7 +206,7 @@ async fn run(mut config: Config, builtin: bool, cli: &Cli) -> Result<()> {
         "ca_file": running.ca_file,
         "token": token,
     });
-    revdial::tls::write_private(&gomote_cfg, serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+    buildfarm_tls::write_private(&gomote_cfg, serde_json::to_string_pretty(&cfg)?.as_bytes())?;
     println!("buildfarm coordinator running");
     println!("  status page: http://{}/", running.addr);
     println!(

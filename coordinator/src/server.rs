@@ -148,7 +148,7 @@ async fn sort(
             r = tls.accept(tcp) => r?,
             _ = conn.killed() => return Ok(Sorted::Refused),
         };
-        let revdial = stream.get_ref().1.alpn_protocol() == Some(revdial::tls::ALPN_REVDIAL);
+        let revdial = stream.get_ref().1.alpn_protocol() == Some(buildfarm_tls::ALPN_REVDIAL);
         let io = Tracked::new(stream, conn);
         io.conn().handshake_done();
         if revdial {

@@ -11,13 +11,13 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use buildfarm_config::Config;
+use buildfarm_tls::CertificateAuthority;
 use buildlet::client::{BuildletClient, ExecSpec};
 use coordinator::app::{self, Running, StartOptions};
 use coordinator::pool::bootstrap::{
     BootstrapParams, MachineCredentials, SHA256_HEADER, bootstrap_script, local_platform,
     sha256_file,
 };
-use revdial::tls::CertificateAuthority;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -32,7 +32,7 @@ struct Coord {
 
 /// A coordinator with no pools, serving `buildlet` as its local binary.
 async fn coordinator(buildlet: &Path) -> Coord {
-    revdial::tls::install_crypto_provider();
+    buildfarm_tls::install_crypto_provider();
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut config = Config::default();
     config.coordinator.data_dir = tmp.path().join("data");

@@ -26,7 +26,7 @@ async fn the_example_module_builds_in_containers() {
     let Some(env) = DockerEnv::new().await else {
         return;
     };
-    revdial::tls::install_crypto_provider();
+    buildfarm_tls::install_crypto_provider();
     let tmp = tempfile::tempdir().expect("tempdir");
     let repo = tmp.path().join("example-repo");
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../env/examples/hello");
@@ -136,7 +136,7 @@ async fn a_restarted_coordinator_sweeps_what_the_last_one_left() {
     let Some(env) = DockerEnv::new().await else {
         return;
     };
-    revdial::tls::install_crypto_provider();
+    buildfarm_tls::install_crypto_provider();
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut config = Config::default();
     config.coordinator.data_dir = tmp.path().join("data");

@@ -47,7 +47,7 @@ struct Setup {
 
 impl Setup {
     async fn new() -> Setup {
-        revdial::tls::install_crypto_provider();
+        buildfarm_tls::install_crypto_provider();
         let moto = Moto::start().await;
         let ec2 = moto::client(&moto.url);
         let subnet = moto::loopback_subnet(&ec2).await;

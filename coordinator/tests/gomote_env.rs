@@ -422,12 +422,12 @@ async fn raw_client(
         .expect("coordinator")
         .trim_start_matches("https://")
         .to_owned();
-    let ca = revdial::tls::load_ca_file(Path::new(settings["ca_file"].as_str().expect("ca")))
+    let ca = buildfarm_tls::load_ca_file(Path::new(settings["ca_file"].as_str().expect("ca")))
         .expect("ca");
-    let tls = revdial::tls::client_config(&ca, None, &[revdial::tls::ALPN_H2]).expect("tls");
-    let channel = revdial::tls::connect_channel(
+    let tls = buildfarm_tls::client_config(&ca, None, &[buildfarm_tls::ALPN_H2]).expect("tls");
+    let channel = revdial::h2::connect_channel(
         &addr,
-        revdial::tls::server_name("127.0.0.1").expect("name"),
+        buildfarm_tls::server_name("127.0.0.1").expect("name"),
         tls,
         std::time::Duration::from_secs(30),
     )

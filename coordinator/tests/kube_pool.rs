@@ -49,7 +49,7 @@ struct Setup {
 }
 
 async fn setup(max_pods: u32, mode: Kubelet, net: u8, before: impl FnOnce(&KubeApi)) -> Setup {
-    revdial::tls::install_crypto_provider();
+    buildfarm_tls::install_crypto_provider();
     let running = KubeApi::start(NS).await;
     before(&running.api);
     let machines = Machines::default();

@@ -252,7 +252,7 @@ impl Farm {
         buildlet: &Path,
         tweak: impl FnOnce(&mut Config, &Path),
     ) -> Farm {
-        revdial::tls::install_crypto_provider();
+        buildfarm_tls::install_crypto_provider();
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut config = Config::default();
         config.coordinator.data_dir = tmp.path().join("data");

@@ -65,10 +65,10 @@ fn target(farm: &TestFarm) -> Target {
 /// A real gRPC call through the typed client on a fresh TLS connection.
 async fn list_instances(farm: &TestFarm, token: &str) -> Result<usize, String> {
     let ca = std::fs::read_to_string(farm.data_dir.join("tls/ca.crt")).expect("reading the CA");
-    let tls = revdial::tls::client_config(&ca, None, &[revdial::tls::ALPN_H2]).expect("tls");
-    let channel = revdial::tls::connect_channel(
+    let tls = buildfarm_tls::client_config(&ca, None, &[buildfarm_tls::ALPN_H2]).expect("tls");
+    let channel = revdial::h2::connect_channel(
         &farm.addr,
-        revdial::tls::server_name("127.0.0.1").expect("name"),
+        buildfarm_tls::server_name("127.0.0.1").expect("name"),
         tls,
         Duration::from_secs(30),
     )

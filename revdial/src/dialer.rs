@@ -22,9 +22,9 @@ use crate::handshake::{
     NONCE_LEN, PROOF_LEN, PROTOCOL_VERSION, compute_proof, validate_challenge, validate_hello,
 };
 use crate::link::{LinkSignal, WatchedIo};
-use crate::tls::{ALPN_REVDIAL, TlsError};
 use crate::tunnel::TunnelService;
 use crate::wire::{WireError, read_frame, write_frame};
+use buildfarm_tls::{ALPN_REVDIAL, TlsError};
 
 /// How a host proves itself.
 #[derive(Clone, PartialEq, Eq)]
@@ -169,8 +169,8 @@ impl Prepared {
     fn new(cfg: &DialerConfig) -> Result<Self, DialerError> {
         let (host, port) = parse_coordinator(&cfg.coordinator)?;
         let sni = cfg.server_name.clone().unwrap_or_else(|| host.clone());
-        let server_name = crate::tls::server_name(&sni)?;
-        let tls = crate::tls::client_config(&cfg.ca_pem, None, &[ALPN_REVDIAL])?;
+        let server_name = buildfarm_tls::server_name(&sni)?;
+        let tls = buildfarm_tls::client_config(&cfg.ca_pem, None, &[ALPN_REVDIAL])?;
         let (key, token_id) = match &cfg.credential {
             Credential::BuilderKey(hexkey) => {
                 let key = hex::decode(hexkey.trim())
@@ -480,8 +480,8 @@ mod tests {
 
     #[test]
     fn bad_config_is_refused_up_front() {
-        crate::tls::install_crypto_provider();
-        let ca = crate::tls::CertificateAuthority::generate("ca").unwrap();
+        buildfarm_tls::install_crypto_provider();
+        let ca = buildfarm_tls::CertificateAuthority::generate("ca").unwrap();
         let good = DialerConfig::new(
             "localhost:1",
             ca.cert_pem(),

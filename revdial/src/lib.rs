@@ -1,6 +1,7 @@
 //! Reverse-dialled gRPC tunnels: a host behind NAT dials out once over TLS, proves who
 //! it is, and then serves gRPC on that connection while the listener side becomes the
-//! client. Also home to the TLS helpers (`tls`) every binary of the farm uses.
+//! client. Also the bounded acceptor (`accept`) and the HTTP/2 settings and forward
+//! channel (`h2`) every farm connection uses; TLS itself is `buildfarm_tls`.
 //!
 //! - [`handshake`]: the pure handshake (frames, validation, builder keys, proofs).
 //! - [`Listener`] / [`serve`]: the coordinator's side; [`Registry`] lists the hosts.
@@ -15,7 +16,6 @@ pub mod handshake;
 mod link;
 mod listener;
 mod registry;
-pub mod tls;
 mod tunnel;
 mod wire;
 

@@ -415,7 +415,7 @@ impl Monitor {
 const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// Accepts TCP connections on `tcp`, does TLS with `tls` (which must offer
-/// [`crate::tls::ALPN_REVDIAL`]) and hands revdial connections to `listener`, until
+/// [`buildfarm_tls::ALPN_REVDIAL`]) and hands revdial connections to `listener`, until
 /// `shutdown`. Connections go through the bounded acceptor of [`crate::accept`]
 /// (default caps; handshakes bounded by the listener's handshake timeout); a tunnel,
 /// once let in, keeps its slot and is never evicted. Tunnels outlive this loop; stop
@@ -463,7 +463,7 @@ pub async fn serve(
                     _ = h.killed() => return,
                 };
                 let alpn = tls.get_ref().1.alpn_protocol();
-                if alpn != Some(crate::tls::ALPN_REVDIAL) {
+                if alpn != Some(buildfarm_tls::ALPN_REVDIAL) {
                     let alpn = alpn.map(String::from_utf8_lossy);
                     warn!(%peer, ?alpn, "connection did not negotiate the revdial alpn");
                     return;

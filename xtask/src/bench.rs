@@ -59,7 +59,7 @@ pub fn inner(root: &Path, filter: Option<&str>) -> Result<()> {
         // Not a bench: the dialer process of the revdial fleet bench.
         return super::bench_revdial::fleet_child();
     }
-    revdial::tls::install_crypto_provider();
+    buildfarm_tls::install_crypto_provider();
     let rt = tokio::runtime::Runtime::new()?;
     let out_dir = super::target_dir(root).join("bench");
     std::fs::create_dir_all(&out_dir)?;
@@ -122,7 +122,7 @@ struct Buildlet {
 }
 
 async fn start_buildlet(release: &Path, dir: &Path) -> Result<Buildlet> {
-    let ca = revdial::tls::CertificateAuthority::generate("bench ca")?;
+    let ca = buildfarm_tls::CertificateAuthority::generate("bench ca")?;
     let certs = dir.join("certs");
     let (server_cert, server_key) = ca
         .issue_server(&["127.0.0.1"])?

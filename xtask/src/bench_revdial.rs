@@ -21,8 +21,8 @@ use buildfarm_proto::buildlet::buildlet_server::{Buildlet, BuildletServer};
 use buildfarm_proto::buildlet::*;
 use buildfarm_proto::revdial::PingRequest;
 use buildfarm_proto::revdial::tunnel_client::TunnelClient;
+use buildfarm_tls::{self as tls, CertificateAuthority};
 use futures::{Stream, StreamExt};
-use revdial::tls::{self, CertificateAuthority};
 use revdial::{
     Authenticator, Credential, DialerConfig, HostEvent, Listener, ListenerConfig, TunnelService,
 };
@@ -702,7 +702,7 @@ impl ForwardServer {
             };
             buildlet::server::serve_tls(tcp, server_tls, routes, token).await
         });
-        let channel = tls::connect_channel(
+        let channel = revdial::h2::connect_channel(
             &addr.to_string(),
             tls::server_name("localhost")?,
             tls::client_config(ca.cert_pem(), None, &[tls::ALPN_H2])?,
@@ -1030,7 +1030,7 @@ pub fn fleet_child() -> Result<()> {
     let ca_pem = var("BENCH_FLEET_CA")?;
     let n: usize = var("BENCH_FLEET_N")?.parse().context("BENCH_FLEET_N")?;
     raise_nofile()?;
-    revdial::tls::install_crypto_provider();
+    buildfarm_tls::install_crypto_provider();
     let rt = tokio::runtime::Runtime::new()?;
     // The parent reads this line to know the dialer process's memory before the fleet.
     trim_heap();

@@ -174,8 +174,8 @@ fn demo(root: &Path, args: &[String]) -> Result<()> {
 }
 
 fn certs(out: &Path) -> Result<()> {
-    revdial::tls::install_crypto_provider();
-    let ca = revdial::tls::CertificateAuthority::generate("buildfarm dev CA")?;
+    buildfarm_tls::install_crypto_provider();
+    let ca = buildfarm_tls::CertificateAuthority::generate("buildfarm dev CA")?;
     ca.identity().write_files(out, "ca")?;
     ca.issue_server(&["localhost", "127.0.0.1"])?
         .write_files(out, "server")?;

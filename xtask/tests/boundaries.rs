@@ -58,6 +58,15 @@ fn proto_knows_nothing_of_the_rest() {
 }
 
 #[test]
+fn tls_is_certificates_and_configs_only() {
+    // No runtime, no gRPC, no other farm crate: anything may use it.
+    assert_not_in(
+        "buildfarm-tls",
+        &["tokio", "tonic", "hyper", "buildfarm-proto", "revdial"],
+    );
+}
+
+#[test]
 fn revdial_serves_any_service() {
     assert_not_in("revdial", &["buildlet", "buildfarm-store", "coordinator"]);
 }

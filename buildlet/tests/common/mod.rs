@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use buildfarm_tls::{CertificateAuthority, Identity};
 use buildlet::client::{BuildletClient, ConnectOptions};
-use revdial::tls::{CertificateAuthority, Identity};
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
@@ -75,7 +75,7 @@ impl TestBuildlet {
         workdir: Option<&Path>,
         customize: impl FnOnce(&mut Command, &Path),
     ) -> Self {
-        revdial::tls::install_crypto_provider();
+        buildfarm_tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = CertificateAuthority::generate("buildlet test ca").expect("ca");
         let server = ca

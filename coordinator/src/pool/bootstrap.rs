@@ -37,8 +37,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use buildfarm_tls::{CertificateAuthority, Identity, TlsError};
 use buildlet::client::ConnectOptions;
-use revdial::tls::{CertificateAuthority, Identity, TlsError};
 
 /// Response header carrying the hex SHA-256 of the served binary.
 pub const SHA256_HEADER: &str = "x-buildlet-sha256";
@@ -470,7 +470,7 @@ mod tests {
 
     #[test]
     fn credentials_are_per_machine_and_never_printed() {
-        revdial::tls::install_crypto_provider();
+        buildfarm_tls::install_crypto_provider();
         let ca = CertificateAuthority::generate("test CA").expect("ca");
         let a = MachineCredentials::issue(&ca, &["bl-a", "10.0.0.7"]).expect("issue");
         let b = MachineCredentials::issue(&ca, &["bl-b"]).expect("issue");
@@ -493,7 +493,7 @@ mod tests {
 
     #[test]
     fn script_quotes_values_and_names_connect_to() {
-        revdial::tls::install_crypto_provider();
+        buildfarm_tls::install_crypto_provider();
         let ca = CertificateAuthority::generate("test CA").expect("ca");
         let creds = MachineCredentials::issue(&ca, &["bl"]).expect("issue");
         let script = bootstrap_script(&BootstrapParams {

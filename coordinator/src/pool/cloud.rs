@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use buildfarm_config::{Ec2Pool as Ec2Config, KubePool as KubeConfig};
-use revdial::tls::CertificateAuthority;
+use buildfarm_tls::CertificateAuthority;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;

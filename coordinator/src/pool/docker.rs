@@ -25,9 +25,9 @@ use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder,
     RemoveContainerOptionsBuilder,
 };
+use buildfarm_tls::CertificateAuthority;
 use buildlet::client::BuildletClient;
 use futures::StreamExt;
-use revdial::tls::CertificateAuthority;
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use buildfarm_tls::{CertificateAuthority, Identity};
 use buildlet::client::{BuildletClient, ConnectOptions};
-use revdial::tls::{CertificateAuthority, Identity};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
 use tokio_util::sync::CancellationToken;

@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use buildfarm_tls::CertificateAuthority;
 use buildlet::client::ConnectOptions;
-use revdial::tls::CertificateAuthority;
 
 use super::bootstrap::{BootstrapParams, BuildletBinaries, MachineCredentials, bootstrap_script};
 

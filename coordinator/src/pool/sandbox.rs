@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use buildfarm_config::SandboxMode;
-use revdial::tls::Identity;
+use buildfarm_tls::Identity;
 use tokio::process::Command;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -399,7 +399,7 @@ impl Sandbox {
             (dirs.server_key(), identity.key_pem.as_str()),
             (dirs.client_ca(), ca_pem),
         ] {
-            revdial::tls::write_private(&path, contents.as_bytes())?;
+            buildfarm_tls::write_private(&path, contents.as_bytes())?;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400))?;
             if let Some((u, g)) = ids {
                 nix::unistd::chown(&path, Some(u), Some(g))?;
@@ -500,7 +500,7 @@ impl Sandbox {
     /// Runs `buildlet version` exactly as a buildlet would run (slot 0's uid, the real
     /// mounts), so a bwrap that cannot work here fails now, with its own message.
     async fn probe(&self) -> Result<()> {
-        let ca = revdial::tls::CertificateAuthority::generate("buildfarm sandbox probe")?;
+        let ca = buildfarm_tls::CertificateAuthority::generate("buildfarm sandbox probe")?;
         let identity = ca.issue_server(&["localhost"])?;
         let permits = Arc::new(Semaphore::new(1));
         let slot = Slot {

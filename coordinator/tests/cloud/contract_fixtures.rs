@@ -40,7 +40,7 @@ pub struct KubeFixture {
 
 impl KubeFixture {
     async fn make(capacity: usize, mode: Kubelet) -> Self {
-        revdial::tls::install_crypto_provider();
+        buildfarm_tls::install_crypto_provider();
         let running = KubeApi::start("contract").await;
         let machines = Machines::default();
         kubelet(
@@ -147,7 +147,7 @@ pub struct Ec2Fixture {
 
 impl Ec2Fixture {
     async fn make(capacity: usize, broken: bool) -> Self {
-        revdial::tls::install_crypto_provider();
+        buildfarm_tls::install_crypto_provider();
         let moto = Moto::start().await;
         let ec2 = moto::client(&moto.url);
         let subnet = moto::loopback_subnet(&ec2).await;

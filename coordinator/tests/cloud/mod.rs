@@ -14,9 +14,9 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use buildfarm_tls::CertificateAuthority;
 use buildlet::client::ConnectOptions;
 use coordinator::pool::provision::{Provision, Provisioned};
-use revdial::tls::CertificateAuthority;
 use tokio::process::{Child, Command};
 
 /// Generous: these start processes on a shared two-core machine.

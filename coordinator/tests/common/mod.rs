@@ -103,7 +103,7 @@ impl TestFarm {
         buildlet: &Path,
     ) -> TestFarm {
         // reqwest is built without a default crypto provider.
-        revdial::tls::install_crypto_provider();
+        buildfarm_tls::install_crypto_provider();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_coordinator"));
         cmd.arg("--config")
             .arg(config_path)

@@ -81,15 +81,15 @@ impl Target {
     pub fn new(
         addr: SocketAddr,
         ca_pem: &str,
-        identity: Option<&revdial::tls::Identity>,
+        identity: Option<&buildfarm_tls::Identity>,
         host: &str,
     ) -> Target {
         Target {
             addr,
-            tls_plain: revdial::tls::client_config(ca_pem, identity, &[]).expect("tls config"),
-            tls_h2: revdial::tls::client_config(ca_pem, identity, &[revdial::tls::ALPN_H2])
+            tls_plain: buildfarm_tls::client_config(ca_pem, identity, &[]).expect("tls config"),
+            tls_h2: buildfarm_tls::client_config(ca_pem, identity, &[buildfarm_tls::ALPN_H2])
                 .expect("tls config"),
-            server_name: revdial::tls::server_name(host).expect("server name"),
+            server_name: buildfarm_tls::server_name(host).expect("server name"),
         }
     }
 }

@@ -11,8 +11,8 @@ use std::time::Duration;
 use buildfarm_proto::buildlet::buildlet_server::{Buildlet, BuildletServer};
 use buildfarm_proto::buildlet::*;
 use buildfarm_proto::revdial::{Challenge, Hello, Verdict, hello};
+use buildfarm_tls::{self as tls, CertificateAuthority};
 use futures::Stream;
-use revdial::tls::{self, CertificateAuthority};
 use revdial::{
     Authenticator, Backoff, Credential, DialerConfig, DialerError, HostEvent, HostInfo, Listener,
     ListenerConfig,

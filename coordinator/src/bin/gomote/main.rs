@@ -242,11 +242,11 @@ async fn connect(cli: &Cli) -> Result<Client> {
         .to_owned();
     let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(&addr);
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let ca = revdial::tls::load_ca_file(&s.ca_file)?;
-    let tls = revdial::tls::client_config(&ca, None, &[revdial::tls::ALPN_H2])?;
-    let channel = revdial::tls::connect_channel(
+    let ca = buildfarm_tls::load_ca_file(&s.ca_file)?;
+    let tls = buildfarm_tls::client_config(&ca, None, &[buildfarm_tls::ALPN_H2])?;
+    let channel = revdial::h2::connect_channel(
         &addr,
-        revdial::tls::server_name(host)?,
+        buildfarm_tls::server_name(host)?,
         tls,
         Duration::from_secs(10),
     )
@@ -269,7 +269,7 @@ fn status_err(what: &str, s: tonic::Status) -> anyhow::Error {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    revdial::tls::install_crypto_provider();
+    buildfarm_tls::install_crypto_provider();
     let cli = Cli::parse();
     match run(&cli).await {
         Ok(code) => code,
