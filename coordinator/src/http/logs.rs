@@ -73,6 +73,9 @@ pub struct BuildPage {
     /// Bytes of the log shown; the live stream continues from here.
     #[serde(skip)]
     pub log_offset: usize,
+    /// Files the build kept, with their download links.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<super::artifacts::ArtifactLink>,
 }
 
 /// The page's data; `log` is what is known of the log now and `live` whether it grows.
@@ -104,6 +107,7 @@ pub fn build_page(
         live,
         log: String::from_utf8_lossy(log).into_owned(),
         log_offset: log.len(),
+        artifacts: Vec::new(),
     }
 }
 
@@ -136,7 +140,15 @@ async fn load_build(state: &AppState, id: &str) -> Result<BuildPage, PageError> 
             false,
         ),
     };
-    Ok(build_page(&b, attempts, &log, live, now_ms()))
+    let files = state
+        .farm
+        .store()
+        .list_artifacts(id)
+        .await
+        .map_err(PageError::store)?;
+    let mut page = build_page(&b, attempts, &log, live, now_ms());
+    page.artifacts = super::artifacts::links(id, &files);
+    Ok(page)
 }
 
 /// `/build/{id}`.

@@ -204,6 +204,8 @@ store_test_suite!(
     not_found_errors,
     reopen_is_a_migration_no_op,
     concurrent_writers,
+    artifact_requests_share_a_build,
+    artifacts_round_trip,
 );
 
 #[test]
