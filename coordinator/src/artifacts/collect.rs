@@ -221,7 +221,7 @@ mod tests {
                 flate2::Compression::fast(),
             );
             let mut b = tar::Builder::new(gz);
-            for (name, data) in [("hello", &b"binary"[..]), ("notes.txt", b"skip me")] {
+            for (name, data) in [("hello", &b"binary"[..]), ("notes.txt", &b"skip me"[..])] {
                 let mut h = tar::Header::new_gnu();
                 h.set_size(data.len() as u64);
                 h.set_mode(0o755);

@@ -15,7 +15,7 @@
 
 use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use buildfarm_store::{Artifact, Build, BuildState, StoreError};
 use serde::{Deserialize, Serialize};
@@ -349,25 +349,27 @@ async fn serve(state: &AppState, a: &Artifact, file_name: &str, req: Request) ->
             Err(never) => match never {},
         }
     };
-    let h = resp.headers_mut();
-    let mut set = |name: &str, value: String| match HeaderValue::from_str(&value) {
-        Ok(v) => {
-            h.insert(
-                axum::http::HeaderName::from_bytes(name.as_bytes())
-                    .unwrap_or(header::WARNING),
-                v,
-            );
+    let headers = [
+        (header::ETAG, etag),
+        (HeaderName::from_static(SHA256_HEADER), a.sha256.clone()),
+        (
+            HeaderName::from_static("repr-digest"),
+            format!("sha-256=:{digest_b64}:"),
+        ),
+        (
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{file_name}\""),
+        ),
+        (header::CACHE_CONTROL, "no-cache".to_owned()),
+    ];
+    for (name, value) in headers {
+        match HeaderValue::from_str(&value) {
+            Ok(v) => {
+                resp.headers_mut().insert(name, v);
+            }
+            Err(e) => warn!(header = %name, error = %e, "artifact header not sent"),
         }
-        Err(e) => warn!(header = name, error = %e, "artifact header not sent"),
-    };
-    set("etag", etag);
-    set(SHA256_HEADER, a.sha256.clone());
-    set("repr-digest", format!("sha-256=:{digest_b64}:"));
-    set(
-        "content-disposition",
-        format!("attachment; filename=\"{file_name}\""),
-    );
-    set("cache-control", "no-cache".into());
+    }
     if resp.status().is_success() {
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
