@@ -58,6 +58,13 @@ async fn sqlite_schema_1_data_survives_the_artifacts_migration() {
         .await
         .expect("insert attempt");
         sqlx::query(
+            "INSERT INTO build_logs (build_id, encoding, size, data) \
+             VALUES ('b1', 'zlib', 3, x'0102')",
+        )
+        .execute(&mut conn)
+        .await
+        .expect("insert log");
+        sqlx::query(
             "INSERT INTO builds (id, kind, repo, branch, rev, builder, state, attempts, \
              created_at) VALUES ('b2', 'post-submit', 'go', 'main', 'def', 'linux-amd64', \
              'queued', 0, 3)",
@@ -122,4 +129,21 @@ async fn sqlite_schema_1_data_survives_the_artifacts_migration() {
     assert_eq!(unfinished.len(), 1);
     assert_eq!(unfinished[0].id, "b2");
     store.close().await;
+
+    // The old log row is there, and every child table references the new builds table.
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.expect("connect");
+    let data: Vec<u8> = sqlx::query_scalar("SELECT data FROM build_logs WHERE build_id = 'b1'")
+        .fetch_one(&mut conn)
+        .await
+        .expect("old log kept");
+    assert_eq!(data, [1, 2]);
+    for child in ["attempts", "build_logs", "artifacts"] {
+        let parents: Vec<String> =
+            sqlx::query_scalar(&format!("SELECT \"table\" FROM pragma_foreign_key_list('{child}')"))
+                .fetch_all(&mut conn)
+                .await
+                .expect("foreign keys");
+        assert_eq!(parents, ["builds"], "{child}");
+    }
+    conn.close().await.expect("close");
 }

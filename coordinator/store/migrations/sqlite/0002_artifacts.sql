@@ -1,16 +1,13 @@
--- no-transaction
 -- Artifacts (SQLite): builds gain the kind 'artifact' (a build asked for over HTTP that
 -- keeps its outputs), and the artifacts table lists the files each build kept.
 -- Keep in step with ../postgres/0002_artifacts.sql.
 --
--- SQLite cannot change a CHECK constraint in place, so builds is rebuilt the documented
--- way: foreign keys off (dropping the old table must not cascade to attempts and logs),
--- copy, drop, rename, indexes again, check the references, foreign keys on. That needs
--- PRAGMA foreign_keys outside a transaction, hence the first line.
-
-PRAGMA foreign_keys = OFF;
-
-BEGIN;
+-- SQLite cannot change a CHECK constraint in place, so builds is rebuilt. The migration
+-- runs in a transaction with foreign keys on (PRAGMA foreign_keys cannot change there),
+-- so dropping the old builds table would cascade to its children: its children are
+-- rebuilt too, as new tables referencing the new builds table, and the old ones are
+-- dropped children first. Renaming builds_new to builds then rewrites the new
+-- children's references.
 
 CREATE TABLE builds_new (
     id TEXT PRIMARY KEY,
@@ -32,8 +29,37 @@ INSERT INTO builds_new (id, kind, repo, branch, rev, builder, try_id, state, att
     created_at, started_at, finished_at, summary)
     SELECT id, kind, repo, branch, rev, builder, try_id, state, attempts,
         created_at, started_at, finished_at, summary FROM builds;
+
+CREATE TABLE attempts_new (
+    build_id TEXT NOT NULL REFERENCES builds_new (id) ON DELETE CASCADE,
+    n INTEGER NOT NULL,
+    buildlet TEXT NOT NULL,
+    started_at INTEGER NOT NULL,
+    finished_at INTEGER,
+    state TEXT,
+    error TEXT,
+    PRIMARY KEY (build_id, n)
+);
+INSERT INTO attempts_new (build_id, n, buildlet, started_at, finished_at, state, error)
+    SELECT build_id, n, buildlet, started_at, finished_at, state, error FROM attempts;
+
+CREATE TABLE build_logs_new (
+    build_id TEXT PRIMARY KEY REFERENCES builds_new (id) ON DELETE CASCADE,
+    -- How data is compressed ('zlib').
+    encoding TEXT NOT NULL,
+    -- Uncompressed size in bytes.
+    size INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+INSERT INTO build_logs_new (build_id, encoding, size, data)
+    SELECT build_id, encoding, size, data FROM build_logs;
+
+DROP TABLE attempts;
+DROP TABLE build_logs;
 DROP TABLE builds;
 ALTER TABLE builds_new RENAME TO builds;
+ALTER TABLE attempts_new RENAME TO attempts;
+ALTER TABLE build_logs_new RENAME TO build_logs;
 
 CREATE UNIQUE INDEX builds_post_submit_once ON builds (repo, rev, builder)
     WHERE kind = 'post-submit';
@@ -59,7 +85,3 @@ CREATE TABLE artifacts (
 );
 CREATE INDEX artifacts_by_age ON artifacts (created_at, build_id, name);
 CREATE INDEX artifacts_by_sha256 ON artifacts (sha256);
-
-COMMIT;
-
-PRAGMA foreign_keys = ON;
