@@ -444,10 +444,10 @@ steps = [{ name = "vet", command = ["go", "vet", "./..."] }]
         let resp = f.get(tool_url).await;
         assert_eq!(resp.status().as_u16(), 202, "still waiting for the marker");
         let v: Value = resp.json().await.expect("json");
-        v["last_line"]
+        let waiting = v["last_line"]
             .as_str()
-            .filter(|l| l.contains("waiting for the test to say go"))
-            .map(|_| v)
+            .is_some_and(|l| l.contains("waiting for the test to say go"));
+        waiting.then_some(v)
     })
     .await;
     assert_eq!(progress["state"], "running");
