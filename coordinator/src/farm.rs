@@ -16,9 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use buildfarm_config::Config;
 use buildfarm_scheduler::{Policy, QueueStat, Timestamp};
-use buildfarm_store::{
-    Build, BuildKind, BuildState, NewBuild, NewTry, Store, StoreError, TryRun,
-};
+use buildfarm_store::{Build, BuildKind, BuildState, NewBuild, NewTry, Store, StoreError, TryRun};
 use tokio::sync::{broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -476,7 +474,9 @@ impl Farm {
         goarch: &str,
         version: &str,
     ) -> Result<(Target, Option<Build>), ArtifactError> {
-        let (target, commit) = self.artifact_key(repo, goos, goarch, version, false).await?;
+        let (target, commit) = self
+            .artifact_key(repo, goos, goarch, version, false)
+            .await?;
         let build = self
             .store
             .latest_artifact_build(repo, &commit, &target.name())
@@ -651,11 +651,8 @@ impl Farm {
         if let Err(e) = self.artifacts.blobs().clear_tmp() {
             warn!(error = %format!("{e:#}"), "clearing temporary artifact files");
         }
-        self.tasks.spawn(
-            self.artifacts
-                .clone()
-                .sweep_loop(self.shutdown.clone()),
-        );
+        self.tasks
+            .spawn(self.artifacts.clone().sweep_loop(self.shutdown.clone()));
         self.tasks.spawn(self.clone().reconcile_loop());
         for pool in self.pools.values() {
             let (pool, dispatcher, stop) =

@@ -56,7 +56,10 @@ pub struct RunEnv {
     pub log: Arc<LiveLog>,
     pub max_attempts: u32,
     /// Files to keep once the steps pass, and where they go; `None` keeps none.
-    pub collect: Option<(crate::artifacts::CollectSpec, Arc<crate::artifacts::Artifacts>)>,
+    pub collect: Option<(
+        crate::artifacts::CollectSpec,
+        Arc<crate::artifacts::Artifacts>,
+    )>,
     /// Cancelled by a user's cancel, and by shutdown (it is a child of `shutdown`).
     pub cancel: CancellationToken,
     pub shutdown: CancellationToken,
@@ -391,7 +394,9 @@ async fn keep_outputs(
             log.note(&why);
             return Err(Outcome::Done(BuildState::Failed, why));
         }
-        log.note(&format!("no files match the declared artifacts ({patterns})"));
+        log.note(&format!(
+            "no files match the declared artifacts ({patterns})"
+        ));
         return Ok(0);
     }
     for f in &files {

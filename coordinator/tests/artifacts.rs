@@ -266,7 +266,10 @@ async fn artifacts_are_built_shared_resolved_and_downloaded() {
         format!("bytes 100-1123/{}", body.len())
     );
     assert_eq!(header(&resp, "x-checksum-sha256"), sha);
-    assert_eq!(resp.bytes().await.expect("slice").as_ref(), &body[100..1124]);
+    assert_eq!(
+        resp.bytes().await.expect("slice").as_ref(),
+        &body[100..1124]
+    );
     // A client holding the file revalidates by its digest.
     let resp = f
         .farm
@@ -293,7 +296,11 @@ async fn artifacts_are_built_shared_resolved_and_downloaded() {
     let windows = "/artifacts/hello/windows/amd64/main";
     let (code, win) = f.post(windows).await;
     assert!(code == 202 || code == 200, "{code} {win}");
-    assert_eq!(win["commit"], head.as_str(), "main resolved to its new head");
+    assert_eq!(
+        win["commit"],
+        head.as_str(),
+        "main resolved to its new head"
+    );
     let win_url = win["url"].as_str().expect("url").to_owned();
     assert!(win_url.ends_with(&head), "{win_url}");
     let resp = f.wait_done(&win_url).await;
@@ -318,7 +325,11 @@ async fn artifacts_are_built_shared_resolved_and_downloaded() {
         ("/artifacts/hello/linux/amd65/main", 400, "unknown GOARCH"),
         ("/artifacts/hello/linux/amd64/a..b", 400, "bad version"),
         ("/artifacts/hello/linux/amd64/-n", 400, "bad version"),
-        ("/artifacts/hello/linux/amd64/v9.9.9", 404, "unknown version"),
+        (
+            "/artifacts/hello/linux/amd64/v9.9.9",
+            404,
+            "unknown version",
+        ),
     ] {
         let (got, body) = f.post(path).await;
         assert_eq!(got, code, "{path}: {body}");
@@ -366,7 +377,7 @@ async fn make_targets_progress_failures_and_declared_artifacts() {
         .expect("chmod");
     let marker = shared.join("go-ahead");
     let makefile = format!(
-        "dist:\n\t@echo waiting for the test to say go\n\twhile [ ! -e {m} ]; do sleep 0.2; done\n\tgo build -trimpath -o dist/ ./...\n\techo notes > dist/NOTES\n",
+        "dist:\n\t@echo waiting for the test to say go\n\t@while [ ! -e {m} ]; do sleep 0.2; done\n\tgo build -trimpath -o dist/ ./...\n\techo notes > dist/NOTES\n",
         m = marker.display()
     );
     let tool = tmp.path().join("tool");
@@ -484,7 +495,11 @@ steps = [{ name = "vet", command = ["go", "vet", "./..."] }]
     assert_eq!(resp.status().as_u16(), 409);
     let failed: Value = resp.json().await.expect("json");
     assert_eq!(failed["state"], "failed");
-    assert_eq!(failed["summary"], "step build exited with status 1");
+    let summary = failed["summary"].as_str().expect("summary");
+    assert!(
+        summary.starts_with("step build exited with status "),
+        "{summary}"
+    );
     let log = f
         .get(&format!("{broken_url}/log"))
         .await

@@ -102,7 +102,9 @@ pub fn make_target_problem(target: &str) -> Option<String> {
         && target
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'-'));
-    (!ok).then(|| format!("make target {target:?} must match [A-Za-z0-9._/-]+ and not start with '-'"))
+    (!ok).then(|| {
+        format!("make target {target:?} must match [A-Za-z0-9._/-]+ and not start with '-'")
+    })
 }
 
 #[cfg(test)]

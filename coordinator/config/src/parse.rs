@@ -22,8 +22,7 @@ use crate::validate::{self, Issue};
 
 type Node<'i> = Spanned<DeValue<'i>>;
 
-const SECTIONS: &str =
-    "coordinator, host_types, builders, repos, limits, sandbox, connections, notifications, artifacts";
+const SECTIONS: &str = "coordinator, host_types, builders, repos, limits, sandbox, connections, notifications, artifacts";
 
 /// Parses and validates `text`, naming it `source_name` in errors.
 pub(crate) fn parse(text: &str, source_name: &str) -> Result<Config, ConfigErrors> {

@@ -74,7 +74,9 @@ impl BlobStore {
         let mut size = 0u64;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let n = reader.read(&mut buf).with_context(|| format!("reading {what}"))?;
+            let n = reader
+                .read(&mut buf)
+                .with_context(|| format!("reading {what}"))?;
             if n == 0 {
                 break;
             }
@@ -83,7 +85,8 @@ impl BlobStore {
                 bail!("{what} is larger than artifacts.max_file_bytes ({max_bytes} bytes)");
             }
             hasher.update(&buf[..n]);
-            tmp.write_all(&buf[..n]).context("writing a temporary artifact file")?;
+            tmp.write_all(&buf[..n])
+                .context("writing a temporary artifact file")?;
         }
         tmp.flush().context("flushing a temporary artifact file")?;
         let sha256 = hex::encode(hasher.finalize());
@@ -93,8 +96,11 @@ impl BlobStore {
             return Ok(Stored { sha256, size });
         }
         let parent = dest.parent().context("blob path has no parent")?;
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        tmp.as_file().sync_all().context("syncing an artifact file")?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        tmp.as_file()
+            .sync_all()
+            .context("syncing an artifact file")?;
         tmp.persist(&dest)
             .map_err(|e| e.error)
             .with_context(|| format!("moving an artifact into {}", dest.display()))?;
@@ -147,7 +153,10 @@ mod tests {
         assert_eq!(a.size, 5);
         let b = store.put(&mut &b"hello"[..], 100, "b").unwrap();
         assert_eq!(a, b);
-        assert_eq!(std::fs::read(store.path(&a.sha256).unwrap()).unwrap(), b"hello");
+        assert_eq!(
+            std::fs::read(store.path(&a.sha256).unwrap()).unwrap(),
+            b"hello"
+        );
         // Nothing left behind in tmp.
         assert_eq!(std::fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
     }
@@ -156,7 +165,9 @@ mod tests {
     fn too_big_is_refused_and_not_kept() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::new(dir.path());
-        let err = store.put(&mut &[7u8; 1000][..], 999, "bin/tool").unwrap_err();
+        let err = store
+            .put(&mut &[7u8; 1000][..], 999, "bin/tool")
+            .unwrap_err();
         assert!(err.to_string().contains("bin/tool"), "{err}");
         assert_eq!(std::fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
         let removed = store.remove_unreferenced(&HashSet::new()).unwrap();

@@ -29,12 +29,16 @@ pub enum CollectError {
 /// Directories (relative to the workdir) to list: each pattern's fixed prefix under
 /// `base`, without those inside another one.
 fn dirs_to_list(spec: &CollectSpec) -> Vec<(String, String)> {
-    let prefixes: BTreeSet<String> = spec.patterns.iter().map(|p| glob::fixed_prefix(p)).collect();
+    let prefixes: BTreeSet<String> = spec
+        .patterns
+        .iter()
+        .map(|p| glob::fixed_prefix(p))
+        .collect();
     let mut out: Vec<(String, String)> = Vec::new();
     for p in prefixes {
-        let covered = out.iter().any(|(_, q)| {
-            q.is_empty() || p == *q || p.starts_with(&format!("{q}/"))
-        });
+        let covered = out
+            .iter()
+            .any(|(_, q)| q.is_empty() || p == *q || p.starts_with(&format!("{q}/")));
         if !covered {
             let dir = if p.is_empty() {
                 spec.base.clone()

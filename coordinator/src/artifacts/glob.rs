@@ -19,7 +19,9 @@ fn match_segments(pat: &[&str], segs: &[&str]) -> bool {
         None => segs.is_empty(),
         Some((&"**", rest)) => (0..=segs.len()).any(|skip| match_segments(rest, &segs[skip..])),
         Some((p, rest)) => match segs.split_first() {
-            Some((s, tail)) => match_segment(p.as_bytes(), s.as_bytes()) && match_segments(rest, tail),
+            Some((s, tail)) => {
+                match_segment(p.as_bytes(), s.as_bytes()) && match_segments(rest, tail)
+            }
             None => false,
         },
     }

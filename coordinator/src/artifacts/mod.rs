@@ -91,7 +91,11 @@ impl Artifacts {
     /// the contents no artifact points at any more.
     pub async fn sweep(&self, now_ms: i64) -> anyhow::Result<Swept> {
         let _exclusive = self.gate.write().await;
-        let all = self.store.all_artifacts().await.context("listing artifacts")?;
+        let all = self
+            .store
+            .all_artifacts()
+            .await
+            .context("listing artifacts")?;
         let remove = retention::plan(
             &all,
             now_ms,
@@ -121,7 +125,10 @@ impl Artifacts {
             bytes,
         };
         if swept != Swept::default() {
-            info!(artifacts, files, bytes, "artifact retention removed old artifacts");
+            info!(
+                artifacts,
+                files, bytes, "artifact retention removed old artifacts"
+            );
         }
         Ok(swept)
     }

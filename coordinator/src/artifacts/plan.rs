@@ -122,7 +122,11 @@ pub fn plan(config: &Config, repo: &str, target: &Target) -> Result<ArtifactPlan
         .repo(repo)
         .ok_or_else(|| RequestError::UnknownRepo(repo.to_owned()))?;
     let name = target.name();
-    let builders: Vec<&Builder> = config.builders.iter().filter(|b| b.builds_repo(repo)).collect();
+    let builders: Vec<&Builder> = config
+        .builders
+        .iter()
+        .filter(|b| b.builds_repo(repo))
+        .collect();
     let native = builders.iter().find(|b| {
         b.name == name
             || b.name
@@ -214,7 +218,11 @@ pub fn download_name(version: &str, target: &Target, artifact: &str, only_one: b
     let base = artifact.rsplit('/').next().unwrap_or(artifact);
     let name = if only_one {
         let stem = base.strip_suffix(".exe").unwrap_or(base);
-        let ext = if base.ends_with(".exe") { ".exe" } else { target.exe_suffix() };
+        let ext = if base.ends_with(".exe") {
+            ".exe"
+        } else {
+            target.exe_suffix()
+        };
         let version = version.replace('/', "-");
         format!("{stem}-{version}-{}-{}{ext}", target.goos, target.goarch)
     } else {
@@ -261,9 +269,18 @@ url = "/srv/hello"
 
     #[test]
     fn targets_and_versions() {
-        assert_eq!(Target::parse("windows", "amd64").unwrap().name(), "windows-amd64");
-        assert_eq!(Target::parse("win", "amd64"), Err(RequestError::BadGoos("win".into())));
-        assert_eq!(Target::parse("linux", "x86"), Err(RequestError::BadGoarch("x86".into())));
+        assert_eq!(
+            Target::parse("windows", "amd64").unwrap().name(),
+            "windows-amd64"
+        );
+        assert_eq!(
+            Target::parse("win", "amd64"),
+            Err(RequestError::BadGoos("win".into()))
+        );
+        assert_eq!(
+            Target::parse("linux", "x86"),
+            Err(RequestError::BadGoarch("x86".into()))
+        );
         for ok in ["v1.2.0", "main", "release/1.2", "0123abcd", "go1.22rc1"] {
             assert_eq!(check_version(ok), Ok(()), "{ok}");
         }
@@ -282,7 +299,10 @@ url = "/srv/hello"
         let p = plan(&c, "hello", &Target::parse("darwin", "arm64").unwrap()).unwrap();
         assert_eq!(p.builder.host_type, "mac");
         assert!(!p.cross);
-        assert_eq!(p.builder.env.get("GOOS").map(String::as_str), Some("darwin"));
+        assert_eq!(
+            p.builder.env.get("GOOS").map(String::as_str),
+            Some("darwin")
+        );
         assert_eq!(p.builder.env.get("CGO_ENABLED"), None);
     }
 
@@ -319,21 +339,39 @@ url = "/srv/hello"
     fn unknown_repo_and_repo_without_builders() {
         let c = config("");
         let t = Target::parse("linux", "amd64").unwrap();
-        assert_eq!(plan(&c, "nope", &t), Err(RequestError::UnknownRepo("nope".into())));
+        assert_eq!(
+            plan(&c, "nope", &t),
+            Err(RequestError::UnknownRepo("nope".into()))
+        );
         let mut c = c;
         for b in &mut c.builders {
             b.repos = Some(vec!["other".into()]);
         }
-        assert_eq!(plan(&c, "hello", &t), Err(RequestError::NoHostType("hello".into())));
+        assert_eq!(
+            plan(&c, "hello", &t),
+            Err(RequestError::NoHostType("hello".into()))
+        );
     }
 
     #[test]
     fn download_names() {
         let w = Target::parse("windows", "amd64").unwrap();
         let l = Target::parse("linux", "arm64").unwrap();
-        assert_eq!(download_name("v1.2.0", &w, "hello.exe", true), "hello-v1.2.0-windows-amd64.exe");
-        assert_eq!(download_name("v1.2.0", &l, "hello", true), "hello-v1.2.0-linux-arm64");
-        assert_eq!(download_name("release/1.2", &l, "hello", true), "hello-release-1.2-linux-arm64");
-        assert_eq!(download_name("v1", &l, "dist/tool.tar.gz", false), "tool.tar.gz");
+        assert_eq!(
+            download_name("v1.2.0", &w, "hello.exe", true),
+            "hello-v1.2.0-windows-amd64.exe"
+        );
+        assert_eq!(
+            download_name("v1.2.0", &l, "hello", true),
+            "hello-v1.2.0-linux-arm64"
+        );
+        assert_eq!(
+            download_name("release/1.2", &l, "hello", true),
+            "hello-release-1.2-linux-arm64"
+        );
+        assert_eq!(
+            download_name("v1", &l, "dist/tool.tar.gz", false),
+            "tool.tar.gz"
+        );
     }
 }

@@ -92,7 +92,11 @@ mod tests {
     #[test]
     fn shared_content_counts_once() {
         // Two builds made the same bytes: 100 bytes in all, not 200.
-        let all = [art("a", '1', 100, 1), art("b", '1', 100, 2), art("c", '2', 50, 3)];
+        let all = [
+            art("a", '1', 100, 1),
+            art("b", '1', 100, 2),
+            art("c", '2', 50, 3),
+        ];
         let long = Duration::from_secs(3600);
         assert!(plan(&all, 10, long, 150).is_empty());
         // Freeing the shared content takes removing both of its artifacts.

@@ -287,10 +287,7 @@ pub async fn download(
 }
 
 /// `GET /artifacts/{repo}/{goos}/{goarch}/{version}/log`.
-pub async fn log(
-    State(state): State<AppState>,
-    Path(p): Path<ArtifactPath>,
-) -> Response {
+pub async fn log(State(state): State<AppState>, Path(p): Path<ArtifactPath>) -> Response {
     match find(&state, &p).await {
         Ok((_, build)) => super::logs::build_log(State(state), Path(build.id)).await,
         Err(r) => r,
@@ -316,10 +313,11 @@ pub async fn build_file(
             format!("build {id} has no artifact {name:?} (or retention removed it)"),
         );
     };
-    let file_name = name.rsplit('/').next().unwrap_or(&name).replace(
-        |c: char| c == '"' || c == '\\' || c.is_control(),
-        "_",
-    );
+    let file_name = name
+        .rsplit('/')
+        .next()
+        .unwrap_or(&name)
+        .replace(|c: char| c == '"' || c == '\\' || c.is_control(), "_");
     serve(&state, a, &file_name, req).await
 }
 
@@ -344,7 +342,10 @@ async fn serve(state: &AppState, a: &Artifact, file_name: &str, req: Request) ->
     let mut resp = if not_modified {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
-        match tower_http::services::ServeFile::new(&path).oneshot(req).await {
+        match tower_http::services::ServeFile::new(&path)
+            .oneshot(req)
+            .await
+        {
             Ok(r) => r.map(Body::new),
             Err(never) => match never {},
         }

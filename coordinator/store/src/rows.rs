@@ -211,7 +211,9 @@ pub(crate) fn into_artifacts(
     rows: Vec<ArtifactRow>,
     operation: &'static str,
 ) -> Result<Vec<Artifact>, StoreError> {
-    rows.into_iter().map(|r| r.into_artifact(operation)).collect()
+    rows.into_iter()
+        .map(|r| r.into_artifact(operation))
+        .collect()
 }
 
 #[derive(sqlx::FromRow)]

@@ -78,14 +78,25 @@ pub(crate) fn validate_new_artifacts(
         if f.name.is_empty() || f.name.contains('\0') {
             return Err(invalid(OP, format!("bad artifact name {:?}", f.name)));
         }
-        if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        if f.sha256.len() != 64
+            || !f
+                .sha256
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
             return Err(invalid(
                 OP,
-                format!("artifact {:?} of build {build_id}: sha256 {:?} is not 64 lowercase hex digits", f.name, f.sha256),
+                format!(
+                    "artifact {:?} of build {build_id}: sha256 {:?} is not 64 lowercase hex digits",
+                    f.name, f.sha256
+                ),
             ));
         }
         if i64::try_from(f.size).is_err() {
-            return Err(invalid(OP, format!("artifact {:?} size {} out of range", f.name, f.size)));
+            return Err(invalid(
+                OP,
+                format!("artifact {:?} size {} out of range", f.name, f.size),
+            ));
         }
         if !seen.insert(f.name.as_str()) {
             return Err(invalid(OP, format!("artifact {:?} listed twice", f.name)));

@@ -41,7 +41,9 @@ async fn sqlite_schema_1_data_survives_the_artifacts_migration() {
     // Data written through schema 1 (by the store of today, before the upgrade would be
     // ideal, but opening migrates; so write raw rows the way schema 1 stores them).
     {
-        let mut conn = sqlx::SqliteConnection::connect(&url).await.expect("connect");
+        let mut conn = sqlx::SqliteConnection::connect(&url)
+            .await
+            .expect("connect");
         sqlx::query(
             "INSERT INTO builds (id, kind, repo, branch, rev, builder, state, attempts, \
              created_at, finished_at, summary) VALUES ('b1', 'post-submit', 'go', 'main', \
@@ -131,18 +133,21 @@ async fn sqlite_schema_1_data_survives_the_artifacts_migration() {
     store.close().await;
 
     // The old log row is there, and every child table references the new builds table.
-    let mut conn = sqlx::SqliteConnection::connect(&url).await.expect("connect");
+    let mut conn = sqlx::SqliteConnection::connect(&url)
+        .await
+        .expect("connect");
     let data: Vec<u8> = sqlx::query_scalar("SELECT data FROM build_logs WHERE build_id = 'b1'")
         .fetch_one(&mut conn)
         .await
         .expect("old log kept");
     assert_eq!(data, [1, 2]);
     for child in ["attempts", "build_logs", "artifacts"] {
-        let parents: Vec<String> =
-            sqlx::query_scalar(&format!("SELECT \"table\" FROM pragma_foreign_key_list('{child}')"))
-                .fetch_all(&mut conn)
-                .await
-                .expect("foreign keys");
+        let parents: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT \"table\" FROM pragma_foreign_key_list('{child}')"
+        ))
+        .fetch_all(&mut conn)
+        .await
+        .expect("foreign keys");
         assert_eq!(parents, ["builds"], "{child}");
     }
     conn.close().await.expect("close");
