@@ -582,7 +582,7 @@ async fn retention_removes_old_artifacts() {
     // Past max_age the sweep forgets it and removes the file.
     let gone = eventually_async(|| async {
         let resp = f.get(&url).await;
-        (resp.status().as_u16() == 410).then(|| resp)
+        (resp.status().as_u16() == 410).then_some(resp)
     })
     .await;
     assert!(gone.text().await.unwrap().contains("retention"));

@@ -89,26 +89,22 @@ fn artifact_error(e: ArtifactError) -> Response {
     error(code, e)
 }
 
-/// The caller's user name from `authorization: Bearer <token>`, or the answer refusing
-/// the request.
-fn caller(state: &AppState, headers: &HeaderMap) -> Result<String, Response> {
+/// The caller's user name from `authorization: Bearer <token>`, or the status and
+/// reason refusing the request.
+fn caller(state: &AppState, headers: &HeaderMap) -> Result<String, (StatusCode, &'static str)> {
     let value = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| {
-            error(
-                StatusCode::UNAUTHORIZED,
-                "missing authorization: Bearer <token> (see `coordinator issue-token`)",
-            )
-        })?;
-    let token = value.strip_prefix("Bearer ").ok_or_else(|| {
-        error(
+        .ok_or((
             StatusCode::UNAUTHORIZED,
-            "authorization must be `Bearer <token>`",
-        )
-    })?;
+            "missing authorization: Bearer <token> (see `coordinator issue-token`)",
+        ))?;
+    let token = value.strip_prefix("Bearer ").ok_or((
+        StatusCode::UNAUTHORIZED,
+        "authorization must be `Bearer <token>`",
+    ))?;
     crate::tokens::verify(state.farm.master_key(), token.trim())
-        .ok_or_else(|| error(StatusCode::FORBIDDEN, "invalid user token"))
+        .ok_or((StatusCode::FORBIDDEN, "invalid user token"))
 }
 
 fn base_path(repo: &str, target: &Target, version: &str) -> String {
@@ -169,7 +165,7 @@ pub async fn request(
 ) -> Response {
     let user = match caller(&state, &headers) {
         Ok(u) => u,
-        Err(r) => return r,
+        Err((code, why)) => return error(code, why),
     };
     let req = match state
         .farm
