@@ -169,7 +169,8 @@ impl Dispatcher {
         now: Timestamp,
     ) -> Result<(), QueueFull> {
         let (class, commit_time) = match build.kind {
-            BuildKind::Try => (WorkClass::Try, None),
+            // Someone waits for an artifact as for a try run.
+            BuildKind::Try | BuildKind::Artifact => (WorkClass::Try, None),
             BuildKind::PostSubmit => {
                 let t = commit_time_ms.unwrap_or(build.created_at).max(0) as u64;
                 (WorkClass::PostSubmit, Some(Timestamp::from_millis(t)))

@@ -16,12 +16,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use buildfarm_config::Config;
 use buildfarm_scheduler::{Policy, QueueStat, Timestamp};
-use buildfarm_store::{Build, BuildState, NewBuild, NewTry, Store, StoreError, TryRun};
+use buildfarm_store::{Build, BuildKind, BuildState, NewBuild, NewTry, Store, StoreError, TryRun};
 use tokio::sync::{broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::artifacts::{Artifacts, CollectSpec, RequestError, Target};
 use crate::dispatcher::{Cancelled, Dispatcher, QueueFull, Ready, Slot};
 use crate::git::Mirror;
 use crate::logs::LogHub;
@@ -105,6 +106,40 @@ pub enum EnqueueError {
     UnknownBuilder { build_id: String, builder: String },
 }
 
+/// Why an artifact request was not queued (or a GET found nothing).
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error("unknown version {version:?} of repo {repo}")]
+    UnknownVersion { repo: String, version: String },
+    #[error(transparent)]
+    Full(#[from] QueueFull),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl ArtifactError {
+    /// The HTTP status of the answer.
+    pub fn status(&self) -> u16 {
+        match self {
+            ArtifactError::Request(e) => e.status(),
+            ArtifactError::UnknownVersion { .. } => 404,
+            ArtifactError::Full(_) => 429,
+            ArtifactError::Store(_) => 503,
+        }
+    }
+}
+
+/// An artifact request as the farm took it.
+#[derive(Debug, Clone)]
+pub struct ArtifactRequest {
+    pub build: Build,
+    /// True when this request queued the build; false when it shares one.
+    pub created: bool,
+    pub target: Target,
+}
+
 impl EnqueueError {
     /// The answer an API caller gets.
     pub fn to_status(&self) -> tonic::Status {
@@ -139,6 +174,7 @@ pub struct Farm {
     workspaces: Arc<Workspaces>,
     reconciler: Mutex<Reconciler>,
     poll_problems: Mutex<Vec<PollProblem>>,
+    artifacts: Arc<Artifacts>,
 }
 
 pub fn now_ms() -> i64 {
@@ -185,7 +221,13 @@ impl Farm {
             parts.config.coordinator.workspace_bytes.as_u64(),
             parts.config.coordinator.workspace_max_age,
         );
+        let artifacts = Arc::new(Artifacts::new(
+            &parts.data_dir,
+            parts.store.clone(),
+            parts.config.artifacts.clone(),
+        ));
         Arc::new(Farm {
+            artifacts,
             config: parts.config,
             store: parts.store,
             pools: parts.pools,
@@ -258,6 +300,10 @@ impl Farm {
         self.started_at
     }
 
+    pub fn artifacts(&self) -> &Arc<Artifacts> {
+        &self.artifacts
+    }
+
     pub fn sources(&self) -> &SourceCache {
         &self.sources
     }
@@ -281,6 +327,15 @@ impl Farm {
     // ---- new work ----
 
     fn host_type_of(&self, build: &Build) -> Result<String, EnqueueError> {
+        if build.kind == BuildKind::Artifact {
+            return self
+                .artifact_plan(build)
+                .map(|p| p.builder.host_type)
+                .map_err(|_| EnqueueError::UnknownBuilder {
+                    build_id: build.id.clone(),
+                    builder: build.builder.clone(),
+                });
+        }
         self.config
             .builder(&build.builder)
             .map(|b| b.host_type.clone())
@@ -330,6 +385,111 @@ impl Farm {
             self.changed(b.clone());
         }
         Ok((run, builds))
+    }
+
+    /// The plan of a stored artifact build (its `builder` is the target `GOOS-GOARCH`).
+    fn artifact_plan(&self, build: &Build) -> Result<crate::artifacts::ArtifactPlan, RequestError> {
+        let (goos, goarch) = build
+            .builder
+            .split_once('-')
+            .ok_or_else(|| RequestError::BadGoos(build.builder.clone()))?;
+        let target = Target::parse(goos, goarch)?;
+        crate::artifacts::plan::plan(&self.config, &build.repo, &target)
+    }
+
+    /// Checks an artifact request and resolves its version to a commit (fetching the
+    /// repo's mirror first unless the version is a full hash the mirror has).
+    async fn artifact_key(
+        &self,
+        repo: &str,
+        goos: &str,
+        goarch: &str,
+        version: &str,
+        fetch: bool,
+    ) -> Result<(Target, String), ArtifactError> {
+        let target = Target::parse(goos, goarch)?;
+        crate::artifacts::plan::check_version(version)?;
+        crate::artifacts::plan::plan(&self.config, repo, &target)?;
+        let mirror = self
+            .mirror(repo)
+            .ok_or_else(|| RequestError::UnknownRepo(repo.to_owned()))?;
+        let known = if crate::artifacts::plan::is_full_hash(version) {
+            mirror.resolve(version).await.ok()
+        } else {
+            None
+        };
+        let commit = match known {
+            Some(c) => c,
+            None => {
+                if fetch && let Err(e) = mirror.fetch().await {
+                    warn!(repo, error = %format!("{e:#}"), "fetching before resolving an artifact version");
+                }
+                mirror
+                    .resolve(version)
+                    .await
+                    .map_err(|_| ArtifactError::UnknownVersion {
+                        repo: repo.to_owned(),
+                        version: version.to_owned(),
+                    })?
+            }
+        };
+        Ok((target, commit))
+    }
+
+    /// `POST /artifacts/...`: queues (or shares) the build of `repo` at `version` for
+    /// `GOOS`/`GOARCH`. A branch or tag is resolved to its commit first, so identical
+    /// requests (same repo, commit and target) share one build.
+    pub async fn request_artifact(
+        &self,
+        repo: &str,
+        goos: &str,
+        goarch: &str,
+        version: &str,
+    ) -> Result<ArtifactRequest, ArtifactError> {
+        let (target, commit) = self.artifact_key(repo, goos, goarch, version, true).await?;
+        self.dispatcher.has_room(1)?;
+        let (build, created) = self
+            .store
+            .request_artifact_build(&NewBuild {
+                kind: BuildKind::Artifact,
+                repo: repo.to_owned(),
+                branch: None,
+                rev: commit,
+                builder: target.name(),
+                try_id: None,
+            })
+            .await?;
+        if created {
+            if let Err(e) = self.enqueue(&build, None) {
+                warn!(build_id = %build.id, error = %e, "stored artifact build not queued; the reconciler will");
+            }
+            info!(build_id = %build.id, repo, version, target = %target.name(), rev = %build.rev, "artifact build queued");
+            self.changed(build.clone());
+        }
+        Ok(ArtifactRequest {
+            build,
+            created,
+            target,
+        })
+    }
+
+    /// `GET /artifacts/...`: the newest build of that artifact, if one was asked for.
+    /// The version is resolved with the mirror as it stands (no fetch).
+    pub async fn find_artifact(
+        &self,
+        repo: &str,
+        goos: &str,
+        goarch: &str,
+        version: &str,
+    ) -> Result<(Target, Option<Build>), ArtifactError> {
+        let (target, commit) = self
+            .artifact_key(repo, goos, goarch, version, false)
+            .await?;
+        let build = self
+            .store
+            .latest_artifact_build(repo, &commit, &target.name())
+            .await?;
+        Ok((target, build))
     }
 
     /// Cancels a build, queued or running. False if it was neither (or already final).
@@ -496,6 +656,11 @@ impl Farm {
     /// can change by itself, and the reconciler.
     pub fn start(self: &Arc<Self>) {
         self.tasks.spawn(self.clone().dispatch_loop());
+        if let Err(e) = self.artifacts.blobs().clear_tmp() {
+            warn!(error = %format!("{e:#}"), "clearing temporary artifact files");
+        }
+        self.tasks
+            .spawn(self.artifacts.clone().sweep_loop(self.shutdown.clone()));
         self.tasks.spawn(self.clone().reconcile_loop());
         for pool in self.pools.values() {
             let (pool, dispatcher, stop) =
@@ -593,7 +758,17 @@ impl Farm {
             if build.state.is_final() {
                 return;
             }
-            let Some(builder) = self.config.builder(&build.builder).cloned() else {
+            let planned = if build.kind == BuildKind::Artifact {
+                self.artifact_plan(&build)
+                    .map(|p| (p.builder, Some(p.collect)))
+                    .ok()
+            } else {
+                self.config.builder(&build.builder).cloned().map(|b| {
+                    let collect = crate::artifacts::plan::declared(&b);
+                    (b, collect)
+                })
+            };
+            let Some((builder, collect)) = planned else {
                 let log = format!("unknown builder {}\n", build.builder);
                 self.record(
                     &mut build,
@@ -604,6 +779,9 @@ impl Farm {
                 .await;
                 return;
             };
+            let keeps_files = collect.is_some();
+            let collect: Option<(CollectSpec, Arc<Artifacts>)> =
+                collect.map(|c| (c, self.artifacts.clone()));
             let log = self.logs.open(&build.id);
             let env = RunEnv {
                 store: self.store.clone(),
@@ -614,6 +792,7 @@ impl Farm {
                 builder,
                 log: log.clone(),
                 max_attempts: self.config.coordinator.max_attempts,
+                collect,
                 cancel,
                 shutdown: self.shutdown.clone(),
                 store_retry: self.tuning.store_retry,
@@ -635,6 +814,12 @@ impl Farm {
                 RunOutcome::Finished(state, summary) => {
                     self.record(&mut build, state, &summary, &log.contents())
                         .await;
+                    if keeps_files && state == BuildState::Ok {
+                        // New files may push the total past the retention limit.
+                        if let Err(e) = self.artifacts.sweep(now_ms()).await {
+                            warn!(error = %format!("{e:#}"), "artifact retention sweep failed");
+                        }
+                    }
                 }
                 RunOutcome::Stopped => {}
                 RunOutcome::AlreadyFinal(why) => info!(why, "build already final in the store"),

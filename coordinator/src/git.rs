@@ -223,7 +223,7 @@ impl Mirror {
         format!("--git-dir={}", self.dir.display())
     }
 
-    /// Fetches every branch from the origin. Concurrent callers wait for each other:
+    /// Fetches every branch and tag from the origin. Concurrent callers wait for each other:
     /// two fetches into one repository would race on its refs.
     pub async fn fetch(&self) -> Result<()> {
         let _one_at_a_time = self.fetch_lock.lock().await;
@@ -235,6 +235,8 @@ impl Mirror {
                 "--prune",
                 "origin",
                 "+refs/heads/*:refs/heads/*",
+                // Tags too: artifacts are asked for by tag.
+                "+refs/tags/*:refs/tags/*",
             ],
             None,
         )

@@ -1,11 +1,13 @@
 //! The coordinator's HTTP side: the status page, the dashboard and try pages, build
 //! logs (live while running), a JSON form of every page for scripts, Prometheus
-//! metrics, the push webhook, and the public gRPC API merged into one router.
+//! metrics, the push webhook, artifacts on request and the files builds kept, and the
+//! public gRPC API merged into one router.
 //!
 //! Pages are askama templates (`src/http/templates`, escaping on by default) rendered
 //! from plain view structs; each view is built by a pure function with an explicit
 //! `now`, so tests render fixed pages.
 
+pub mod artifacts;
 pub mod buildlet_bin;
 pub mod charts;
 pub mod dashboard;
@@ -137,6 +139,15 @@ pub fn router(state: AppState) -> Router {
         .route("/api/builds/{id}", get(logs::build_json))
         .route("/webhook/{repo}", post(webhook))
         .route("/buildlet/{platform}", get(buildlet_bin::serve))
+        .route(
+            "/artifacts/{repo}/{goos}/{goarch}/{version}",
+            get(artifacts::download).post(artifacts::request),
+        )
+        .route(
+            "/artifacts/{repo}/{goos}/{goarch}/{version}/log",
+            get(artifacts::log),
+        )
+        .route("/build/{id}/artifacts/{*name}", get(artifacts::build_file))
         .with_state(state);
     // Not `merge`: the gRPC router's fallback answers every unknown path with an empty
     // gRPC UNIMPLEMENTED (HTTP 200). gRPC requests are told apart by their content type.

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod app;
+pub mod artifacts;
 pub mod dispatcher;
 pub mod farm;
 pub mod git;

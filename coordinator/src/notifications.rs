@@ -379,6 +379,8 @@ impl Notifier {
                     }
                 }
             }
+            // Someone asked for it and is waiting on its URL: nothing to announce.
+            BuildKind::Artifact => {}
             BuildKind::Try => {
                 let Some(try_id) = &b.try_id else { return };
                 if !is_final(b.state) || !self.receivers.iter().any(|(n, _)| n.try_runs) {

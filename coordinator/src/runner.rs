@@ -55,6 +55,11 @@ pub struct RunEnv {
     pub base_env: Vec<(String, String)>,
     pub log: Arc<LiveLog>,
     pub max_attempts: u32,
+    /// Files to keep once the steps pass, and where they go; `None` keeps none.
+    pub collect: Option<(
+        crate::artifacts::CollectSpec,
+        Arc<crate::artifacts::Artifacts>,
+    )>,
     /// Cancelled by a user's cancel, and by shutdown (it is a child of `shutdown`).
     pub cancel: CancellationToken,
     pub shutdown: CancellationToken,
@@ -367,5 +372,72 @@ async fn steps(env: &RunEnv, build: &Build, lease: &Lease) -> Outcome {
     }
     let n = builder.steps.len();
     let plural = if n == 1 { "" } else { "s" };
-    Outcome::Done(BuildState::Ok, format!("{n} step{plural} passed"))
+    let mut summary = format!("{n} step{plural} passed");
+    if let Some((spec, artifacts)) = &env.collect {
+        match keep_outputs(env, build, lease, spec, artifacts).await {
+            Ok(0) => {}
+            Ok(k) => {
+                let plural = if k == 1 { "" } else { "s" };
+                summary.push_str(&format!(", {k} artifact{plural} kept"));
+            }
+            Err(outcome) => return outcome,
+        }
+    }
+    Outcome::Done(BuildState::Ok, summary)
+}
+
+/// Copies the files `spec` names into the artifact store and records them; returns how
+/// many. A build that must produce files (an artifact request) and made none fails.
+async fn keep_outputs(
+    env: &RunEnv,
+    build: &Build,
+    lease: &Lease,
+    spec: &crate::artifacts::CollectSpec,
+    artifacts: &crate::artifacts::Artifacts,
+) -> Result<usize, Outcome> {
+    use crate::artifacts::CollectError;
+    let log = &env.log;
+    let (files, _no_sweep_until_recorded) = match artifacts.collect(&lease.client, spec).await {
+        Ok(r) => r,
+        Err(CollectError::Infra(why)) => {
+            return Err(Outcome::Infra(format!("collecting outputs: {why}")));
+        }
+        Err(CollectError::Refused(why)) => {
+            log.note(&format!("outputs refused: {why}"));
+            return Err(Outcome::Done(BuildState::Failed, why));
+        }
+    };
+    let patterns = spec.patterns.join(" ");
+    if files.is_empty() {
+        if spec.required {
+            let why = format!(
+                "the build produced no output files (looked for {patterns} in {}/)",
+                spec.base
+            );
+            log.note(&why);
+            return Err(Outcome::Done(BuildState::Failed, why));
+        }
+        log.note(&format!(
+            "no files match the declared artifacts ({patterns})"
+        ));
+        return Ok(0);
+    }
+    for f in &files {
+        log.note(&format!(
+            "artifact {} ({} bytes, sha256 {})",
+            f.name, f.size, f.sha256
+        ));
+    }
+    match store_op("add_artifacts", env.store_retry, &env.shutdown, || {
+        env.store.add_artifacts(&build.id, &files)
+    })
+    .await
+    {
+        None => Err(Outcome::Cancelled),
+        Some(Ok(())) => Ok(files.len()),
+        Some(Err(e)) => Err(Outcome::Done(
+            BuildState::Failed,
+            format!("recording artifacts: {e}"),
+        )),
+    }
 }

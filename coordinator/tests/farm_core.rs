@@ -252,6 +252,56 @@ impl Store for FlakyStore {
         )
         .await
     }
+
+    async fn request_artifact_build(
+        &self,
+        new: &buildfarm_store::NewBuild,
+    ) -> Result<(Build, bool), StoreError> {
+        self.run(
+            "request_artifact_build",
+            self.inner.request_artifact_build(new),
+        )
+        .await
+    }
+
+    async fn latest_artifact_build(
+        &self,
+        repo: &str,
+        rev: &str,
+        builder: &str,
+    ) -> Result<Option<Build>, StoreError> {
+        self.run(
+            "latest_artifact_build",
+            self.inner.latest_artifact_build(repo, rev, builder),
+        )
+        .await
+    }
+
+    async fn add_artifacts(
+        &self,
+        build_id: &str,
+        files: &[buildfarm_store::NewArtifact],
+    ) -> Result<(), StoreError> {
+        self.run("add_artifacts", self.inner.add_artifacts(build_id, files))
+            .await
+    }
+
+    async fn list_artifacts(
+        &self,
+        build_id: &str,
+    ) -> Result<Vec<buildfarm_store::Artifact>, StoreError> {
+        self.run("list_artifacts", self.inner.list_artifacts(build_id))
+            .await
+    }
+
+    async fn all_artifacts(&self) -> Result<Vec<buildfarm_store::Artifact>, StoreError> {
+        self.run("all_artifacts", self.inner.all_artifacts()).await
+    }
+
+    async fn delete_artifacts(&self, keys: &[(String, String)]) -> Result<u64, StoreError> {
+        self.run("delete_artifacts", self.inner.delete_artifacts(keys))
+            .await
+    }
 }
 
 // ---- a pool of in-memory buildlets ----

@@ -73,11 +73,13 @@ pub(crate) fn builtin(example_repo: &Path) -> Config {
             webhook_secret: None,
             danger_accept_unsigned_webhooks: false,
             commit_status: None,
+            artifacts: None,
         }],
         limits: crate::Limits::default(),
         sandbox: Default::default(),
         connections: Default::default(),
         notifications: vec![],
+        artifacts: Default::default(),
     }
 }
 
@@ -105,5 +107,6 @@ fn builder(name: String, env: Env, steps: &[(&str, &[&str])]) -> Builder {
             .collect(),
         build_timeout: Duration::from_secs(60 * 60),
         test_shards: 1,
+        artifacts: Vec::new(),
     }
 }

@@ -4,6 +4,7 @@
 //!
 //! No I/O beyond [`Config::from_file`] reading one file.
 
+mod artifacts;
 mod builtin;
 mod connections;
 pub mod dag;
@@ -17,6 +18,7 @@ mod validate;
 
 use std::path::Path;
 
+pub use artifacts::{ArtifactsConfig, RepoArtifacts, make_target_problem, pattern_problem};
 pub use builtin::{CROSS_BUILDERS, LOCAL_HOST_TYPE, host_platform};
 pub use connections::ConnectionsConfig;
 pub use error::{ConfigError, ConfigErrors, ErrorKind, FieldPath, LoadError, Location};

@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
+use crate::artifacts::{ArtifactsConfig, RepoArtifacts};
 use crate::connections::ConnectionsConfig;
 use crate::limits::Limits;
 use crate::notifications::{CommitStatus, Notification};
@@ -48,6 +49,10 @@ pub struct Config {
     /// Receivers of build and try results (webhooks, chat rooms). Default: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notifications: Vec<Notification>,
+    /// How long built artifacts are kept. Default: every field at its own default (see
+    /// [`ArtifactsConfig`]).
+    #[serde(default)]
+    pub artifacts: ArtifactsConfig,
 }
 
 /// `[coordinator]`: settings of the coordinator process itself.
@@ -531,6 +536,13 @@ pub struct Builder {
     /// at least 1, and more than 1 only with such a step. Default: `1`.
     #[serde(default = "default_shards")]
     pub test_shards: u32,
+    /// Files kept from each successful post-submit and try build: path patterns
+    /// relative to the checkout (`*` and `?` within a segment, `**` across segments),
+    /// e.g. `["bin/*"]`. The coordinator fetches each matching file's directory from the
+    /// buildlet, so point them at an output directory rather than the checkout's root.
+    /// Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<String>,
 }
 
 fn default_true() -> bool {
@@ -667,6 +679,11 @@ pub struct Repo {
     /// [`CommitStatus`]). Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_status: Option<CommitStatus>,
+    /// How artifacts on request (`POST /artifacts/<repo>/<GOOS>/<GOARCH>/<version>`)
+    /// are built: a make target and its outputs. Default: none, meaning `go build
+    /// -trimpath` of the module's main packages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifacts: Option<RepoArtifacts>,
 }
 
 fn default_branches() -> Vec<String> {

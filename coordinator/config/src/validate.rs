@@ -110,6 +110,16 @@ pub(crate) fn check(config: &Config) -> Vec<Issue> {
     let mut out = Issues::default();
     coordinator(&mut out, &config.coordinator);
     limits(&mut out, &config.limits);
+    let a = &config.artifacts;
+    let ap = FieldPath::root().key("artifacts");
+    out.positive_duration(ap.key("max_age"), a.max_age);
+    out.positive_duration(ap.key("sweep_interval"), a.sweep_interval);
+    if a.max_bytes.as_u64() == 0 {
+        out.push(ap.key("max_bytes"), ErrorKind::Zero);
+    }
+    if a.max_file_bytes.as_u64() == 0 {
+        out.push(ap.key("max_file_bytes"), ErrorKind::Zero);
+    }
     sandbox(&mut out, config, &config.sandbox);
     for (path, kind) in crate::connections::check(&config.connections) {
         out.push(path, kind);
@@ -661,6 +671,11 @@ fn builder(out: &mut Issues, path: &FieldPath, b: &Builder, config: &Config) {
     }
     out.positive_duration(path.key("build_timeout"), b.build_timeout);
     out.positive(path.key("test_shards"), b.test_shards);
+    for (i, p) in b.artifacts.iter().enumerate() {
+        if let Some(msg) = crate::artifacts::pattern_problem(p) {
+            out.push(path.key("artifacts").index(i), ErrorKind::Invalid(msg));
+        }
+    }
     plan(out, path, b);
 }
 
@@ -750,6 +765,20 @@ fn repo(out: &mut Issues, path: &FieldPath, r: &Repo) {
                     "set together with webhook_secret: a repo with a secret only accepts signed webhooks; remove one of the two".into(),
                 ),
             );
+        }
+    }
+    if let Some(a) = &r.artifacts {
+        let ap = path.key("artifacts");
+        if let Some(msg) = crate::artifacts::make_target_problem(&a.make_target) {
+            out.push(ap.key("make_target"), ErrorKind::Invalid(msg));
+        }
+        if a.outputs.is_empty() {
+            out.push(ap.key("outputs"), ErrorKind::Empty);
+        }
+        for (i, p) in a.outputs.iter().enumerate() {
+            if let Some(msg) = crate::artifacts::pattern_problem(p) {
+                out.push(ap.key("outputs").index(i), ErrorKind::Invalid(msg));
+            }
         }
     }
     if let Some(cs) = &r.commit_status {

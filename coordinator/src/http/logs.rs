@@ -76,6 +76,9 @@ pub struct BuildPage {
     /// Bytes of the log shown; the live stream continues from here.
     #[serde(skip)]
     pub log_offset: usize,
+    /// Files the build kept, with their download links.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<super::artifacts::ArtifactLink>,
 }
 
 /// The page's data; `log` is what is known of the log now and `live` whether it grows.
@@ -108,6 +111,7 @@ pub fn build_page(
         live,
         log: String::from_utf8_lossy(log).into_owned(),
         log_offset: log.len(),
+        artifacts: Vec::new(),
     }
 }
 
@@ -144,8 +148,15 @@ async fn load_build(state: &AppState, id: &str) -> Result<BuildPage, PageError> 
             false,
         ),
     };
+    let files = state
+        .farm
+        .store()
+        .list_artifacts(id)
+        .await
+        .map_err(PageError::store)?;
     let mut page = build_page(&b, attempts, &log, live, now_ms());
     page.shards = shards;
+    page.artifacts = super::artifacts::links(id, &files);
     Ok(page)
 }
 

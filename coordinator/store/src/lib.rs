@@ -1,5 +1,5 @@
-//! buildfarm-store: the dashboard store. Commits, builds (with their attempts and logs) and try
-//! runs, behind the [`Store`] trait, on SQLite (embedded default) or PostgreSQL (scale-out).
+//! buildfarm-store: the dashboard store. Commits, builds (with their attempts and logs), try
+//! runs and the artifacts builds kept, behind the [`Store`] trait, on SQLite (embedded default) or PostgreSQL (scale-out).
 //!
 //! Use [`open`] with a `sqlite://PATH` or `postgres://...` url; schema migrations run there.
 //! Ids are uuid v7 strings and times are unix milliseconds everywhere.
@@ -18,7 +18,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use error::StoreError;
 pub use model::{
-    Attempt, Build, BuildKind, BuildState, Commit, NewBuild, NewTry, TryRun, Verdict, try_verdict,
+    Artifact, Attempt, Build, BuildKind, BuildState, Commit, NewArtifact, NewBuild, NewTry, TryRun,
+    Verdict, try_verdict,
 };
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;

@@ -26,6 +26,9 @@ pub enum BuildKind {
     PostSubmit,
     /// One builder's part of a try run.
     Try,
+    /// An artifact asked for over HTTP: `builder` is the target `GOOS-GOARCH`, `rev` the
+    /// resolved commit; its outputs are kept as artifacts.
+    Artifact,
 }
 
 impl BuildKind {
@@ -33,6 +36,7 @@ impl BuildKind {
         match self {
             BuildKind::PostSubmit => "post-submit",
             BuildKind::Try => "try",
+            BuildKind::Artifact => "artifact",
         }
     }
 }
@@ -50,6 +54,7 @@ impl FromStr for BuildKind {
         match s {
             "post-submit" => Ok(BuildKind::PostSubmit),
             "try" => Ok(BuildKind::Try),
+            "artifact" => Ok(BuildKind::Artifact),
             other => Err(ParseEnumError {
                 what: "build kind",
                 value: other.to_owned(),
@@ -157,6 +162,28 @@ pub struct NewBuild {
     pub builder: String,
     /// Required for [`BuildKind::Try`], forbidden for [`BuildKind::PostSubmit`].
     pub try_id: Option<String>,
+}
+
+/// A file a build kept: its content lives in the coordinator's blob store under
+/// `sha256`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Artifact {
+    pub build_id: String,
+    /// Path relative to the collected directory, `/`-separated.
+    pub name: String,
+    /// Lowercase hex SHA-256 of the content.
+    pub sha256: String,
+    pub size: u64,
+    /// When it was stored, unix milliseconds.
+    pub created_at: i64,
+}
+
+/// A file to record for a build (see [`crate::Store::add_artifacts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewArtifact {
+    pub name: String,
+    pub sha256: String,
+    pub size: u64,
 }
 
 /// One try of a build on one buildlet.
@@ -272,7 +299,7 @@ mod tests {
 
     #[test]
     fn kind_strings_round_trip() {
-        for kind in [BuildKind::PostSubmit, BuildKind::Try] {
+        for kind in [BuildKind::PostSubmit, BuildKind::Try, BuildKind::Artifact] {
             assert_eq!(kind.as_str().parse::<BuildKind>(), Ok(kind));
         }
         assert!("postsubmit".parse::<BuildKind>().is_err());

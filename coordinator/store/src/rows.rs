@@ -4,7 +4,7 @@
 //! (TEXT -> String, INTEGER/BIGINT -> i64, BLOB/BYTEA -> Vec<u8>), so one set of rows serves both.
 
 use crate::error::StoreError;
-use crate::model::{Attempt, Build, BuildState, Commit, TryRun};
+use crate::model::{Artifact, Attempt, Build, BuildState, Commit, TryRun};
 
 /// The columns `BuildRow` expects, in a SELECT or RETURNING list.
 pub(crate) const BUILD_COLUMNS: &str = "id, kind, repo, branch, rev, builder, try_id, state, \
@@ -13,6 +13,8 @@ pub(crate) const BUILD_COLUMNS: &str = "id, kind, repo, branch, rev, builder, tr
 pub(crate) const COMMIT_COLUMNS: &str = "repo, branch, hash, parents, author, message, commit_time";
 
 pub(crate) const TRY_COLUMNS: &str = "id, repo, rev, patch, builders, user_name, created_at";
+
+pub(crate) const ARTIFACT_COLUMNS: &str = "build_id, name, sha256, size, created_at";
 
 pub(crate) const ATTEMPT_COLUMNS: &str = "n, buildlet, started_at, finished_at, state, error";
 
@@ -175,6 +177,43 @@ impl AttemptRow {
             error: self.error,
         })
     }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct ArtifactRow {
+    build_id: String,
+    name: String,
+    sha256: String,
+    size: i64,
+    created_at: i64,
+}
+
+impl ArtifactRow {
+    pub(crate) fn into_artifact(self, operation: &'static str) -> Result<Artifact, StoreError> {
+        let size = u64::try_from(self.size).map_err(|_| {
+            corrupt(
+                operation,
+                &self.build_id,
+                format!("artifact size out of range: {}", self.size),
+            )
+        })?;
+        Ok(Artifact {
+            build_id: self.build_id,
+            name: self.name,
+            sha256: self.sha256,
+            size,
+            created_at: self.created_at,
+        })
+    }
+}
+
+pub(crate) fn into_artifacts(
+    rows: Vec<ArtifactRow>,
+    operation: &'static str,
+) -> Result<Vec<Artifact>, StoreError> {
+    rows.into_iter()
+        .map(|r| r.into_artifact(operation))
+        .collect()
 }
 
 #[derive(sqlx::FromRow)]

@@ -11,7 +11,7 @@
 //! on PostgreSQL the row lock is taken first and concurrent callers serialize on it.
 
 use crate::error::StoreError;
-use crate::model::{BuildKind, BuildState, Commit, NewBuild, NewTry};
+use crate::model::{BuildKind, BuildState, Commit, NewArtifact, NewBuild, NewTry};
 
 /// How many hashes go in one `IN (...)` list (SQLite allows 32766 parameters per statement).
 pub(crate) const IN_CHUNK: usize = 500;
@@ -65,8 +65,48 @@ pub(crate) fn validate_new_build(b: &NewBuild) -> Result<(), StoreError> {
         (BuildKind::PostSubmit, _) if b.branch.is_none() => {
             Err(invalid(OP, "a post-submit build needs a branch"))
         }
+        (BuildKind::Artifact, Some(_)) => {
+            Err(invalid(OP, "an artifact build cannot have a try_id"))
+        }
         _ => Ok(()),
     }
+}
+
+pub(crate) fn validate_new_artifacts(
+    build_id: &str,
+    files: &[NewArtifact],
+) -> Result<(), StoreError> {
+    const OP: &str = "add_artifacts";
+    let mut seen = std::collections::HashSet::new();
+    for f in files {
+        if f.name.is_empty() || f.name.contains('\0') {
+            return Err(invalid(OP, format!("bad artifact name {:?}", f.name)));
+        }
+        if f.sha256.len() != 64
+            || !f
+                .sha256
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(invalid(
+                OP,
+                format!(
+                    "artifact {:?} of build {build_id}: sha256 {:?} is not 64 lowercase hex digits",
+                    f.name, f.sha256
+                ),
+            ));
+        }
+        if i64::try_from(f.size).is_err() {
+            return Err(invalid(
+                OP,
+                format!("artifact {:?} size {} out of range", f.name, f.size),
+            ));
+        }
+        if !seen.insert(f.name.as_str()) {
+            return Err(invalid(OP, format!("artifact {:?} listed twice", f.name)));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn validate_new_try(t: &NewTry) -> Result<(), StoreError> {
@@ -982,6 +1022,212 @@ macro_rules! impl_store {
                 }
                 tx.commit().await.map_err(db)?;
                 Ok(())
+            }
+
+            async fn request_artifact_build(
+                &self,
+                new: &$crate::NewBuild,
+            ) -> Result<($crate::Build, bool), $crate::StoreError> {
+                const OP: &str = "request_artifact_build";
+                $crate::sql_impl::validate_new_build(new)?;
+                if new.kind != $crate::BuildKind::Artifact {
+                    return Err($crate::StoreError::InvalidArgument {
+                        operation: OP,
+                        reason: format!("a {} build is not an artifact build", new.kind),
+                    });
+                }
+                let now = self.now();
+                let db = |e| $crate::StoreError::db(OP, None, e);
+                let find = format!(
+                    "SELECT {} FROM builds b WHERE kind = 'artifact' AND repo = $1 AND rev = $2 \
+                     AND builder = $3 AND (state IN ('queued', 'running') OR (state = 'ok' AND \
+                     EXISTS (SELECT 1 FROM artifacts a WHERE a.build_id = b.id))) \
+                     ORDER BY created_at DESC, id DESC LIMIT 1",
+                    $crate::rows::BUILD_COLUMNS
+                );
+                let mut tx = self.begin_write(OP, None).await?;
+                let existing = sqlx::query_as::<_, $crate::rows::BuildRow>(&find)
+                    .bind(&new.repo)
+                    .bind(&new.rev)
+                    .bind(&new.builder)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                if let Some(row) = existing {
+                    tx.commit().await.map_err(db)?;
+                    return Ok((row.into_build(OP)?, false));
+                }
+                let id = $crate::sql_impl::new_id();
+                // A concurrent request may have inserted the same unfinished build since
+                // the look-up (PostgreSQL): the partial unique index turns that into a
+                // conflict, and the look-up again finds the winner.
+                let inserted = sqlx::query(
+                    "INSERT INTO builds (id, kind, repo, branch, rev, builder, try_id, state, \
+                     attempts, created_at) VALUES ($1, 'artifact', $2, NULL, $3, $4, NULL, \
+                     'queued', 0, $5) ON CONFLICT (repo, rev, builder) \
+                     WHERE kind = 'artifact' AND state IN ('queued', 'running') DO NOTHING",
+                )
+                .bind(&id)
+                .bind(&new.repo)
+                .bind(&new.rev)
+                .bind(&new.builder)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?
+                .rows_affected()
+                    == 1;
+                if inserted {
+                    tx.commit().await.map_err(db)?;
+                    tracing::debug!(build_id = %id, builder = %new.builder, rev = %new.rev, "artifact build enqueued");
+                    let build = $crate::Build {
+                        id,
+                        kind: $crate::BuildKind::Artifact,
+                        repo: new.repo.clone(),
+                        branch: None,
+                        rev: new.rev.clone(),
+                        builder: new.builder.clone(),
+                        try_id: None,
+                        state: $crate::BuildState::Queued,
+                        attempts: 0,
+                        created_at: now,
+                        started_at: None,
+                        finished_at: None,
+                        summary: None,
+                    };
+                    return Ok((build, true));
+                }
+                let row = sqlx::query_as::<_, $crate::rows::BuildRow>(&find)
+                    .bind(&new.repo)
+                    .bind(&new.rev)
+                    .bind(&new.builder)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                tx.commit().await.map_err(db)?;
+                match row {
+                    Some(row) => Ok((row.into_build(OP)?, false)),
+                    None => Err($crate::StoreError::Corrupt {
+                        operation: OP,
+                        id: None,
+                        reason: format!(
+                            "artifact build of {} {} {} conflicted but was not found",
+                            new.repo, new.rev, new.builder
+                        ),
+                    }),
+                }
+            }
+
+            async fn latest_artifact_build(
+                &self,
+                repo: &str,
+                rev: &str,
+                builder: &str,
+            ) -> Result<Option<$crate::Build>, $crate::StoreError> {
+                const OP: &str = "latest_artifact_build";
+                let sql = format!(
+                    "SELECT {} FROM builds WHERE kind = 'artifact' AND repo = $1 AND rev = $2 \
+                     AND builder = $3 ORDER BY created_at DESC, id DESC LIMIT 1",
+                    $crate::rows::BUILD_COLUMNS
+                );
+                sqlx::query_as::<_, $crate::rows::BuildRow>(&sql)
+                    .bind(repo)
+                    .bind(rev)
+                    .bind(builder)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|e| $crate::StoreError::db(OP, None, e))?
+                    .map(|r| r.into_build(OP))
+                    .transpose()
+            }
+
+            async fn add_artifacts(
+                &self,
+                build_id: &str,
+                files: &[$crate::NewArtifact],
+            ) -> Result<(), $crate::StoreError> {
+                const OP: &str = "add_artifacts";
+                $crate::sql_impl::validate_new_artifacts(build_id, files)?;
+                self.require_build(OP, build_id).await?;
+                let now = self.now();
+                let db = |e| $crate::StoreError::db(OP, Some(build_id), e);
+                let mut tx = self.begin_write(OP, Some(build_id)).await?;
+                for f in files {
+                    sqlx::query(
+                        "INSERT INTO artifacts (build_id, name, sha256, size, created_at) \
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (build_id, name) DO UPDATE \
+                         SET sha256 = excluded.sha256, size = excluded.size, \
+                         created_at = excluded.created_at",
+                    )
+                    .bind(build_id)
+                    .bind(&f.name)
+                    .bind(&f.sha256)
+                    .bind(i64::try_from(f.size).unwrap_or(i64::MAX))
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                }
+                tx.commit().await.map_err(db)?;
+                tracing::debug!(build_id, files = files.len(), "artifacts recorded");
+                Ok(())
+            }
+
+            async fn list_artifacts(
+                &self,
+                build_id: &str,
+            ) -> Result<Vec<$crate::Artifact>, $crate::StoreError> {
+                const OP: &str = "list_artifacts";
+                let sql = format!(
+                    "SELECT {} FROM artifacts WHERE build_id = $1 ORDER BY name",
+                    $crate::rows::ARTIFACT_COLUMNS
+                );
+                let rows = sqlx::query_as::<_, $crate::rows::ArtifactRow>(&sql)
+                    .bind(build_id)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| $crate::StoreError::db(OP, Some(build_id), e))?;
+                if rows.is_empty() {
+                    self.require_build(OP, build_id).await?;
+                }
+                $crate::rows::into_artifacts(rows, OP)
+            }
+
+            async fn all_artifacts(&self) -> Result<Vec<$crate::Artifact>, $crate::StoreError> {
+                const OP: &str = "all_artifacts";
+                let sql = format!(
+                    "SELECT {} FROM artifacts ORDER BY created_at, build_id, name",
+                    $crate::rows::ARTIFACT_COLUMNS
+                );
+                let rows = sqlx::query_as::<_, $crate::rows::ArtifactRow>(&sql)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| $crate::StoreError::db(OP, None, e))?;
+                $crate::rows::into_artifacts(rows, OP)
+            }
+
+            async fn delete_artifacts(
+                &self,
+                keys: &[(String, String)],
+            ) -> Result<u64, $crate::StoreError> {
+                const OP: &str = "delete_artifacts";
+                if keys.is_empty() {
+                    return Ok(0);
+                }
+                let db = |e| $crate::StoreError::db(OP, None, e);
+                let mut tx = self.begin_write(OP, None).await?;
+                let mut n = 0;
+                for (build_id, name) in keys {
+                    n += sqlx::query("DELETE FROM artifacts WHERE build_id = $1 AND name = $2")
+                        .bind(build_id)
+                        .bind(name)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?
+                        .rows_affected();
+                }
+                tx.commit().await.map_err(db)?;
+                Ok(n)
             }
         }
     };

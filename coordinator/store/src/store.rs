@@ -4,7 +4,9 @@
 //! [`crate::open`].
 
 use crate::error::StoreError;
-use crate::model::{Attempt, Build, BuildState, Commit, NewBuild, NewTry, TryRun};
+use crate::model::{
+    Artifact, Attempt, Build, BuildState, Commit, NewArtifact, NewBuild, NewTry, TryRun,
+};
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -120,4 +122,32 @@ pub trait Store: Send + Sync {
     /// Records (replacing older values) how long each unit took on `builder`, in
     /// milliseconds, in one transaction. Unit names must not be empty.
     async fn record_unit_durations(&self, builder: &str, units: &[(String, u64)]) -> Result<()>;
+
+    // ---- artifacts ----
+
+    /// Finds or records the artifact build for `new` (kind [`crate::BuildKind::Artifact`]):
+    /// an unfinished build of the same (repo, rev, builder), or an `ok` one that still
+    /// has artifacts, is shared (returned with `false`); otherwise a new queued build is
+    /// recorded (returned with `true`). Identical concurrent requests get one build.
+    async fn request_artifact_build(&self, new: &NewBuild) -> Result<(Build, bool)>;
+
+    /// The newest artifact build of (repo, rev, builder), in any state.
+    async fn latest_artifact_build(
+        &self,
+        repo: &str,
+        rev: &str,
+        builder: &str,
+    ) -> Result<Option<Build>>;
+
+    /// Records files a build kept; a name recorded before for the build is replaced.
+    async fn add_artifacts(&self, build_id: &str, files: &[NewArtifact]) -> Result<()>;
+
+    /// A build's artifacts, by name.
+    async fn list_artifacts(&self, build_id: &str) -> Result<Vec<Artifact>>;
+
+    /// Every artifact, oldest first (for the retention policy).
+    async fn all_artifacts(&self) -> Result<Vec<Artifact>>;
+
+    /// Forgets these (build id, name) artifacts; returns how many were removed.
+    async fn delete_artifacts(&self, keys: &[(String, String)]) -> Result<u64>;
 }

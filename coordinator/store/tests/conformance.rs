@@ -205,6 +205,8 @@ store_test_suite!(
     reopen_is_a_migration_no_op,
     concurrent_writers,
     unit_durations_round_trip,
+    artifact_requests_share_a_build,
+    artifacts_round_trip,
 );
 
 #[test]

@@ -19,6 +19,7 @@ use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+mod artifact;
 mod sync;
 mod watch;
 
@@ -148,6 +149,20 @@ enum Cmd {
         #[arg(trailing_var_arg = true, required = true)]
         cmd: Vec<String>,
     },
+    /// Build REPO at VERSION (tag, branch or commit) for GOOS/GOARCH on the farm, wait
+    /// showing progress, and download the result (checked against its SHA-256).
+    Artifact {
+        repo: String,
+        goos: String,
+        goarch: String,
+        version: String,
+        /// Where to save it (default: the name the coordinator suggests, here).
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+        /// Which file, when the build makes several.
+        #[arg(long)]
+        file: Option<String>,
+    },
     /// Cancel the unfinished builds of one of your try runs.
     Cancel { try_id: String },
     /// Submit a try run and watch it; exits non-zero unless every builder passes.
@@ -205,7 +220,8 @@ fn settings_path(cli: &Cli) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".buildfarm/gomote.json"))
 }
 
-async fn connect(cli: &Cli) -> Result<Client> {
+/// The settings file and the token to send (from `BUILDFARM_TOKEN` or the file).
+fn load_settings(cli: &Cli) -> Result<(Settings, String)> {
     let path = settings_path(cli);
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
@@ -217,7 +233,7 @@ async fn connect(cli: &Cli) -> Result<Client> {
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let (token, source) = match std::env::var("BUILDFARM_TOKEN") {
         Ok(t) => (t, "BUILDFARM_TOKEN".to_owned()),
-        Err(_) => (s.token, format!("`token` in {}", path.display())),
+        Err(_) => (s.token.clone(), format!("`token` in {}", path.display())),
     };
     let token = token.trim();
     if token.is_empty() {
@@ -234,6 +250,13 @@ async fn connect(cli: &Cli) -> Result<Client> {
             token.len()
         );
     }
+    let token = token.to_owned();
+    Ok((s, token))
+}
+
+async fn connect(cli: &Cli) -> Result<Client> {
+    let (s, token) = load_settings(cli)?;
+    let token = token.as_str();
     let addr = s
         .coordinator
         .strip_prefix("https://")
@@ -281,6 +304,32 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: &Cli) -> Result<ExitCode> {
+    if let Cmd::Artifact {
+        repo,
+        goos,
+        goarch,
+        version,
+        output,
+        file,
+    } = &cli.command
+    {
+        let (s, token) = load_settings(cli)?;
+        let http = artifact::Http::new(&s.coordinator, &s.ca_file, token)?;
+        artifact::run(
+            &http,
+            artifact::Request {
+                repo,
+                goos,
+                goarch,
+                version,
+                file: file.as_deref(),
+                output: output.as_deref(),
+                json: cli.json,
+            },
+        )
+        .await?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut c = connect(cli).await?;
     match &cli.command {
         Cmd::Create { builder } => {
@@ -549,6 +598,8 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             instance,
             builder_env,
         } => ssh(&mut c, instance, builder_env.as_deref().unwrap_or_default()).await,
+        // Answered over HTTP before connecting, above.
+        Cmd::Artifact { .. } => bail!("artifact is not a gRPC command"),
         Cmd::Cancel { try_id } => {
             let r = c
                 .cancel_try(cp::CancelTryRequest {

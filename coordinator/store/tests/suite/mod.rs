@@ -9,6 +9,9 @@ use buildfarm_store::{
 
 use crate::Harness;
 
+mod artifacts;
+pub use artifacts::{artifact_requests_share_a_build, artifacts_round_trip};
+
 fn post_submit(rev: &str, builder: &str) -> NewBuild {
     NewBuild {
         kind: BuildKind::PostSubmit,
