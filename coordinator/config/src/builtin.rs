@@ -78,6 +78,7 @@ pub(crate) fn builtin(example_repo: &Path) -> Config {
         sandbox: Default::default(),
         connections: Default::default(),
         notifications: vec![],
+        access: Default::default(),
     }
 }
 

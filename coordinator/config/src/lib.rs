@@ -4,6 +4,7 @@
 //!
 //! No I/O beyond [`Config::from_file`] reading one file.
 
+mod access;
 mod builtin;
 mod connections;
 mod error;
@@ -16,6 +17,7 @@ mod validate;
 
 use std::path::Path;
 
+pub use access::{AccessConfig, BuilderKeyConfig, HostTokenConfig};
 pub use builtin::{CROSS_BUILDERS, LOCAL_HOST_TYPE, host_platform};
 pub use connections::ConnectionsConfig;
 pub use error::{ConfigError, ConfigErrors, ErrorKind, FieldPath, LoadError, Location};

@@ -23,7 +23,7 @@ use crate::validate::{self, Issue};
 type Node<'i> = Spanned<DeValue<'i>>;
 
 const SECTIONS: &str =
-    "coordinator, host_types, builders, repos, limits, sandbox, connections, notifications";
+    "coordinator, host_types, builders, repos, limits, sandbox, connections, notifications, access";
 
 /// Parses and validates `text`, naming it `source_name` in errors.
 pub(crate) fn parse(text: &str, source_name: &str) -> Result<Config, ConfigErrors> {
@@ -88,6 +88,10 @@ pub(crate) fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError
                 },
                 "connections" => match from_node::<ConnectionsConfig>(node) {
                     Ok(c) => config.connections = c,
+                    Err(e) => structural(path, node, e),
+                },
+                "access" => match from_node::<crate::access::AccessConfig>(node) {
+                    Ok(a) => config.access = a,
                     Err(e) => structural(path, node, e),
                 },
                 _ => unknown.push(located(

@@ -4,7 +4,9 @@
 //! [`crate::open`].
 
 use crate::error::StoreError;
-use crate::model::{Attempt, Build, BuildState, Commit, NewBuild, NewTry, TryRun};
+use crate::model::{
+    Attempt, Build, BuildState, Commit, NewBuild, NewTry, NewUserToken, TryRun, UserToken,
+};
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -110,4 +112,20 @@ pub trait Store: Send + Sync {
 
     /// The try run's builds, by builder name.
     async fn builds_for_try(&self, try_id: &str) -> Result<Vec<Build>>;
+
+    // ---- user tokens ----
+
+    /// Records a new user token (created now, not revoked). An existing id is
+    /// `InvalidArgument`.
+    async fn create_user_token(&self, token: &NewUserToken) -> Result<UserToken>;
+
+    /// One token, revoked or not; `NotFound` if the id is unknown.
+    async fn get_user_token(&self, id: &str) -> Result<UserToken>;
+
+    /// Every token, revoked ones included, newest first.
+    async fn list_user_tokens(&self) -> Result<Vec<UserToken>>;
+
+    /// Marks the token revoked (now, or keeps the earlier time if it already was) and
+    /// returns it; `NotFound` if the id is unknown.
+    async fn revoke_user_token(&self, id: &str) -> Result<UserToken>;
 }

@@ -204,6 +204,7 @@ store_test_suite!(
     not_found_errors,
     reopen_is_a_migration_no_op,
     concurrent_writers,
+    user_tokens_issue_list_revoke,
 );
 
 #[test]

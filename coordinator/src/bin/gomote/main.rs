@@ -20,6 +20,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 mod sync;
+mod token;
 mod watch;
 
 #[derive(Parser)]
@@ -148,8 +149,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, required = true)]
         cmd: Vec<String>,
     },
-    /// Cancel the unfinished builds of one of your try runs.
+    /// Cancel the unfinished builds of one of your try runs (an operator may cancel
+    /// anyone's).
     Cancel { try_id: String },
+    /// Manage user tokens (role admin).
+    #[command(subcommand)]
+    Token(token::TokenCmd),
     /// Submit a try run and watch it; exits non-zero unless every builder passes.
     Try {
         repo: String,
@@ -174,7 +179,7 @@ enum Cmd {
 /// Size of each data message of an upload, far below any message limit (at least 1 MiB).
 const UPLOAD_CHUNK_BYTES: usize = 256 << 10;
 
-/// Largest token gomote sends. Real tokens are `<user>.<hex mac>`, under 140 bytes; the
+/// Largest token gomote sends. Real tokens are `<id>.<secret>`, 81 bytes; the
 /// room above that is for other token formats, far below any server's header limit.
 const MAX_TOKEN_BYTES: usize = 1024;
 
@@ -230,7 +235,7 @@ async fn connect(cli: &Cli) -> Result<Client> {
     // protocol error back from the server.
     if token.len() > MAX_TOKEN_BYTES {
         bail!(
-            "the token from {source} is {} bytes; the limit is {MAX_TOKEN_BYTES} bytes (a real token is `<user>.<64 hex digits>`)",
+            "the token from {source} is {} bytes; the limit is {MAX_TOKEN_BYTES} bytes (a real token is `<16 hex digits>.<64 hex digits>`)",
             token.len()
         );
     }
@@ -283,6 +288,10 @@ async fn main() -> ExitCode {
 async fn run(cli: &Cli) -> Result<ExitCode> {
     let mut c = connect(cli).await?;
     match &cli.command {
+        Cmd::Token(t) => {
+            token::run(&mut c, t, cli.json).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Create { builder } => {
             let mut s = c
                 .create_instance(cp::CreateInstanceRequest {
