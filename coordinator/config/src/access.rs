@@ -147,7 +147,7 @@ mod tests {
     const BASE: &str = r#"
 [[host_types]]
 name = "linux"
-pool = { kind = "reverse", count = 1 }
+pool = { kind = "reverse", expected = 1 }
 "#;
 
     #[test]
@@ -211,6 +211,10 @@ pool = { kind = "reverse", count = 1 }
             "{BASE}\n[[access.builder_keys]]\nfile = \"k\"\nnot_after = \"next tuesday\"\n"
         );
         let e = Config::from_toml_str(&text, "c.toml").expect_err("bad time accepted");
-        assert!(e.to_string().contains("c.toml:7"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("c.toml:8:13: access.builder_keys[0].not_after: invalid value"),
+            "{e}"
+        );
     }
 }
