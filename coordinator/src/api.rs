@@ -785,9 +785,7 @@ impl Coordinator for Api {
                 repo.name
             )));
         }
-        self.access
-            .take_try_run(&user)
-            .map_err(|r| r.to_status())?;
+        self.access.take_try_run(&user).map_err(|r| r.to_status())?;
         let user = user.user;
         // Stored and queued as one operation; a full queue refuses it, storing nothing.
         let (run, builds) = self
@@ -947,7 +945,9 @@ impl Api {
         let role: Role = r
             .role
             .parse()
-            .map_err(|e: crate::access::policy::UnknownRole| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e: crate::access::policy::UnknownRole| {
+                Status::invalid_argument(e.to_string())
+            })?;
         let (t, token) = self
             .access
             .issue(&r.user, role, &r.note)

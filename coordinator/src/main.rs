@@ -186,7 +186,10 @@ fn token_command(config: &Config, cmd: &TokenCommand) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     }
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("coordinator: starting the runtime: {e}");
@@ -216,7 +219,10 @@ async fn token_command_async(config: &Config, cmd: &TokenCommand) -> Result<()> 
             Ok(())
         }
         TokenCommand::List => {
-            println!("{:<16}  {:<10}  {:<20}  {:<24}  note", "id", "role", "user", "revoked");
+            println!(
+                "{:<16}  {:<10}  {:<20}  {:<24}  note",
+                "id", "role", "user", "revoked"
+            );
             for t in registry.list().await? {
                 let revoked = t
                     .revoked_at
@@ -335,7 +341,9 @@ async fn run(mut config: Config, builtin: bool, cli: &Cli) -> Result<()> {
                                 tracing::error!(error = %format!("{e:#}"), "SIGHUP: keeping the old dial-in credentials");
                             }
                         }
-                        Err(e) => tracing::error!(error = %e, "SIGHUP: config invalid; nothing reloaded"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "SIGHUP: config invalid; nothing reloaded")
+                        }
                     }
                 }
             }

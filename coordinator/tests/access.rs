@@ -228,7 +228,10 @@ async fn roles_owners_rate_limits_and_denials_on_a_closed_farm() {
         .expect("gomote");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("PermissionDenied") && err.contains("alice"), "{err}");
+    assert!(
+        err.contains("PermissionDenied") && err.contains("alice"),
+        "{err}"
+    );
     let mut m = client(&farm, Some(&mallory)).await;
     let (code, _) = code_of(
         m.destroy_instance(cp::DestroyInstanceRequest { name: inst.clone() })
@@ -305,7 +308,10 @@ async fn roles_owners_rate_limits_and_denials_on_a_closed_farm() {
         ("role", "manage_tokens", 2),
     ] {
         let n = denied(&metrics, reason, action);
-        assert!(n >= at_least, "{reason}/{action}: {n} < {at_least}\n{metrics}");
+        assert!(
+            n >= at_least,
+            "{reason}/{action}: {n} < {at_least}\n{metrics}"
+        );
     }
     farm.kill().await;
 }
@@ -338,7 +344,10 @@ async fn revoked_tokens_are_refused_on_the_next_call_and_anonymous_reads_follow_
         .expect("issue")
         .into_inner();
     let info = issued.info.expect("info");
-    assert_eq!((info.user.as_str(), info.role.as_str()), ("bob", "developer"));
+    assert_eq!(
+        (info.user.as_str(), info.role.as_str()),
+        ("bob", "developer")
+    );
     let mut bob = client(&farm, Some(&issued.token)).await;
     bob.list_instances(cp::ListInstancesRequest {})
         .await
@@ -351,8 +360,16 @@ async fn revoked_tokens_are_refused_on_the_next_call_and_anonymous_reads_follow_
     let (code, msg) = code_of(bob.list_instances(cp::ListInstancesRequest {}).await);
     assert_eq!(code, Code::Unauthenticated, "{msg}");
     assert!(msg.contains("revoked"), "{msg}");
-    let (status, _, _) = http_get(&farm, "/api/status", Some(&format!("Bearer {}", issued.token))).await;
-    assert_eq!(status, 401, "a revoked token is refused even where anonymous reads are allowed");
+    let (status, _, _) = http_get(
+        &farm,
+        "/api/status",
+        Some(&format!("Bearer {}", issued.token)),
+    )
+    .await;
+    assert_eq!(
+        status, 401,
+        "a revoked token is refused even where anonymous reads are allowed"
+    );
 
     // Listing shows the record, never the secret.
     let listed = adm
@@ -400,7 +417,11 @@ async fn revoked_tokens_are_refused_on_the_next_call_and_anonymous_reads_follow_
         .args(["token", "revoke", id])
         .output()
         .expect("token revoke");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         match c.list_instances(cp::ListInstancesRequest {}).await {
@@ -420,7 +441,10 @@ async fn revoked_tokens_are_refused_on_the_next_call_and_anonymous_reads_follow_
         .output()
         .expect("token list");
     let list = String::from_utf8_lossy(&out.stdout);
-    let line = list.lines().find(|l| l.starts_with(id)).expect("carol listed");
+    let line = list
+        .lines()
+        .find(|l| l.starts_with(id))
+        .expect("carol listed");
     assert!(line.contains("carol") && !line.contains(" - "), "{list}");
     farm.kill().await;
 }
@@ -526,7 +550,10 @@ async fn a_builder_key_rotated_under_a_connected_buildlet_keeps_it_and_retires_t
     let old = write_secret(&old_file, 1);
     let new = write_secret(&new_file, 2);
     let cfg = tmp.path().join("coordinator.toml");
-    let only_old = format!("[[access.builder_keys]]\nfile = \"{}\"\n", old_file.display());
+    let only_old = format!(
+        "[[access.builder_keys]]\nfile = \"{}\"\n",
+        old_file.display()
+    );
     std::fs::write(&cfg, rotation_config(&data, &repo, &only_old)).expect("config");
     let farm = TestFarm::start(&cfg, &data).await;
     let old_key = revdial::builder_key(&old, REV_HOST_TYPE);
@@ -562,14 +589,19 @@ async fn a_builder_key_rotated_under_a_connected_buildlet_keeps_it_and_retires_t
 
     // The connected buildlet stays connected and builds a new commit.
     assert!(lists_host(&farm.get_json("/api/status").await, "rot-a"));
-    std::fs::write(repo.join("more.go"), "package t\n\n// More is new.\nfunc More() {}\n")
-        .expect("write");
+    std::fs::write(
+        repo.join("more.go"),
+        "package t\n\n// More is new.\nfunc More() {}\n",
+    )
+    .expect("write");
     git(&repo, &["add", "-A"]);
     git(&repo, &["commit", "--quiet", "-m", "second"]);
     let second = git(&repo, &["rev-parse", "HEAD"]);
     let builds = farm.wait_final_builds("t", &second, 1).await;
     assert_eq!(builds[0]["state"], "ok", "{builds:?}");
-    let log = farm.get_text(&format!("/log/{}", builds[0]["id"].as_str().expect("id"))).await;
+    let log = farm
+        .get_text(&format!("/log/{}", builds[0]["id"].as_str().expect("id")))
+        .await;
     assert!(log.contains("built-on-"), "{log}");
 
     // A new dial-in with the old key is refused; one with the new key is accepted.

@@ -50,7 +50,11 @@ pub struct BuilderKeyConfig {
     /// Time after which new dial-ins with keys of this secret are refused, e.g.
     /// `"2026-12-01T15:00:00Z"`; machines already connected stay connected. Default:
     /// none (no end).
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub not_after: Option<SystemTime>,
 }
 
@@ -68,7 +72,11 @@ pub struct HostTokenConfig {
     pub secret_file: PathBuf,
     /// Time after which new dial-ins with this secret are refused; machines already
     /// connected stay connected. Default: none (no end).
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub not_after: Option<SystemTime>,
 }
 
@@ -101,7 +109,10 @@ pub(crate) fn check(a: &AccessConfig, host_types: &[&str]) -> Vec<(FieldPath, Er
     let mut out = Vec::new();
     for (i, k) in a.builder_keys.iter().enumerate() {
         if k.file.as_os_str().is_empty() {
-            out.push((path.key("builder_keys").index(i).key("file"), ErrorKind::Empty));
+            out.push((
+                path.key("builder_keys").index(i).key("file"),
+                ErrorKind::Empty,
+            ));
         }
     }
     let mut seen: Vec<(&str, &str)> = Vec::new();

@@ -47,7 +47,8 @@ pub struct Config {
     pub connections: ConnectionsConfig,
     /// Receivers of build and try results (webhooks, chat rooms). Default: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub notifications: Vec<Notification>,    /// Who may do what: anonymous readers, per-user rate limits, the credentials reverse
+    pub notifications: Vec<Notification>,
+    /// Who may do what: anonymous readers, per-user rate limits, the credentials reverse
     /// buildlets dial in with. Default: every field at its own default.
     #[serde(default)]
     pub access: crate::access::AccessConfig,

@@ -12,10 +12,13 @@ use buildfarm_config::AccessConfig;
 pub fn read_builder_secret(path: &Path) -> Result<Vec<u8>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading builder key secret {}", path.display()))?;
-    let key = hex::decode(text.trim())
-        .with_context(|| format!("{}: not a hex key", path.display()))?;
+    let key =
+        hex::decode(text.trim()).with_context(|| format!("{}: not a hex key", path.display()))?;
     if key.len() < 16 {
-        bail!("{}: a builder key secret must be at least 16 bytes", path.display());
+        bail!(
+            "{}: a builder key secret must be at least 16 bytes",
+            path.display()
+        );
     }
     Ok(key)
 }
@@ -41,8 +44,8 @@ pub fn authenticator(access: &AccessConfig, master_key: &[u8]) -> Result<revdial
         auth = auth.with_builder_secret(master_key.to_vec(), None);
     }
     for (i, k) in access.builder_keys.iter().enumerate() {
-        let secret = read_builder_secret(&k.file)
-            .with_context(|| format!("access.builder_keys[{i}]"))?;
+        let secret =
+            read_builder_secret(&k.file).with_context(|| format!("access.builder_keys[{i}]"))?;
         auth = auth.with_builder_secret(secret, k.not_after);
     }
     for (i, t) in access.host_tokens.iter().enumerate() {

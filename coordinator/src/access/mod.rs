@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use policy::{Action, DenyReason, Role};
-pub use registry::Principal;
 use rate::RateWindow;
+pub use registry::Principal;
 use registry::{Rejected, TokenRegistry};
 
 /// How often the token cache is read again from the store (for tokens revoked by
@@ -164,7 +164,9 @@ impl Access {
             }
             let now = crate::farm::now_ms();
             for w in [&self.try_rate, &self.create_rate] {
-                w.lock().unwrap_or_else(|e| e.into_inner()).prune(now, HOUR_MS);
+                w.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .prune(now, HOUR_MS);
             }
         }
     }
@@ -222,8 +224,11 @@ impl Access {
                 }
             }
         };
-        match policy::decide(principal.as_ref().map(|p| p.role), action, self.anonymous_viewers)
-        {
+        match policy::decide(
+            principal.as_ref().map(|p| p.role),
+            action,
+            self.anonymous_viewers,
+        ) {
             Ok(()) => Ok(principal),
             Err(reason) => {
                 let msg = match (&principal, reason) {
@@ -375,7 +380,10 @@ mod tests {
     #[test]
     fn bearer_and_basic_headers_carry_the_token() {
         let h = |s: &str| http::HeaderValue::from_str(s).expect("header");
-        assert_eq!(token_from_header(&h("Bearer abc.def ")).as_deref(), Ok("abc.def"));
+        assert_eq!(
+            token_from_header(&h("Bearer abc.def ")).as_deref(),
+            Ok("abc.def")
+        );
         let basic = base64::engine::general_purpose::STANDARD.encode("anyone:abc.def");
         assert_eq!(
             token_from_header(&h(&format!("Basic {basic}"))).as_deref(),

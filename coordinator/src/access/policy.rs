@@ -174,7 +174,11 @@ impl DenyReason {
 
 /// May a caller with `role` (`None`: no token) do `action`, given whether anonymous
 /// viewers are allowed?
-pub fn decide(role: Option<Role>, action: Action, anonymous_viewers: bool) -> Result<(), DenyReason> {
+pub fn decide(
+    role: Option<Role>,
+    action: Action,
+    anonymous_viewers: bool,
+) -> Result<(), DenyReason> {
     let need = action.required_role();
     match role {
         None if need == Role::Viewer && anonymous_viewers => Ok(()),
@@ -199,10 +203,7 @@ mod tests {
         for r in Role::ALL {
             assert_eq!(r.as_str().parse::<Role>(), Ok(r));
         }
-        assert_eq!(
-            "root".parse::<Role>(),
-            Err(UnknownRole("root".into()))
-        );
+        assert_eq!("root".parse::<Role>(), Err(UnknownRole("root".into())));
         assert!(Role::Viewer < Role::Developer && Role::Operator < Role::Admin);
     }
 
@@ -237,7 +238,13 @@ mod tests {
     fn anonymous_callers_only_read_and_only_when_allowed() {
         assert!(may(None, "WatchTry", true));
         assert!(!may(None, "WatchTry", false));
-        for method in ["CreateInstance", "SubmitTry", "CancelTry", "IssueToken", "Exec"] {
+        for method in [
+            "CreateInstance",
+            "SubmitTry",
+            "CancelTry",
+            "IssueToken",
+            "Exec",
+        ] {
             assert_eq!(
                 decide(None, grpc_action(&format!("{SVC}{method}")), true),
                 Err(DenyReason::NoToken),
@@ -256,12 +263,18 @@ mod tests {
         assert_eq!(http_action(&Method::GET, "/"), Some(Action::Read));
         assert_eq!(http_action(&Method::GET, "/metrics"), Some(Action::Read));
         assert_eq!(http_action(&Method::HEAD, "/log/x"), Some(Action::Read));
-        assert_eq!(http_action(&Method::POST, "/api/builds"), Some(Action::Change));
+        assert_eq!(
+            http_action(&Method::POST, "/api/builds"),
+            Some(Action::Change)
+        );
         assert_eq!(http_action(&Method::DELETE, "/try/x"), Some(Action::Change));
         assert_eq!(http_action(&Method::GET, "/healthz"), None);
         assert_eq!(http_action(&Method::POST, "/webhook/go"), None);
         assert_eq!(http_action(&Method::GET, "/buildlet/linux-amd64"), None);
         assert_eq!(decide(None, Action::Change, true), Err(DenyReason::NoToken));
-        assert_eq!(decide(Some(Role::Viewer), Action::Change, true), Err(DenyReason::Role));
+        assert_eq!(
+            decide(Some(Role::Viewer), Action::Change, true),
+            Err(DenyReason::Role)
+        );
     }
 }

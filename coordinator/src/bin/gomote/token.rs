@@ -67,9 +67,16 @@ pub async fn run(c: &mut Client, cmd: &TokenCmd, json: bool) -> Result<()> {
                 let v: Vec<_> = r.tokens.iter().map(info_json).collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
-                println!("{:<16}  {:<10}  {:<20}  {:<8}  note", "id", "role", "user", "state");
+                println!(
+                    "{:<16}  {:<10}  {:<20}  {:<8}  note",
+                    "id", "role", "user", "state"
+                );
                 for t in r.tokens {
-                    let state = if t.revoked_unix_ms != 0 { "revoked" } else { "valid" };
+                    let state = if t.revoked_unix_ms != 0 {
+                        "revoked"
+                    } else {
+                        "valid"
+                    };
                     println!(
                         "{:<16}  {:<10}  {:<20}  {:<8}  {}",
                         t.id, t.role, t.user, state, t.note

@@ -933,7 +933,10 @@ pub async fn user_tokens_issue_list_revoke(h: Harness) {
         (new_token("t3", "", "viewer"), "user"),
     ] {
         let e = store.create_user_token(&bad).await.expect_err(why);
-        assert!(matches!(e, StoreError::InvalidArgument { .. }), "{why}: {e}");
+        assert!(
+            matches!(e, StoreError::InvalidArgument { .. }),
+            "{why}: {e}"
+        );
     }
     assert_eq!(store.list_user_tokens().await.expect("list").len(), 2);
 
