@@ -446,6 +446,36 @@ async fn revoked_tokens_are_refused_on_the_next_call_and_anonymous_reads_follow_
         .find(|l| l.starts_with(id))
         .expect("carol listed");
     assert!(line.contains("carol") && !line.contains(" - "), "{list}");
+
+    // The coordinator's own admin token is kept across a restart while valid, and
+    // replaced once revoked; revocations survive the restart.
+    let (cfg, data) = (farm.config_path.clone(), farm.data_dir.clone());
+    farm.kill().await;
+    let farm = TestFarm::start(&cfg, &data).await;
+    assert_eq!(own_token(&farm), admin);
+    let mut adm = client(&farm, Some(&admin)).await;
+    let (code, _) = code_of(
+        client(&farm, Some(&issued.token))
+            .await
+            .list_instances(cp::ListInstancesRequest {})
+            .await,
+    );
+    assert_eq!(code, Code::Unauthenticated, "still revoked after a restart");
+    let admin_id = admin.split_once('.').expect("id.secret").0.to_owned();
+    adm.revoke_token(cp::RevokeTokenRequest { id: admin_id })
+        .await
+        .expect("an admin may revoke its own token");
+    let (code, _) = code_of(adm.list_tokens(cp::ListTokensRequest {}).await);
+    assert_eq!(code, Code::Unauthenticated);
+    farm.kill().await;
+    let farm = TestFarm::start(&cfg, &data).await;
+    let fresh = own_token(&farm);
+    assert_ne!(fresh, admin);
+    client(&farm, Some(&fresh))
+        .await
+        .list_tokens(cp::ListTokensRequest {})
+        .await
+        .expect("the new admin token works");
     farm.kill().await;
 }
 
