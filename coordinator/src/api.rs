@@ -1,6 +1,7 @@
 //! The coordinator's public gRPC API (`buildfarm.coordinator.v1.Coordinator`): gomote
-//! instances (borrowed buildlets, proxied call by call) and try runs. Every call
-//! carries a user token (`authorization: Bearer <token>`, see `tokens`).
+//! instances (borrowed buildlets, proxied call by call), try runs and user tokens.
+//! Every call passes the access layer first (`grpc_auth`: token and role, see
+//! `access`); the handlers check ownership and rate limits, which need the request.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -16,9 +17,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
+use crate::access::{Access, Action, Principal, Role};
 use crate::farm::{Farm, FarmEvent, InstanceGrant, now_ms};
 use crate::git::PatchError;
-use crate::tokens;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -117,17 +118,56 @@ impl Drop for InstanceTicket {
     }
 }
 
+/// Who is calling, as the access layer found it: `None` for an anonymous reader.
+/// Put in the request's extensions by [`grpc_auth`].
+#[derive(Debug, Clone)]
+pub struct Caller(pub Option<Principal>);
+
+/// The gRPC side of access control, in front of every method: checks the bearer token
+/// and the role the method needs (`access::policy::grpc_action`), refuses with a gRPC
+/// status, or passes the caller on to the handler in the request's extensions.
+pub async fn grpc_auth(
+    axum::extract::State(access): axum::extract::State<Arc<Access>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let action = crate::access::policy::grpc_action(req.uri().path());
+    match access
+        .authorize(req.headers().get(http::header::AUTHORIZATION), action)
+        .await
+    {
+        Ok(p) => {
+            req.extensions_mut().insert(Caller(p));
+            next.run(req).await
+        }
+        Err(d) => d.to_status().into_http(),
+    }
+}
+
+fn token_info(t: &buildfarm_store::UserToken) -> cp::TokenInfo {
+    cp::TokenInfo {
+        id: t.id.clone(),
+        user: t.user.clone(),
+        role: t.role.clone(),
+        note: t.note.clone(),
+        created_unix_ms: t.created_at,
+        revoked_unix_ms: t.revoked_at.unwrap_or(0),
+    }
+}
+
 #[derive(Clone)]
 pub struct Api {
     farm: Arc<Farm>,
+    access: Arc<Access>,
     instances: Arc<Mutex<HashMap<String, Arc<Instance>>>>,
     held: HeldByUser,
 }
 
 impl Api {
-    pub fn new(farm: Arc<Farm>) -> Self {
+    pub fn new(farm: Arc<Farm>, access: Arc<Access>) -> Self {
         let api = Api {
             farm: farm.clone(),
+            access,
             instances: Arc::new(Mutex::new(HashMap::new())),
             held: Arc::new(Mutex::new(HashMap::new())),
         };
@@ -137,20 +177,24 @@ impl Api {
         api
     }
 
-    fn user<T>(&self, req: &Request<T>) -> Result<String, Status> {
-        let header = req.metadata().get("authorization").ok_or_else(|| {
-            Status::unauthenticated(
-                "missing authorization: Bearer <token> (see `coordinator issue-token`)",
-            )
-        })?;
-        let value = header
-            .to_str()
-            .map_err(|_| Status::unauthenticated("authorization header is not text"))?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
-        tokens::verify(self.farm.master_key(), token.trim())
-            .ok_or_else(|| Status::permission_denied("invalid user token"))
+    pub fn access(&self) -> &Arc<Access> {
+        &self.access
+    }
+
+    /// The caller the access layer let through; `None` for an anonymous reader.
+    fn caller<T>(&self, req: &Request<T>) -> Result<Option<Principal>, Status> {
+        match req.extensions().get::<Caller>() {
+            Some(c) => Ok(c.0.clone()),
+            // Only reachable if the service is served without `grpc_auth`.
+            None => Err(Status::internal("the access layer did not run")),
+        }
+    }
+
+    /// The caller, who must have a token (every method that changes state needs one,
+    /// and the access layer refuses those without it).
+    fn user<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+        self.caller(req)?
+            .ok_or_else(|| Status::unauthenticated("this call needs a user token"))
     }
 
     /// Takes one of `user`'s instances, or refuses with `ResourceExhausted` naming the
@@ -195,7 +239,7 @@ impl Api {
         })
     }
 
-    fn instance(&self, user: &str, name: &str) -> Result<Arc<Instance>, Status> {
+    fn instance(&self, user: &Principal, name: &str) -> Result<Arc<Instance>, Status> {
         let inst = self
             .instances
             .lock()
@@ -203,11 +247,14 @@ impl Api {
             .get(name)
             .cloned()
             .ok_or_else(|| Status::not_found(format!("no instance {name:?}")))?;
-        if inst.info.owner != user {
-            return Err(Status::permission_denied(format!(
-                "instance {name:?} belongs to another user"
-            )));
-        }
+        self.access
+            .check_owner(
+                user,
+                &inst.info.owner,
+                &format!("instance {name:?}"),
+                Action::UseOthersInstance,
+            )
+            .map_err(|r| r.to_status())?;
         if inst.lost.is_cancelled() {
             self.remove_instance(name);
             return Err(Status::unavailable(format!(
@@ -405,7 +452,10 @@ impl Coordinator for Api {
                 builder.host_type
             )));
         }
-        let ticket = self.take_ticket(&user)?;
+        let ticket = self.take_ticket(&user.user)?;
+        self.access
+            .take_gomote_create(&user)
+            .map_err(|r| r.to_status())?;
         let request_id = uuid::Uuid::now_v7().to_string();
         // Past the interactive share of the host type the request waits in the queue
         // (shown with its place in line) rather than failing: the share frees up as soon
@@ -414,6 +464,7 @@ impl Coordinator for Api {
         let mut rx = self.farm.request_instance(&request_id, &builder.host_type);
         let api = self.clone();
         let farm = self.farm.clone();
+        let user = user.user;
         let stream = async_stream::try_stream! {
             let mut guard = RequestGuard { farm: farm.clone(), id: request_id.clone(), done: false };
             let grant = loop {
@@ -470,7 +521,7 @@ impl Coordinator for Api {
         &self,
         req: Request<cp::ListInstancesRequest>,
     ) -> Result<Response<cp::ListInstancesResponse>, Status> {
-        let user = self.user(&req)?;
+        let caller = self.caller(&req)?;
         let idle_ms = self
             .farm
             .config()
@@ -482,7 +533,12 @@ impl Coordinator for Api {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .filter(|i| i.info.owner == user)
+            // Admins see everyone's instances; others their own; anonymous readers none.
+            .filter(|i| {
+                caller
+                    .as_ref()
+                    .is_some_and(|p| p.role >= Role::Admin || i.info.owner == p.user)
+            })
             .map(|i| {
                 // Every use pushes the expiry back (see `expire_loop`).
                 let last_used = *i.last_used_ms.lock().unwrap_or_else(|e| e.into_inner());
@@ -510,11 +566,14 @@ impl Coordinator for Api {
             .get(&name)
             .map(|i| i.info.owner.clone())
             .ok_or_else(|| Status::not_found(format!("no instance {name:?}")))?;
-        if owner != user {
-            return Err(Status::permission_denied(format!(
-                "instance {name:?} belongs to another user"
-            )));
-        }
+        self.access
+            .check_owner(
+                &user,
+                &owner,
+                &format!("instance {name:?}"),
+                Action::UseOthersInstance,
+            )
+            .map_err(|r| r.to_status())?;
         self.remove_instance(&name);
         Ok(Response::new(cp::DestroyInstanceResponse {}))
     }
@@ -726,6 +785,8 @@ impl Coordinator for Api {
                 repo.name
             )));
         }
+        self.access.take_try_run(&user).map_err(|r| r.to_status())?;
+        let user = user.user;
         // Stored and queued as one operation; a full queue refuses it, storing nothing.
         let (run, builds) = self
             .farm
@@ -754,12 +815,14 @@ impl Coordinator for Api {
             .get_try(&try_id)
             .await
             .map_err(|e| Status::not_found(format!("try run {try_id:?}: {e}")))?;
-        if run.user != user {
-            return Err(Status::permission_denied(format!(
-                "try run {try_id} belongs to {}",
-                run.user
-            )));
-        }
+        self.access
+            .check_owner(
+                &user,
+                &run.user,
+                &format!("try run {try_id}"),
+                Action::CancelOthersTry,
+            )
+            .map_err(|r| r.to_status())?;
         let builds = self
             .farm
             .store()
@@ -774,8 +837,48 @@ impl Coordinator for Api {
                 Err(e) => return Err(Status::unavailable(format!("cancelling {}: {e:#}", b.id))),
             }
         }
-        info!(try_id = %try_id, user = %user, cancelled, "try run cancelled");
+        info!(try_id = %try_id, user = %user.user, cancelled, "try run cancelled");
         Ok(Response::new(cp::CancelTryResponse { cancelled }))
+    }
+
+    async fn issue_token(
+        &self,
+        req: Request<cp::IssueTokenRequest>,
+    ) -> Result<Response<cp::IssueTokenResponse>, Status> {
+        self.issue_token_impl(req).await
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<cp::ListTokensRequest>,
+    ) -> Result<Response<cp::ListTokensResponse>, Status> {
+        self.user(&req)?;
+        let tokens = self
+            .access
+            .list()
+            .await
+            .map_err(|e| Status::unavailable(format!("listing tokens: {e}")))?;
+        Ok(Response::new(cp::ListTokensResponse {
+            tokens: tokens.iter().map(token_info).collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<cp::RevokeTokenRequest>,
+    ) -> Result<Response<cp::RevokeTokenResponse>, Status> {
+        let admin = self.user(&req)?;
+        let id = req.into_inner().id;
+        let t = self.access.revoke(&id).await.map_err(|e| match e {
+            buildfarm_store::StoreError::NotFound { .. } => {
+                Status::not_found(format!("no token {id:?}"))
+            }
+            e => Status::unavailable(format!("revoking token {id}: {e}")),
+        })?;
+        info!(by = %admin.user, token_id = %t.id, user = %t.user, "user token revoked");
+        Ok(Response::new(cp::RevokeTokenResponse {
+            info: Some(token_info(&t)),
+        }))
     }
 
     type WatchTryStream = BoxStream<cp::TryState>;
@@ -784,7 +887,7 @@ impl Coordinator for Api {
         &self,
         req: Request<cp::WatchTryRequest>,
     ) -> Result<Response<Self::WatchTryStream>, Status> {
-        self.user(&req)?;
+        self.caller(&req)?;
         let try_id = req.into_inner().try_id;
         self.farm
             .store()
@@ -823,6 +926,38 @@ impl Coordinator for Api {
             }
         };
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+impl Api {
+    async fn issue_token_impl(
+        &self,
+        req: Request<cp::IssueTokenRequest>,
+    ) -> Result<Response<cp::IssueTokenResponse>, Status> {
+        let admin = self.user(&req)?;
+        let r = req.into_inner();
+        if !crate::tokens::valid_user(&r.user) {
+            return Err(Status::invalid_argument(format!(
+                "invalid user name {:?}: letters, digits, `-`, `_`, `@` and `.` (not first), at most 64",
+                r.user
+            )));
+        }
+        let role: Role = r
+            .role
+            .parse()
+            .map_err(|e: crate::access::policy::UnknownRole| {
+                Status::invalid_argument(e.to_string())
+            })?;
+        let (t, token) = self
+            .access
+            .issue(&r.user, role, &r.note)
+            .await
+            .map_err(|e| Status::unavailable(format!("storing the token: {e}")))?;
+        info!(by = %admin.user, token_id = %t.id, user = %t.user, role = %t.role, "user token issued");
+        Ok(Response::new(cp::IssueTokenResponse {
+            token,
+            info: Some(token_info(&t)),
+        }))
     }
 }
 

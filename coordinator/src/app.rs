@@ -49,9 +49,26 @@ pub struct Running {
     pub ca_file: PathBuf,
     /// The local buildlets' sandbox, when there is a local pool.
     pub sandbox: Option<Arc<Sandbox>>,
+    /// Roles, user tokens, rate limits.
+    pub access: Arc<crate::access::Access>,
+    /// Where reverse buildlets dial in; its credentials change on [`Running::reload_dialin`].
+    pub revdial: revdial::Listener,
 }
 
 impl Running {
+    /// Re-reads the dial-in credentials of `access` (builder-key secrets and host
+    /// tokens) for new handshakes; connected buildlets stay connected.
+    pub fn reload_dialin(&self, access: &buildfarm_config::AccessConfig) -> Result<()> {
+        let auth = crate::access::dialin::authenticator(access, self.farm.master_key())?;
+        self.revdial.set_authenticator(auth);
+        info!(
+            builder_keys = access.builder_keys.len(),
+            host_tokens = access.host_tokens.len(),
+            "dial-in credentials reloaded"
+        );
+        Ok(())
+    }
+
     /// Stops accepting, lets running work be recorded as resumable, and waits (bounded).
     pub async fn stop(self, grace: Duration) {
         self.shutdown.cancel();
@@ -385,9 +402,10 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
     }
 
     let revdial_listener = revdial::Listener::new(
-        revdial::Authenticator::new(master_key.clone()),
+        crate::access::dialin::authenticator(&config.access, &master_key)?,
         revdial::ListenerConfig::default(),
     );
+    let access = crate::access::Access::new(&config.access, store.clone()).await?;
     let registry = revdial_listener.registry();
 
     let binaries = Arc::new(buildlet_binaries(
@@ -503,7 +521,8 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
     farm.set_base_url(format!("http://{addr}"));
     farm.resume().await?;
 
-    let api = Api::new(farm.clone());
+    let api = Api::new(farm.clone(), access.clone());
+    tasks.spawn(access.clone().refresh_loop(shutdown.clone()));
     let poll_kick = Arc::new(Notify::new());
     // Before the connection cap is derived from it: every descriptor the hard limit
     // allows, less a reserve for our own files.
@@ -527,11 +546,13 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
             .map(str::to_owned),
         binaries: Some(binaries.clone()),
     };
+    let web = crate::http::WebState::start(&farm, web_parts)?;
+    web.metrics.register(access.denied_counter())?;
     let state = AppState {
         farm: farm.clone(),
         api,
         poll_kick: poll_kick.clone(),
-        web: crate::http::WebState::start(&farm, web_parts)?,
+        web,
     };
     let endpoint = Endpoint {
         router: router(state),
@@ -566,6 +587,8 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
         ca_pem,
         ca_file,
         sandbox,
+        access,
+        revdial: revdial_listener,
     })
 }
 

@@ -104,13 +104,18 @@ async fn sample_loop(farm: Arc<Farm>, web: Arc<WebState>) {
 
 pub fn router(state: AppState) -> Router {
     let max_message = state.farm.config().limits.max_message_bytes();
+    let access = state.api.access().clone();
     let grpc = tonic::service::Routes::new(
         CoordinatorServer::new(state.api.clone())
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
     )
     .into_axum_router()
-    .layer(axum::middleware::map_response(name_message_limit));
+    .layer(axum::middleware::map_response(name_message_limit))
+    .layer(axum::middleware::from_fn_with_state(
+        access.clone(),
+        crate::api::grpc_auth,
+    ));
     for repo in state
         .farm
         .config()
@@ -148,12 +153,49 @@ pub fn router(state: AppState) -> Router {
             get(artifacts::log),
         )
         .route("/build/{id}/artifacts/{*name}", get(artifacts::build_file))
-        .with_state(state);
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(access, http_auth));
     // Not `merge`: the gRPC router's fallback answers every unknown path with an empty
     // gRPC UNIMPLEMENTED (HTTP 200). gRPC requests are told apart by their content type.
     pages.fallback_service(tower::service_fn(move |req| {
         not_found::fallback(grpc.clone(), req)
     }))
+}
+
+/// The HTTP side of access control, in front of every page: reads need a token of
+/// role viewer unless `access.anonymous_viewers`; anything else needs a developer.
+/// Routes with their own credentials (`access::policy::http_action`) pass.
+async fn http_auth(
+    State(access): State<Arc<crate::access::Access>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(action) = crate::access::policy::http_action(req.method(), req.uri().path()) else {
+        return next.run(req).await;
+    };
+    match access
+        .authorize(req.headers().get(header::AUTHORIZATION), action)
+        .await
+    {
+        Ok(_) => next.run(req).await,
+        Err(crate::access::Denied::Refused(r)) => {
+            let status = r.http_status();
+            let mut resp = (status, format!("{}\n", r.message)).into_response();
+            if status == StatusCode::UNAUTHORIZED {
+                // A browser then asks for credentials: any user name, the token as password.
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static(
+                        "Basic realm=\"buildfarm\", charset=\"UTF-8\"",
+                    ),
+                );
+            }
+            resp
+        }
+        Err(crate::access::Denied::Unavailable(m)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{m}\n")).into_response()
+        }
+    }
 }
 
 /// A build as scripts and pages see it.

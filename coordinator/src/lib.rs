@@ -2,6 +2,7 @@
 //! records results in the dashboard store, and serves the status page and the public
 //! API. See ARCHITECTURE.md at the repository root for how a build flows through it.
 
+pub mod access;
 pub mod api;
 pub mod app;
 pub mod artifacts;

@@ -36,12 +36,34 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print a user token for the public API (gomote, try).
-    IssueToken { user: String },
-    /// Print the builder key a reverse buildlet of HOST_TYPE authenticates with.
+    /// Issue, list or revoke user tokens (in the config's store; a running coordinator
+    /// sees a new token at once and a revocation within seconds; `gomote token revoke`
+    /// is effective at once).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Print the builder key a reverse buildlet of HOST_TYPE authenticates with (from
+    /// the newest `access.builder_keys` secret, else the master key).
     BuilderKey { host_type: String },
     /// Validate the config and exit.
     CheckConfig,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new token for USER (shown once; the store keeps only its hash).
+    Issue {
+        user: String,
+        /// viewer, developer, operator or admin.
+        #[arg(long, default_value = "developer")]
+        role: String,
+        /// What the token is for.
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// List every token (id, user, role, created, revoked); never the secrets.
+    List,
+    /// Revoke the token with this id.
+    Revoke { id: String },
 }
 
 /// Exit code for bad usage or config (sysexits EX_USAGE / EX_CONFIG style).
@@ -105,28 +127,24 @@ fn main() -> ExitCode {
             );
             return ExitCode::SUCCESS;
         }
-        Some(Command::IssueToken { user }) | Some(Command::BuilderKey { host_type: user }) => {
-            if let Some(Command::IssueToken { .. }) = &cli.command
-                && !coordinator::tokens::valid_user(user)
-            {
-                eprintln!("coordinator: invalid user name {user:?}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-            let key = match app::master_key(&config.coordinator.master_key_path()) {
-                Ok(k) => k,
+        Some(Command::BuilderKey { host_type }) => {
+            let key = app::master_key(&config.coordinator.master_key_path()).and_then(|m| {
+                coordinator::access::dialin::current_builder_secret(
+                    &config.access,
+                    &m,
+                    std::time::SystemTime::now(),
+                )
+            });
+            match key {
+                Ok(k) => println!("{}", revdial::builder_key(&k, host_type)),
                 Err(e) => {
                     eprintln!("coordinator: {e:#}");
                     return ExitCode::FAILURE;
                 }
-            };
-            match &cli.command {
-                Some(Command::IssueToken { user }) => {
-                    println!("{}", coordinator::tokens::issue(&key, user))
-                }
-                _ => println!("{}", revdial::builder_key(&key, user)),
             }
             return ExitCode::SUCCESS;
         }
+        Some(Command::Token(t)) => return token_command(&config, t),
         None => {}
     }
     if builtin
@@ -154,6 +172,77 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `coordinator token ...`: works on the config's store directly.
+fn token_command(config: &Config, cmd: &TokenCommand) -> ExitCode {
+    if let TokenCommand::Issue { user, role, .. } = cmd {
+        if !coordinator::tokens::valid_user(user) {
+            eprintln!("coordinator: invalid user name {user:?}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        if let Err(e) = role.parse::<coordinator::access::Role>() {
+            eprintln!("coordinator: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("coordinator: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(token_command_async(config, cmd)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("coordinator: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn token_command_async(config: &Config, cmd: &TokenCommand) -> Result<()> {
+    let url = config.coordinator.store_url();
+    let store = buildfarm_store::open(&url)
+        .await
+        .with_context(|| format!("opening store {}", buildfarm_store::redact_url(&url)))?;
+    let registry = coordinator::access::registry::TokenRegistry::new(store.clone());
+    let result = match cmd {
+        TokenCommand::Issue { user, role, note } => {
+            let role: coordinator::access::Role = role.parse()?;
+            let (_, token) = registry.issue(user, role, note).await?;
+            println!("{token}");
+            Ok(())
+        }
+        TokenCommand::List => {
+            println!(
+                "{:<16}  {:<10}  {:<20}  {:<24}  note",
+                "id", "role", "user", "revoked"
+            );
+            for t in registry.list().await? {
+                let revoked = t
+                    .revoked_at
+                    .map(coordinator::access::fmt_unix_ms)
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<16}  {:<10}  {:<20}  {:<24}  {}",
+                    t.id, t.role, t.user, revoked, t.note
+                );
+            }
+            Ok(())
+        }
+        TokenCommand::Revoke { id } => {
+            let t = registry.revoke(id).await?;
+            println!("revoked {} ({}, {})", t.id, t.user, t.role);
+            Ok(())
+        }
+    };
+    store.close().await;
+    result
 }
 
 async fn run(mut config: Config, builtin: bool, cli: &Cli) -> Result<()> {
@@ -200,7 +289,22 @@ async fn run(mut config: Config, builtin: bool, cli: &Cli) -> Result<()> {
         .filter(|u| coordinator::tokens::valid_user(u))
         .unwrap_or_else(|| "dev".into());
     let gomote_cfg = running.farm.data_dir().join("gomote.json");
-    let token = coordinator::tokens::issue(running.farm.master_key(), &user);
+    // The coordinator's own user is its admin; the token is kept across restarts while
+    // it stays valid (the file is in the data dir, readable by this user alone).
+    let existing = std::fs::read(&gomote_cfg)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["token"].as_str().map(str::to_owned));
+    let token = running
+        .access
+        .ensure_token(
+            existing.as_deref(),
+            &user,
+            coordinator::access::Role::Admin,
+            "gomote.json of the coordinator's own user",
+        )
+        .await
+        .context("issuing the token of gomote.json")?;
     let cfg = serde_json::json!({
         "coordinator": format!("https://{}", running.addr),
         "ca_file": running.ca_file,
@@ -215,7 +319,41 @@ async fn run(mut config: Config, builtin: bool, cli: &Cli) -> Result<()> {
     );
     println!("  (Ctrl-C to stop; a line per finished build follows)");
 
-    shutdown_signal().await;
+    let config_file = cli.config.clone();
+    let reload = {
+        let running = &running;
+        async move {
+            #[cfg(unix)]
+            {
+                let Ok(mut hup) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                else {
+                    return std::future::pending().await;
+                };
+                while hup.recv().await.is_some() {
+                    let Some(path) = &config_file else {
+                        tracing::warn!("SIGHUP: the built-in config has nothing to reload");
+                        continue;
+                    };
+                    match Config::from_file(path) {
+                        Ok(c) => {
+                            if let Err(e) = running.reload_dialin(&c.access) {
+                                tracing::error!(error = %format!("{e:#}"), "SIGHUP: keeping the old dial-in credentials");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "SIGHUP: config invalid; nothing reloaded")
+                        }
+                    }
+                }
+            }
+            std::future::pending::<()>().await
+        }
+    };
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = reload => {}
+    }
     println!("stopping (unfinished work resumes on the next start)");
     running.stop(Duration::from_secs(10)).await;
     Ok(())

@@ -490,7 +490,7 @@ async fn gomote_commands_end_to_end() {
         .args(["list"])
         .output()
         .expect("gomote");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("PermissionDenied"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"));
 
     assert_eq!(run(&["destroy", &inst]).0, Some(0));
     let (_, list, _) = run(&["list"]);

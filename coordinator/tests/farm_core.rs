@@ -300,6 +300,23 @@ impl Store for FlakyStore {
 
     async fn delete_artifacts(&self, keys: &[(String, String)]) -> Result<u64, StoreError> {
         self.run("delete_artifacts", self.inner.delete_artifacts(keys))
+    async fn create_user_token(
+        &self,
+        t: &buildfarm_store::NewUserToken,
+    ) -> Result<buildfarm_store::UserToken, StoreError> {
+        self.run("create_user_token", self.inner.create_user_token(t))
+            .await
+    }
+    async fn get_user_token(&self, id: &str) -> Result<buildfarm_store::UserToken, StoreError> {
+        self.run("get_user_token", self.inner.get_user_token(id))
+            .await
+    }
+    async fn list_user_tokens(&self) -> Result<Vec<buildfarm_store::UserToken>, StoreError> {
+        self.run("list_user_tokens", self.inner.list_user_tokens())
+            .await
+    }
+    async fn revoke_user_token(&self, id: &str) -> Result<buildfarm_store::UserToken, StoreError> {
+        self.run("revoke_user_token", self.inner.revoke_user_token(id))
             .await
     }
 }

@@ -109,7 +109,8 @@ pub enum DialInError {
 }
 
 struct Inner {
-    auth: Authenticator,
+    /// Swapped whole by [`Listener::set_authenticator`]; each handshake reads it once.
+    auth: std::sync::RwLock<Arc<Authenticator>>,
     cfg: ListenerConfig,
     registry: Registry,
     accepted: AtomicU64,
@@ -137,7 +138,7 @@ impl Listener {
     pub fn new(auth: Authenticator, cfg: ListenerConfig) -> Self {
         Listener {
             inner: Arc::new(Inner {
-                auth,
+                auth: std::sync::RwLock::new(Arc::new(auth)),
                 cfg,
                 registry: Registry::new(),
                 accepted: AtomicU64::new(0),
@@ -146,6 +147,12 @@ impl Listener {
                 shutdown: CancellationToken::new(),
             }),
         }
+    }
+
+    /// Replaces the credentials new dial-ins are checked against (key rotation). Hosts
+    /// already connected are not checked again and stay connected.
+    pub fn set_authenticator(&self, auth: Authenticator) {
+        *self.inner.auth.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(auth);
     }
 
     pub fn registry(&self) -> Registry {
@@ -266,7 +273,13 @@ impl Listener {
             *s = hello.host_type.chars().take(64).collect();
         }
         let hello = validate_hello(&hello)?;
-        self.inner.auth.verify(nonce, &hello)?;
+        let auth = self
+            .inner
+            .auth
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        auth.verify(nonce, &hello)?;
         Ok(hello)
     }
 

@@ -80,6 +80,7 @@ pub(crate) fn builtin(example_repo: &Path) -> Config {
         connections: Default::default(),
         notifications: vec![],
         artifacts: Default::default(),
+        access: Default::default(),
     }
 }
 

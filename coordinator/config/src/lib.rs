@@ -4,6 +4,7 @@
 //!
 //! No I/O beyond [`Config::from_file`] reading one file.
 
+mod access;
 mod artifacts;
 mod builtin;
 mod connections;
@@ -18,6 +19,7 @@ mod validate;
 
 use std::path::Path;
 
+pub use access::{AccessConfig, BuilderKeyConfig, HostTokenConfig};
 pub use artifacts::{ArtifactsConfig, RepoArtifacts, make_target_problem, pattern_problem};
 pub use builtin::{CROSS_BUILDERS, LOCAL_HOST_TYPE, host_platform};
 pub use connections::ConnectionsConfig;

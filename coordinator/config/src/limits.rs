@@ -20,7 +20,8 @@ pub const MIN_MAX_MESSAGE_BYTES: u64 = 1 << 20;
 pub struct Limits {
     /// Most gomote instances one user may hold at once, counting creates still waiting for
     /// a buildlet; a create beyond it is refused with `ResourceExhausted`. One limit for
-    /// every user (there are no roles yet). At least 1. Default: `2`.
+    /// every user, whatever their role (see `[access]` for per-hour limits). At least 1.
+    /// Default: `2`.
     #[serde(default = "default_instances_per_user")]
     pub gomote_instances_per_user: u32,
     /// Percent of each host type's capacity that interactive (gomote) work may hold at

@@ -53,6 +53,10 @@ pub struct Config {
     /// [`ArtifactsConfig`]).
     #[serde(default)]
     pub artifacts: ArtifactsConfig,
+    /// Who may do what: anonymous readers, per-user rate limits, the credentials reverse
+    /// buildlets dial in with. Default: every field at its own default.
+    #[serde(default)]
+    pub access: crate::access::AccessConfig,
 }
 
 /// `[coordinator]`: settings of the coordinator process itself.

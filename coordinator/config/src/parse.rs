@@ -22,7 +22,7 @@ use crate::validate::{self, Issue};
 
 type Node<'i> = Spanned<DeValue<'i>>;
 
-const SECTIONS: &str = "coordinator, host_types, builders, repos, limits, sandbox, connections, notifications, artifacts";
+const SECTIONS: &str = "coordinator, host_types, builders, repos, limits, sandbox, connections, notifications, artifacts, access";
 
 /// Parses and validates `text`, naming it `source_name` in errors.
 pub(crate) fn parse(text: &str, source_name: &str) -> Result<Config, ConfigErrors> {
@@ -91,6 +91,10 @@ pub(crate) fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError
                 },
                 "artifacts" => match from_node::<crate::artifacts::ArtifactsConfig>(node) {
                     Ok(a) => config.artifacts = a,
+                    Err(e) => structural(path, node, e),
+                },
+                "access" => match from_node::<crate::access::AccessConfig>(node) {
+                    Ok(a) => config.access = a,
                     Err(e) => structural(path, node, e),
                 },
                 _ => unknown.push(located(

@@ -124,6 +124,10 @@ pub(crate) fn check(config: &Config) -> Vec<Issue> {
     for (path, kind) in crate::connections::check(&config.connections) {
         out.push(path, kind);
     }
+    let host_types: Vec<&str> = config.host_types.iter().map(|h| h.name.as_str()).collect();
+    for (path, kind) in crate::access::check(&config.access, &host_types) {
+        out.push(path, kind);
+    }
 
     let mut seen = HashMap::new();
     for (i, h) in config.host_types.iter().enumerate() {

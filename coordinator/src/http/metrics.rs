@@ -389,6 +389,15 @@ impl Metrics {
         advance(&self.source_tarballs, input.source_tarballs_built);
     }
 
+    /// Adds a collector owned elsewhere (e.g. the access-denial counter).
+    pub fn register<C: prometheus::core::Collector + Clone + 'static>(
+        &self,
+        c: C,
+    ) -> anyhow::Result<()> {
+        reg(&self.registry, c).context("registering a metric")?;
+        Ok(())
+    }
+
     /// The registry in Prometheus text format.
     pub fn encode(&self) -> anyhow::Result<String> {
         let mut buf = Vec::new();

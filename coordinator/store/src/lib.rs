@@ -18,8 +18,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use error::StoreError;
 pub use model::{
-    Artifact, Attempt, Build, BuildKind, BuildState, Commit, NewArtifact, NewBuild, NewTry, TryRun,
-    Verdict, try_verdict,
+    Artifact, Attempt, Build, BuildKind, BuildState, Commit, NewArtifact, NewBuild, NewTry,
+    NewUserToken, TryRun, UserToken, Verdict, try_verdict,
 };
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;

@@ -320,3 +320,29 @@ mod tests {
         assert_eq!(v(&[Queued, Cancelled]), Verdict::Failed);
     }
 }
+
+/// A user token to record: the id (public half of `<id>.<secret>`), who it is for, its
+/// role name (`viewer`, `developer`, `operator` or `admin`) and the hex SHA-256 of its
+/// secret. The store never sees the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewUserToken {
+    pub id: String,
+    pub user: String,
+    pub role: String,
+    pub secret_hash: String,
+    /// What the token is for; may be empty.
+    pub note: String,
+}
+
+/// A stored user token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserToken {
+    pub id: String,
+    pub user: String,
+    pub role: String,
+    pub secret_hash: String,
+    pub note: String,
+    pub created_at: i64,
+    /// When it was revoked; a revoked token is refused.
+    pub revoked_at: Option<i64>,
+}

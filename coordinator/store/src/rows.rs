@@ -234,3 +234,31 @@ mod tests {
         }
     }
 }
+
+pub(crate) const TOKEN_COLUMNS: &str =
+    "id, user_name, role, secret_hash, note, created_at, revoked_at";
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct TokenRow {
+    id: String,
+    user_name: String,
+    role: String,
+    secret_hash: String,
+    note: String,
+    created_at: i64,
+    revoked_at: Option<i64>,
+}
+
+impl From<TokenRow> for crate::model::UserToken {
+    fn from(row: TokenRow) -> Self {
+        crate::model::UserToken {
+            id: row.id,
+            user: row.user_name,
+            role: row.role,
+            secret_hash: row.secret_hash,
+            note: row.note,
+            created_at: row.created_at,
+            revoked_at: row.revoked_at,
+        }
+    }
+}

@@ -11,7 +11,7 @@
 //! on PostgreSQL the row lock is taken first and concurrent callers serialize on it.
 
 use crate::error::StoreError;
-use crate::model::{BuildKind, BuildState, Commit, NewArtifact, NewBuild, NewTry};
+use crate::model::{BuildKind, BuildState, Commit, NewArtifact, NewBuild, NewTry, NewUserToken};
 
 /// How many hashes go in one `IN (...)` list (SQLite allows 32766 parameters per statement).
 pub(crate) const IN_CHUNK: usize = 500;
@@ -125,6 +125,28 @@ pub(crate) fn validate_new_try(t: &NewTry) -> Result<(), StoreError> {
         if !seen.insert(b.as_str()) {
             return Err(invalid(OP, format!("builder {b:?} listed twice")));
         }
+    }
+    Ok(())
+}
+
+/// Roles a stored token may carry (the `user_tokens.role` CHECK).
+pub(crate) const ROLES: [&str; 4] = ["viewer", "developer", "operator", "admin"];
+
+pub(crate) fn validate_new_token(t: &NewUserToken) -> Result<(), StoreError> {
+    const OP: &str = "create_user_token";
+    check_token(OP, "token id", &t.id)?;
+    if t.id.contains('.') {
+        return Err(invalid(OP, format!("token id {:?} contains a dot", t.id)));
+    }
+    check_token(OP, "user", &t.user)?;
+    if !ROLES.contains(&t.role.as_str()) {
+        return Err(invalid(
+            OP,
+            format!("role {:?} is not one of {}", t.role, ROLES.join(", ")),
+        ));
+    }
+    if t.secret_hash.len() != 64 || !t.secret_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(invalid(OP, "secret hash is not 64 hex digits (a SHA-256)"));
     }
     Ok(())
 }
@@ -1228,6 +1250,95 @@ macro_rules! impl_store {
                 }
                 tx.commit().await.map_err(db)?;
                 Ok(n)
+            }
+
+            async fn create_user_token(
+                &self,
+                t: &$crate::NewUserToken,
+            ) -> Result<$crate::UserToken, $crate::StoreError> {
+                const OP: &str = "create_user_token";
+                $crate::sql_impl::validate_new_token(t)?;
+                let now = self.now();
+                let inserted = sqlx::query(
+                    "INSERT INTO user_tokens (id, user_name, role, secret_hash, note, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(&t.id)
+                .bind(&t.user)
+                .bind(&t.role)
+                .bind(&t.secret_hash)
+                .bind(&t.note)
+                .bind(now)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| $crate::StoreError::db(OP, Some(&t.id), e))?
+                .rows_affected();
+                if inserted == 0 {
+                    return Err($crate::StoreError::InvalidArgument {
+                        operation: OP,
+                        reason: format!("token id {:?} exists already", t.id),
+                    });
+                }
+                Ok($crate::UserToken {
+                    id: t.id.clone(),
+                    user: t.user.clone(),
+                    role: t.role.clone(),
+                    secret_hash: t.secret_hash.clone(),
+                    note: t.note.clone(),
+                    created_at: now,
+                    revoked_at: None,
+                })
+            }
+
+            async fn get_user_token(
+                &self,
+                id: &str,
+            ) -> Result<$crate::UserToken, $crate::StoreError> {
+                let sql = format!(
+                    "SELECT {} FROM user_tokens WHERE id = $1",
+                    $crate::rows::TOKEN_COLUMNS
+                );
+                sqlx::query_as::<_, $crate::rows::TokenRow>(&sql)
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|e| $crate::StoreError::db("get_user_token", Some(id), e))?
+                    .map(Into::into)
+                    .ok_or_else(|| $crate::StoreError::NotFound {
+                        entity: "user token",
+                        id: id.to_owned(),
+                    })
+            }
+
+            async fn list_user_tokens(
+                &self,
+            ) -> Result<Vec<$crate::UserToken>, $crate::StoreError> {
+                let sql = format!(
+                    "SELECT {} FROM user_tokens ORDER BY created_at DESC, id DESC",
+                    $crate::rows::TOKEN_COLUMNS
+                );
+                let rows = sqlx::query_as::<_, $crate::rows::TokenRow>(&sql)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| $crate::StoreError::db("list_user_tokens", None, e))?;
+                Ok(rows.into_iter().map(Into::into).collect())
+            }
+
+            async fn revoke_user_token(
+                &self,
+                id: &str,
+            ) -> Result<$crate::UserToken, $crate::StoreError> {
+                const OP: &str = "revoke_user_token";
+                // Revoking twice keeps the first time.
+                sqlx::query(
+                    "UPDATE user_tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
+                )
+                .bind(id)
+                .bind(self.now())
+                .execute(&self.pool)
+                .await
+                .map_err(|e| $crate::StoreError::db(OP, Some(id), e))?;
+                self.get_user_token(id).await
             }
         }
     };

@@ -5,7 +5,8 @@
 
 use crate::error::StoreError;
 use crate::model::{
-    Artifact, Attempt, Build, BuildState, Commit, NewArtifact, NewBuild, NewTry, TryRun,
+    Artifact, Attempt, Build, BuildState, Commit, NewArtifact, NewBuild, NewTry, NewUserToken,
+    TryRun, UserToken,
 };
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -150,4 +151,20 @@ pub trait Store: Send + Sync {
 
     /// Forgets these (build id, name) artifacts; returns how many were removed.
     async fn delete_artifacts(&self, keys: &[(String, String)]) -> Result<u64>;
+
+    // ---- user tokens ----
+
+    /// Records a new user token (created now, not revoked). An existing id is
+    /// `InvalidArgument`.
+    async fn create_user_token(&self, token: &NewUserToken) -> Result<UserToken>;
+
+    /// One token, revoked or not; `NotFound` if the id is unknown.
+    async fn get_user_token(&self, id: &str) -> Result<UserToken>;
+
+    /// Every token, revoked ones included, newest first.
+    async fn list_user_tokens(&self) -> Result<Vec<UserToken>>;
+
+    /// Marks the token revoked (now, or keeps the earlier time if it already was) and
+    /// returns it; `NotFound` if the id is unknown.
+    async fn revoke_user_token(&self, id: &str) -> Result<UserToken>;
 }

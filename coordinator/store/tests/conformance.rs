@@ -207,6 +207,7 @@ store_test_suite!(
     unit_durations_round_trip,
     artifact_requests_share_a_build,
     artifacts_round_trip,
+    user_tokens_issue_list_revoke,
 );
 
 #[test]

@@ -208,12 +208,18 @@ impl TestFarm {
         }
     }
 
-    /// A user token for `user`, issued by the coordinator's CLI from this farm's key.
+    /// A developer token for `user`, issued by the coordinator's CLI into this farm's
+    /// store.
     pub fn issue_token(&self, user: &str) -> String {
+        self.issue_token_with_role(user, "developer")
+    }
+
+    /// A token for `user` with `role`, issued by the coordinator's CLI.
+    pub fn issue_token_with_role(&self, user: &str, role: &str) -> String {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
             .arg("--config")
             .arg(&self.config_path)
-            .args(["issue-token", user])
+            .args(["token", "issue", user, "--role", role])
             .output()
             .expect("issue token");
         assert!(

@@ -28,8 +28,8 @@ impl Http {
         };
         let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
         if base.starts_with("https://") {
-            let ca = revdial::tls::load_ca_file(ca_file)?;
-            let tls = revdial::tls::client_config(&ca, None, &[revdial::tls::ALPN_HTTP1])?;
+            let ca = buildfarm_tls::load_ca_file(ca_file)?;
+            let tls = buildfarm_tls::client_config(&ca, None, &[buildfarm_tls::ALPN_HTTP1])?;
             builder = builder.use_preconfigured_tls((*tls).clone());
         }
         Ok(Http {

@@ -21,6 +21,7 @@ use tonic::transport::Channel;
 
 mod artifact;
 mod sync;
+mod token;
 mod watch;
 
 #[derive(Parser)]
@@ -163,8 +164,12 @@ enum Cmd {
         #[arg(long)]
         file: Option<String>,
     },
-    /// Cancel the unfinished builds of one of your try runs.
+    /// Cancel the unfinished builds of one of your try runs (an operator may cancel
+    /// anyone's).
     Cancel { try_id: String },
+    /// Manage user tokens (role admin).
+    #[command(subcommand)]
+    Token(token::TokenCmd),
     /// Submit a try run and watch it; exits non-zero unless every builder passes.
     Try {
         repo: String,
@@ -189,7 +194,7 @@ enum Cmd {
 /// Size of each data message of an upload, far below any message limit (at least 1 MiB).
 const UPLOAD_CHUNK_BYTES: usize = 256 << 10;
 
-/// Largest token gomote sends. Real tokens are `<user>.<hex mac>`, under 140 bytes; the
+/// Largest token gomote sends. Real tokens are `<id>.<secret>`, 81 bytes; the
 /// room above that is for other token formats, far below any server's header limit.
 const MAX_TOKEN_BYTES: usize = 1024;
 
@@ -246,7 +251,7 @@ fn load_settings(cli: &Cli) -> Result<(Settings, String)> {
     // protocol error back from the server.
     if token.len() > MAX_TOKEN_BYTES {
         bail!(
-            "the token from {source} is {} bytes; the limit is {MAX_TOKEN_BYTES} bytes (a real token is `<user>.<64 hex digits>`)",
+            "the token from {source} is {} bytes; the limit is {MAX_TOKEN_BYTES} bytes (a real token is `<16 hex digits>.<64 hex digits>`)",
             token.len()
         );
     }
@@ -332,6 +337,10 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
     }
     let mut c = connect(cli).await?;
     match &cli.command {
+        Cmd::Token(t) => {
+            token::run(&mut c, t, cli.json).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Create { builder } => {
             let mut s = c
                 .create_instance(cp::CreateInstanceRequest {

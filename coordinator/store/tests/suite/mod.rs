@@ -956,3 +956,90 @@ pub async fn unit_durations_round_trip(h: Harness) {
         3
     );
 }
+
+fn new_token(id: &str, user: &str, role: &str) -> buildfarm_store::NewUserToken {
+    buildfarm_store::NewUserToken {
+        id: id.into(),
+        user: user.into(),
+        role: role.into(),
+        secret_hash: format!("{:0>64}", id.len()),
+        note: format!("for {user}"),
+    }
+}
+
+pub async fn user_tokens_issue_list_revoke(h: Harness) {
+    let store = &*h.store;
+    let a = store
+        .create_user_token(&new_token("t1", "alice", "developer"))
+        .await
+        .expect("create t1");
+    assert_eq!(a.created_at, h.clock.get());
+    assert_eq!(a.revoked_at, None);
+    assert_eq!(store.get_user_token("t1").await.expect("get"), a);
+    h.clock.advance(10);
+    let b = store
+        .create_user_token(&new_token("t2", "bob", "admin"))
+        .await
+        .expect("create t2");
+
+    // Newest first, secrets never stored (only what was given as the hash).
+    let listed = store.list_user_tokens().await.expect("list");
+    assert_eq!(listed, vec![b.clone(), a.clone()]);
+
+    // A duplicate id is refused and changes nothing.
+    let dup = store
+        .create_user_token(&new_token("t1", "mallory", "admin"))
+        .await
+        .expect_err("duplicate id");
+    assert!(matches!(dup, StoreError::InvalidArgument { .. }), "{dup}");
+    assert_eq!(store.get_user_token("t1").await.expect("get").user, "alice");
+
+    // Bad input: unknown role, a dot in the id, a hash that is not a SHA-256.
+    for (bad, why) in [
+        (new_token("t3", "carol", "root"), "role"),
+        (new_token("t.3", "carol", "viewer"), "dot"),
+        (
+            buildfarm_store::NewUserToken {
+                secret_hash: "xyz".into(),
+                ..new_token("t3", "carol", "viewer")
+            },
+            "hash",
+        ),
+        (new_token("t3", "", "viewer"), "user"),
+    ] {
+        let e = store.create_user_token(&bad).await.expect_err(why);
+        assert!(
+            matches!(e, StoreError::InvalidArgument { .. }),
+            "{why}: {e}"
+        );
+    }
+    assert_eq!(store.list_user_tokens().await.expect("list").len(), 2);
+
+    // Revoking records the time once; revoking again keeps it.
+    h.clock.advance(5);
+    let revoked_at = h.clock.get();
+    let r = store.revoke_user_token("t1").await.expect("revoke");
+    assert_eq!(r.revoked_at, Some(revoked_at));
+    h.clock.advance(5);
+    let again = store.revoke_user_token("t1").await.expect("revoke again");
+    assert_eq!(again.revoked_at, Some(revoked_at));
+    assert_eq!(
+        store.get_user_token("t2").await.expect("get t2").revoked_at,
+        None
+    );
+
+    // Unknown ids are NotFound.
+    for e in [
+        store.get_user_token("nope").await.expect_err("get"),
+        store.revoke_user_token("nope").await.expect_err("revoke"),
+    ] {
+        assert!(matches!(e, StoreError::NotFound { .. }), "{e}");
+    }
+
+    // A restarted coordinator sees the same tokens.
+    let reopened = h.reopen().await;
+    assert_eq!(
+        reopened.get_user_token("t1").await.expect("get").revoked_at,
+        Some(revoked_at)
+    );
+}
