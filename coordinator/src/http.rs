@@ -167,7 +167,7 @@ pub fn router(state: AppState) -> Router {
 /// Routes with their own credentials (`access::policy::http_action`) pass.
 async fn http_auth(
     State(access): State<Arc<crate::access::Access>>,
-    req: axum::extract::Request,
+    mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let Some(action) = crate::access::policy::http_action(req.method(), req.uri().path()) else {
@@ -177,7 +177,13 @@ async fn http_auth(
         .authorize(req.headers().get(header::AUTHORIZATION), action)
         .await
     {
-        Ok(_) => next.run(req).await,
+        Ok(principal) => {
+            // Handlers that record who asked (artifact requests) read it from here.
+            if let Some(p) = principal {
+                req.extensions_mut().insert(p);
+            }
+            next.run(req).await
+        }
         Err(crate::access::Denied::Refused(r)) => {
             let status = r.http_status();
             let mut resp = (status, format!("{}\n", r.message)).into_response();

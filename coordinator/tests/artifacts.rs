@@ -204,7 +204,18 @@ async fn artifacts_are_built_shared_resolved_and_downloaded() {
         .send()
         .await
         .expect("POST");
-    assert_eq!(resp.status().as_u16(), 403);
+    assert_eq!(resp.status().as_u16(), 401, "an unknown token");
+    // A viewer may download but not ask for a build.
+    let viewer = f.farm.issue_token_with_role("watcher", "viewer");
+    let resp = f
+        .farm
+        .http
+        .post(f.url(&native))
+        .bearer_auth(viewer)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status().as_u16(), 403, "a viewer's request");
     // Nothing asked yet: a GET says how to start one.
     let resp = f.get(&native).await;
     assert_eq!(resp.status().as_u16(), 404);

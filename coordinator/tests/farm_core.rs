@@ -300,6 +300,9 @@ impl Store for FlakyStore {
 
     async fn delete_artifacts(&self, keys: &[(String, String)]) -> Result<u64, StoreError> {
         self.run("delete_artifacts", self.inner.delete_artifacts(keys))
+            .await
+    }
+
     async fn create_user_token(
         &self,
         t: &buildfarm_store::NewUserToken,

@@ -155,6 +155,11 @@ pub fn plan(config: &Config, repo: &str, target: &Target) -> Result<ArtifactPlan
                 command: vec!["make".into(), a.make_target.clone()],
                 env: Default::default(),
                 timeout: base.build_timeout,
+                requires: Vec::new(),
+                snapshot: None,
+                restore: None,
+                cache: None,
+                units: None,
             },
             CollectSpec {
                 base: "src".into(),
@@ -175,6 +180,11 @@ pub fn plan(config: &Config, repo: &str, target: &Target) -> Result<ArtifactPlan
                 ],
                 env: Default::default(),
                 timeout: base.build_timeout,
+                requires: Vec::new(),
+                snapshot: None,
+                restore: None,
+                cache: None,
+                units: None,
             },
             CollectSpec {
                 base: DEFAULT_OUT_DIR.into(),

@@ -15,7 +15,7 @@
 
 use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use buildfarm_store::{Artifact, Build, BuildState, StoreError};
 use serde::{Deserialize, Serialize};
@@ -89,24 +89,6 @@ fn artifact_error(e: ArtifactError) -> Response {
     error(code, e)
 }
 
-/// The caller's user name from `authorization: Bearer <token>`, or the status and
-/// reason refusing the request.
-fn caller(state: &AppState, headers: &HeaderMap) -> Result<String, (StatusCode, &'static str)> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or((
-            StatusCode::UNAUTHORIZED,
-            "missing authorization: Bearer <token> (see `coordinator issue-token`)",
-        ))?;
-    let token = value.strip_prefix("Bearer ").ok_or((
-        StatusCode::UNAUTHORIZED,
-        "authorization must be `Bearer <token>`",
-    ))?;
-    crate::tokens::verify(state.farm.master_key(), token.trim())
-        .ok_or((StatusCode::FORBIDDEN, "invalid user token"))
-}
-
 fn base_path(repo: &str, target: &Target, version: &str) -> String {
     format!(
         "/artifacts/{}/{}/{}/{}",
@@ -161,12 +143,13 @@ fn status_view(
 pub async fn request(
     State(state): State<AppState>,
     Path(p): Path<ArtifactPath>,
-    headers: HeaderMap,
+    principal: Option<axum::Extension<crate::access::Principal>>,
 ) -> Response {
-    let user = match caller(&state, &headers) {
-        Ok(u) => u,
-        Err((code, why)) => return error(code, why),
+    // The access layer lets only developers (and up) post; it hands over who they are.
+    let Some(axum::Extension(principal)) = principal else {
+        return error(StatusCode::UNAUTHORIZED, "a user token is required");
     };
+    let user = principal.user;
     let req = match state
         .farm
         .request_artifact(&p.repo, &p.goos, &p.goarch, &p.version)
