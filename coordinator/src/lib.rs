@@ -6,6 +6,7 @@ pub mod access;
 pub mod api;
 pub mod app;
 pub mod artifacts;
+pub mod client;
 pub mod dispatcher;
 pub mod farm;
 pub mod git;

@@ -9,15 +9,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use buildfarm_proto::buildlet as bp;
-use buildfarm_proto::coordinator as cp;
-use buildfarm_proto::coordinator::coordinator_client::CoordinatorClient;
 use clap::{Parser, Subcommand};
+use coordinator::client::{
+    ApiError, CreateEvent, ExecEvent, ExitStatus, FarmClient, ListEntry, OutputStream, PutTarStats,
+    RunSpec, ShellEvent, ShellSpec, TryRequest, TryState,
+};
 use futures::StreamExt;
 use serde::Deserialize;
-use tonic::metadata::MetadataValue;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 mod artifact;
 mod sync;
@@ -206,17 +204,7 @@ struct Settings {
     token: String,
 }
 
-#[derive(Clone)]
-struct Auth(MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        Ok(req)
-    }
-}
-
-type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
+type Client = FarmClient;
 
 fn settings_path(cli: &Cli) -> PathBuf {
     cli.config
@@ -261,38 +249,12 @@ fn load_settings(cli: &Cli) -> Result<(Settings, String)> {
 
 async fn connect(cli: &Cli) -> Result<Client> {
     let (s, token) = load_settings(cli)?;
-    let token = token.as_str();
-    let addr = s
-        .coordinator
-        .strip_prefix("https://")
-        .unwrap_or(&s.coordinator)
-        .trim_end_matches('/')
-        .to_owned();
-    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(&addr);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
     let ca = buildfarm_tls::load_ca_file(&s.ca_file)?;
-    let tls = buildfarm_tls::client_config(&ca, None, &[buildfarm_tls::ALPN_H2])?;
-    let channel = revdial::h2::connect_channel(
-        &addr,
-        buildfarm_tls::server_name(host)?,
-        tls,
-        Duration::from_secs(10),
-    )
-    .await
-    .with_context(|| format!("connecting to coordinator {addr}"))?;
-    let auth = Auth(
-        MetadataValue::try_from(format!("Bearer {token}"))
-            .context("token is not valid header text")?,
-    );
-    // Sending is not bounded here: the coordinator's configured limit decides, and its
-    // refusal names it.
-    Ok(CoordinatorClient::with_interceptor(channel, auth)
-        .max_decoding_message_size(buildfarm_proto::DEFAULT_MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(usize::MAX))
+    FarmClient::connect(&s.coordinator, &ca, Some(&token), Duration::from_secs(10)).await
 }
 
-fn status_err(what: &str, s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{what}: {} ({:?})", s.message(), s.code())
+fn status_err(what: &str, e: ApiError) -> anyhow::Error {
+    anyhow::anyhow!("{what}: {} ({:?})", e.message(), e.code())
 }
 
 #[tokio::main]
@@ -343,49 +305,47 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         }
         Cmd::Create { builder } => {
             let mut s = c
-                .create_instance(cp::CreateInstanceRequest {
-                    builder: builder.clone(),
-                })
+                .create_instance(builder)
                 .await
-                .map_err(|e| status_err("create", e))?
-                .into_inner();
+                .map_err(|e| status_err("create", e))?;
             while let Some(msg) = s.next().await {
-                let msg = msg.map_err(|e| status_err("create", e))?;
-                if let Some(inst) = msg.instance {
-                    if cli.json {
-                        println!("{}", instance_json(&inst));
-                    } else {
-                        println!("{}", inst.name);
+                let (waiters_ahead, waiting_for) = match msg.map_err(|e| status_err("create", e))? {
+                    CreateEvent::Ready(inst) => {
+                        if cli.json {
+                            println!("{}", instance_json(&inst));
+                        } else {
+                            println!("{}", inst.name);
+                        }
+                        return Ok(ExitCode::SUCCESS);
                     }
-                    return Ok(ExitCode::SUCCESS);
-                }
-                let why = if msg.waiting_for.is_empty() {
+                    CreateEvent::Queued {
+                        waiters_ahead,
+                        waiting_for,
+                    } => (waiters_ahead, waiting_for),
+                };
+                let why = if waiting_for.is_empty() {
                     String::new()
                 } else {
-                    format!("; {}", msg.waiting_for)
+                    format!("; {waiting_for}")
                 };
-                eprintln!(
-                    "gomote: waiting for a {builder} buildlet ({} ahead){why}",
-                    msg.waiters_ahead
-                );
+                eprintln!("gomote: waiting for a {builder} buildlet ({waiters_ahead} ahead){why}");
             }
             bail!("create: the coordinator ended the stream without an instance")
         }
         Cmd::List => {
-            let list = c
-                .list_instances(cp::ListInstancesRequest {})
+            let instances = c
+                .list_instances()
                 .await
-                .map_err(|e| status_err("list", e))?
-                .into_inner();
+                .map_err(|e| status_err("list", e))?;
             if cli.json {
-                let v: Vec<_> = list.instances.iter().map(instance_json).collect();
+                let v: Vec<_> = instances.iter().map(instance_json).collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 let now_ms = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_millis() as i64)
                     .unwrap_or(0);
-                for i in list.instances {
+                for i in instances {
                     println!(
                         "{}\t{}\t{}\t{}",
                         i.name,
@@ -398,11 +358,9 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Destroy { instance } => {
-            c.destroy_instance(cp::DestroyInstanceRequest {
-                name: instance.clone(),
-            })
-            .await
-            .map_err(|e| status_err("destroy", e))?;
+            c.destroy_instance(instance)
+                .await
+                .map_err(|e| status_err("destroy", e))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Put {
@@ -471,13 +429,9 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             output,
         } => {
             let mut s = c
-                .get_tar(cp::InstanceGetTarRequest {
-                    instance: instance.clone(),
-                    request: Some(bp::GetTarRequest { dir: dir.clone() }),
-                })
+                .get_tar(instance, dir)
                 .await
-                .map_err(|e| status_err("gettar", e))?
-                .into_inner();
+                .map_err(|e| status_err("gettar", e))?;
             let mut out: Box<dyn Write> = match output {
                 Some(p) => Box::new(
                     std::fs::File::create(p)
@@ -491,7 +445,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                 }
             };
             while let Some(chunk) = s.next().await {
-                out.write_all(&chunk.map_err(|e| status_err("gettar", e))?.data)?;
+                out.write_all(&chunk.map_err(|e| status_err("gettar", e))?)?;
             }
             out.flush()?;
             Ok(ExitCode::SUCCESS)
@@ -506,7 +460,6 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         } => {
             check_env(env)?;
             let request = exec_request(
-                instance,
                 cmd,
                 dir,
                 env,
@@ -514,16 +467,15 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                 timeout.map(Duration::from),
             )?;
             let mut s = c
-                .exec(request)
+                .exec(instance, request)
                 .await
-                .map_err(|e| status_err("run", e))?
-                .into_inner();
+                .map_err(|e| status_err("run", e))?;
             while let Some(ev) = s.next().await {
-                match ev.map_err(|e| status_err("run", e))?.event {
-                    Some(bp::exec_event::Event::Output(o)) => write_output(&o)?,
-                    Some(bp::exec_event::Event::Exit(x)) => {
-                        if !x.error.is_empty() {
-                            bail!("run: {}", x.error);
+                match ev.map_err(|e| status_err("run", e))? {
+                    ExecEvent::Output { stream, data } => write_output(stream, &data)?,
+                    ExecEvent::Exit(x) => {
+                        if let Some(error) = &x.error {
+                            bail!("run: {error}");
                         }
                         let (code, how) = describe_exit(&x);
                         if x.timed_out || x.signal.is_some() {
@@ -531,7 +483,6 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
                         }
                         return Ok(ExitCode::from(code));
                     }
-                    None => {}
                 }
             }
             bail!("run: the stream ended without an exit status (buildlet lost?)")
@@ -548,14 +499,21 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         } => {
             check_env(env)?;
             let request = exec_request(
-                instance,
                 cmd,
                 dir.as_deref().unwrap_or(dest),
                 env,
                 builder_env.as_deref(),
                 None,
             )?;
-            watch::watch(&mut c, src, dest, request, Duration::from(*debounce)).await
+            watch::watch(
+                &mut c,
+                src,
+                dest,
+                instance,
+                request,
+                Duration::from(*debounce),
+            )
+            .await
         }
         Cmd::Ls {
             instance,
@@ -567,15 +525,14 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             if cli.json {
                 let v: Vec<_> = entries
                     .iter()
-                    .map(|e| serde_json::json!({"name": e.name, "mode": e.mode, "size": e.size, "sha256": e.sha256}))
+                    .map(|e| serde_json::json!({"name": e.name, "mode": e.mode, "size": e.size, "sha256": e.sha256.as_deref().unwrap_or_default()}))
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 for e in entries {
-                    let digest = if e.sha256.is_empty() {
-                        String::new()
-                    } else {
-                        format!("\t{}", e.sha256)
+                    let digest = match &e.sha256 {
+                        Some(d) => format!("\t{d}"),
+                        None => String::new(),
                     };
                     println!("{:o}\t{}\t{}{digest}", e.mode, e.size, e.name);
                 }
@@ -592,15 +549,9 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             } else {
                 paths.clone()
             };
-            c.remove(cp::InstanceRemoveRequest {
-                instance: instance.clone(),
-                request: Some(bp::RemoveRequest {
-                    paths,
-                    allow_root: *all,
-                }),
-            })
-            .await
-            .map_err(|e| status_err("rm", e))?;
+            c.remove(instance, paths, *all)
+                .await
+                .map_err(|e| status_err("rm", e))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Ssh {
@@ -610,14 +561,11 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         // Answered over HTTP before connecting, above.
         Cmd::Artifact { .. } => bail!("artifact is not a gRPC command"),
         Cmd::Cancel { try_id } => {
-            let r = c
-                .cancel_try(cp::CancelTryRequest {
-                    try_id: try_id.clone(),
-                })
+            let cancelled = c
+                .cancel_try(try_id)
                 .await
-                .map_err(|e| status_err("cancel", e))?
-                .into_inner();
-            eprintln!("gomote: cancelled {} build(s)", r.cancelled);
+                .map_err(|e| status_err("cancel", e))?;
+            eprintln!("gomote: cancelled {cancelled} build(s)");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Try {
@@ -651,43 +599,37 @@ fn check_env(env: &[String]) -> Result<()> {
 /// The request that runs `cmd` on an instance the way a build step of its builder (or
 /// of `builder_env`) would, with `env` added.
 fn exec_request(
-    instance: &str,
     cmd: &[String],
     dir: &str,
     env: &[String],
     builder_env: Option<&str>,
     timeout: Option<Duration>,
-) -> Result<cp::InstanceExecRequest> {
+) -> Result<RunSpec> {
     let (program, args) = cmd.split_first().context("missing command")?;
-    Ok(cp::InstanceExecRequest {
-        instance: instance.to_owned(),
-        request: Some(bp::ExecRequest {
-            cmd: program.clone(),
-            args: args.to_vec(),
-            dir: dir.to_owned(),
-            env: env.to_vec(),
-            env_mode: bp::EnvMode::Add as i32,
-            path: vec![],
-            timeout_ms: timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
-        }),
+    Ok(RunSpec {
+        cmd: program.clone(),
+        args: args.to_vec(),
+        dir: dir.to_owned(),
+        env: env.to_vec(),
         builder_env: builder_env.unwrap_or_default().to_owned(),
+        timeout,
     })
 }
 
 /// Writes a remote command's output to gomote's own stdout or stderr.
-fn write_output(o: &bp::ExecOutput) -> std::io::Result<()> {
-    if o.stream == bp::OutputStream::Stderr as i32 {
-        std::io::stderr().write_all(&o.data)
+fn write_output(stream: OutputStream, data: &[u8]) -> std::io::Result<()> {
+    if stream == OutputStream::Stderr {
+        std::io::stderr().write_all(data)
     } else {
         let mut out = std::io::stdout();
-        out.write_all(&o.data)?;
+        out.write_all(data)?;
         out.flush()
     }
 }
 
 /// The exit code gomote passes on for a remote command's exit status (a shell's
 /// 128+signal for a killed one), and how the command ended in words.
-fn describe_exit(x: &bp::ExitStatus) -> (u8, String) {
+fn describe_exit(x: &ExitStatus) -> (u8, String) {
     let (code, how) = match (x.code, x.signal) {
         (Some(code), _) => (code.clamp(0, 255) as u8, format!("exited {code}")),
         (None, Some(sig)) => (
@@ -703,7 +645,7 @@ fn describe_exit(x: &bp::ExitStatus) -> (u8, String) {
     }
 }
 
-fn instance_json(i: &cp::Instance) -> serde_json::Value {
+fn instance_json(i: &coordinator::client::Instance) -> serde_json::Value {
     serde_json::json!({
         "name": i.name, "builder": i.builder, "host_type": i.host_type,
         "owner": i.owner, "created_unix": i.created_unix, "expires_unix": i.expires_unix,
@@ -728,7 +670,7 @@ async fn put_tar(
     dir: &str,
     total: u64,
     produce: impl FnOnce(&mut ChunkWriter) -> Result<()> + Send + 'static,
-) -> Result<bp::PutTarResponse> {
+) -> Result<PutTarStats> {
     // A few chunks in flight: the producer waits when the upload is slower.
     let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let producer = tokio::task::spawn_blocking(move || {
@@ -742,30 +684,15 @@ async fn put_tar(
     });
     let bar = progress_bar(total);
     let bar2 = bar.clone();
-    let header = cp::InstancePutTarRequest {
-        instance: instance.to_owned(),
-        request: Some(bp::PutTarRequest {
-            msg: Some(bp::put_tar_request::Msg::Header(bp::PutTarHeader {
-                dir: dir.to_owned(),
-            })),
-        }),
-    };
     let data = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |chunk| {
         bar2.inc(chunk.len() as u64);
-        cp::InstancePutTarRequest {
-            instance: String::new(),
-            request: Some(bp::PutTarRequest {
-                msg: Some(bp::put_tar_request::Msg::Data(chunk.into())),
-            }),
-        }
+        bytes::Bytes::from(chunk)
     });
-    let upload = c
-        .put_tar(futures::stream::once(async { header }).chain(data))
-        .await;
+    let upload = c.put_tar(instance, dir, data).await;
     bar.finish_and_clear();
     let produced = producer.await.context("tarball writer task")?;
     match (produced, upload) {
-        (_, Ok(resp)) => Ok(resp.into_inner()),
+        (_, Ok(stats)) => Ok(stats),
         // The producer failing ends the stream early, which the buildlet refuses as a
         // truncated tarball: the local error is the cause. A broken pipe is the producer
         // noticing that the upload failed, whose error is the cause then.
@@ -885,25 +812,10 @@ async fn list(
     dir: &str,
     recursive: bool,
     digest: bool,
-) -> Result<Vec<bp::ListEntry>> {
-    let mut s = c
-        .list(cp::InstanceListRequest {
-            instance: instance.to_owned(),
-            request: Some(bp::ListRequest {
-                dir: dir.to_owned(),
-                recursive,
-                digest,
-                skip: vec![],
-            }),
-        })
+) -> Result<Vec<ListEntry>> {
+    c.list(instance, dir, recursive, digest)
         .await
-        .map_err(|e| status_err("ls", e))?
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(batch) = s.next().await {
-        out.extend(batch.map_err(|e| status_err("ls", e))?.entries);
-    }
-    Ok(out)
+        .map_err(|e| status_err("ls", e))
 }
 
 /// Makes `dest` of the instance hold what the local tree `dir` holds: sends changed and
@@ -927,27 +839,16 @@ async fn push(c: &mut Client, instance: &str, dir: &Path, dest: &str) -> Result<
 async fn ssh(c: &mut Client, instance: &str, builder_env: &str) -> Result<ExitCode> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (rows, cols) = terminal_size().unwrap_or((24, 80));
-    let (tx, rx) = tokio::sync::mpsc::channel::<cp::InstanceShellInput>(64);
-    tx.send(cp::InstanceShellInput {
-        instance: instance.to_owned(),
-        input: Some(bp::ShellInput {
-            msg: Some(bp::shell_input::Msg::Start(bp::ShellStart {
-                argv: vec![],
-                rows,
-                cols,
-                term: std::env::var("TERM").unwrap_or_else(|_| "xterm".into()),
-                env: vec![],
-            })),
-        }),
+    let spec = ShellSpec {
+        rows,
+        cols,
+        term: std::env::var("TERM").unwrap_or_else(|_| "xterm".into()),
         builder_env: builder_env.to_owned(),
-    })
-    .await
-    .ok();
-    let mut out = c
-        .shell(tokio_stream::wrappers::ReceiverStream::new(rx))
+    };
+    let (input, mut out) = c
+        .shell(instance, spec)
         .await
-        .map_err(|e| status_err("ssh", e))?
-        .into_inner();
+        .map_err(|e| status_err("ssh", e))?;
     let raw = RawMode::enter();
     let stdin_task = tokio::spawn(async move {
         let mut stdin = tokio::io::stdin();
@@ -956,14 +857,7 @@ async fn ssh(c: &mut Client, instance: &str, builder_env: &str) -> Result<ExitCo
             match stdin.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    let msg = cp::InstanceShellInput {
-                        instance: String::new(),
-                        input: Some(bp::ShellInput {
-                            msg: Some(bp::shell_input::Msg::Stdin(buf[..n].to_vec())),
-                        }),
-                        builder_env: String::new(),
-                    };
-                    if tx.send(msg).await.is_err() {
+                    if input.send_stdin(buf[..n].to_vec()).await.is_err() {
                         break;
                     }
                 }
@@ -973,16 +867,15 @@ async fn ssh(c: &mut Client, instance: &str, builder_env: &str) -> Result<ExitCo
     let mut stdout = tokio::io::stdout();
     let mut code = ExitCode::FAILURE;
     while let Some(msg) = out.next().await {
-        match msg.map_err(|e| status_err("ssh", e))?.msg {
-            Some(bp::shell_output::Msg::Data(d)) => {
+        match msg.map_err(|e| status_err("ssh", e))? {
+            ShellEvent::Data(d) => {
                 stdout.write_all(&d).await?;
                 stdout.flush().await?;
             }
-            Some(bp::shell_output::Msg::Exit(x)) => {
+            ShellEvent::Exit(x) => {
                 code = ExitCode::from(x.code.unwrap_or(1).clamp(0, 255) as u8);
                 break;
             }
-            None => {}
         }
     }
     stdin_task.abort();
@@ -1056,13 +949,12 @@ async fn try_run(
         eprintln!("gomote: try run {id}");
     }
     let mut s = c
-        .watch_try(cp::WatchTryRequest { try_id: id.clone() })
+        .watch_try(&id)
         .await
-        .map_err(|e| status_err("try (watch)", e))?
-        .into_inner();
+        .map_err(|e| status_err("try (watch)", e))?;
     let tty = std::io::stderr().is_terminal() && !json;
     let mut drawn = 0usize;
-    let mut last: Option<cp::TryState> = None;
+    let mut last: Option<TryState> = None;
     while let Some(state) = s.next().await {
         let state = state.map_err(|e| status_err("try (watch)", e))?;
         if tty {
@@ -1114,20 +1006,18 @@ async fn submit_try(
     builders: &[String],
     patch: Vec<u8>,
 ) -> Result<String> {
-    Ok(c.submit_try(cp::SubmitTryRequest {
+    c.submit_try(TryRequest {
         repo: repo.to_owned(),
         rev: rev.to_owned(),
         patch,
         builders: builders.to_vec(),
     })
     .await
-    .map_err(|e| status_err("try", e))?
-    .into_inner()
-    .try_id)
+    .map_err(|e| status_err("try", e))
 }
 
 /// One line on stderr per builder whose state differs from `last`.
-fn print_state_changes(last: Option<&cp::TryState>, state: &cp::TryState) {
+fn print_state_changes(last: Option<&TryState>, state: &TryState) {
     for b in &state.builders {
         let before = last
             .and_then(|l| l.builders.iter().find(|x| x.builder == b.builder))
@@ -1138,7 +1028,7 @@ fn print_state_changes(last: Option<&cp::TryState>, state: &cp::TryState) {
     }
 }
 
-fn render_try(state: &cp::TryState) -> String {
+fn render_try(state: &TryState) -> String {
     let mut out = String::new();
     let width = state
         .builders

@@ -6,8 +6,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use buildfarm_proto::buildlet as bp;
-use buildfarm_proto::coordinator as cp;
 use sha2::{Digest, Sha256};
 
 use crate::{Client, put_tar, status_err};
@@ -87,7 +85,7 @@ pub async fn remote_digests(c: &mut Client, instance: &str, dest: &str) -> Resul
     Ok(entries
         .into_iter()
         .filter(|e| !e.is_dir && !e.is_symlink)
-        .map(|e| (e.name, e.sha256))
+        .map(|e| (e.name, e.sha256.unwrap_or_default()))
         .collect())
 }
 
@@ -137,15 +135,9 @@ pub async fn send_changes(
                 }
             })
             .collect();
-        c.remove(cp::InstanceRemoveRequest {
-            instance: instance.to_owned(),
-            request: Some(bp::RemoveRequest {
-                paths,
-                allow_root: false,
-            }),
-        })
-        .await
-        .map_err(|e| status_err("removing deleted files", e))?;
+        c.remove(instance, paths, false)
+            .await
+            .map_err(|e| status_err("removing deleted files", e))?;
     }
     Ok(())
 }

@@ -3,8 +3,8 @@
 //! next call.
 
 use anyhow::Result;
-use buildfarm_proto::coordinator as cp;
 use clap::Subcommand;
+use coordinator::client::TokenInfo;
 
 use super::{Client, status_err};
 
@@ -26,14 +26,14 @@ pub enum TokenCmd {
     Revoke { id: String },
 }
 
-fn info_json(t: &cp::TokenInfo) -> serde_json::Value {
+fn info_json(t: &TokenInfo) -> serde_json::Value {
     serde_json::json!({
         "id": t.id,
         "user": t.user,
         "role": t.role,
         "note": t.note,
         "created_unix_ms": t.created_unix_ms,
-        "revoked_unix_ms": (t.revoked_unix_ms != 0).then_some(t.revoked_unix_ms),
+        "revoked_unix_ms": t.revoked_unix_ms,
     })
 }
 
@@ -41,14 +41,9 @@ pub async fn run(c: &mut Client, cmd: &TokenCmd, json: bool) -> Result<()> {
     match cmd {
         TokenCmd::Issue { user, role, note } => {
             let r = c
-                .issue_token(cp::IssueTokenRequest {
-                    user: user.clone(),
-                    role: role.clone(),
-                    note: note.clone(),
-                })
+                .issue_token(user, role, note)
                 .await
-                .map_err(|e| status_err("token issue", e))?
-                .into_inner();
+                .map_err(|e| status_err("token issue", e))?;
             if json {
                 let mut v = r.info.as_ref().map(info_json).unwrap_or_default();
                 v["token"] = serde_json::Value::String(r.token);
@@ -58,21 +53,20 @@ pub async fn run(c: &mut Client, cmd: &TokenCmd, json: bool) -> Result<()> {
             }
         }
         TokenCmd::List => {
-            let r = c
-                .list_tokens(cp::ListTokensRequest {})
+            let tokens = c
+                .list_tokens()
                 .await
-                .map_err(|e| status_err("token list", e))?
-                .into_inner();
+                .map_err(|e| status_err("token list", e))?;
             if json {
-                let v: Vec<_> = r.tokens.iter().map(info_json).collect();
+                let v: Vec<_> = tokens.iter().map(info_json).collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 println!(
                     "{:<16}  {:<10}  {:<20}  {:<8}  note",
                     "id", "role", "user", "state"
                 );
-                for t in r.tokens {
-                    let state = if t.revoked_unix_ms != 0 {
+                for t in tokens {
+                    let state = if t.revoked_unix_ms.is_some() {
                         "revoked"
                     } else {
                         "valid"
@@ -85,12 +79,11 @@ pub async fn run(c: &mut Client, cmd: &TokenCmd, json: bool) -> Result<()> {
             }
         }
         TokenCmd::Revoke { id } => {
-            let r = c
-                .revoke_token(cp::RevokeTokenRequest { id: id.clone() })
+            let info = c
+                .revoke_token(id)
                 .await
-                .map_err(|e| status_err("token revoke", e))?
-                .into_inner();
-            match (json, r.info) {
+                .map_err(|e| status_err("token revoke", e))?;
+            match (json, info) {
                 (true, Some(i)) => println!("{}", info_json(&i)),
                 (_, Some(i)) => println!("revoked {} ({}, {})", i.id, i.user, i.role),
                 (_, None) => println!("revoked {id}"),

@@ -10,8 +10,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use buildfarm_proto::buildlet as bp;
-use buildfarm_proto::coordinator as cp;
+use coordinator::client::{ApiError, ApiStream, ExecEvent, RunSpec, TryState};
 use futures::StreamExt;
 use notify::Watcher;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -32,7 +31,7 @@ const MAX_DEBOUNCE_WAIT: Duration = Duration::from_secs(5);
 struct Run {
     number: u32,
     started: Instant,
-    events: tonic::Streaming<bp::ExecEvent>,
+    events: ApiStream<ExecEvent>,
 }
 
 /// Syncs `src` into `dest` of the instance, runs `request`, and again on every change
@@ -41,7 +40,8 @@ pub async fn watch(
     c: &mut Client,
     src: &Path,
     dest: &str,
-    request: cp::InstanceExecRequest,
+    instance: &str,
+    request: RunSpec,
     debounce: Duration,
 ) -> Result<ExitCode> {
     let src = std::fs::canonicalize(src).with_context(|| format!("watching {}", src.display()))?;
@@ -49,12 +49,12 @@ pub async fn watch(
 
     // The first push mirrors the tree (removing what else is in `dest`); later ones
     // send the difference from the last push, so files the command writes stay.
-    let remote = remote_digests(c, &request.instance, dest).await?;
+    let remote = remote_digests(c, instance, dest).await?;
     let mut pushed = tree_digests(&src)?;
     let first = TreeChanges::between(&remote, &pushed);
-    send_changes(c, &request.instance, &src, dest, &first).await?;
+    send_changes(c, instance, &src, dest, &first).await?;
     let mut runs = 0u32;
-    let mut run = Some(start(c, &request, &mut runs, &first).await?);
+    let mut run = Some(start(c, instance, &request, &mut runs, &first).await?);
     loop {
         tokio::select! {
             ev = next_event(&mut run) => {
@@ -75,13 +75,13 @@ pub async fn watch(
                         secs(r.started)
                     ));
                 }
-                if let Err(e) = send_changes(c, &request.instance, &src, dest, &changes).await {
+                if let Err(e) = send_changes(c, instance, &src, dest, &changes).await {
                     // Kept as not pushed: the next save sends it again.
                     eprintln!("gomote: {e:#}");
                     continue;
                 }
                 pushed = now;
-                run = Some(start(c, &request, &mut runs, &changes).await?);
+                run = Some(start(c, instance, &request, &mut runs, &changes).await?);
             }
             _ = tokio::signal::ctrl_c() => {
                 if let Some(r) = run.take() {
@@ -137,7 +137,8 @@ fn look(src: &Path, pushed: &TreeDigests) -> Option<(TreeDigests, TreeChanges)> 
 
 async fn start(
     c: &mut Client,
-    request: &cp::InstanceExecRequest,
+    instance: &str,
+    request: &RunSpec,
     runs: &mut u32,
     changes: &TreeChanges,
 ) -> Result<Run> {
@@ -149,10 +150,9 @@ async fn start(
         changes.gone.len()
     ));
     let events = c
-        .exec(request.clone())
+        .exec(instance, request.clone())
         .await
-        .map_err(|e| status_err("run", e))?
-        .into_inner();
+        .map_err(|e| status_err("run", e))?;
     Ok(Run {
         number: *runs,
         started: Instant::now(),
@@ -161,7 +161,7 @@ async fn start(
 }
 
 /// The next event of the run in progress; never ready when there is none.
-async fn next_event(run: &mut Option<Run>) -> Option<Result<bp::ExecEvent, tonic::Status>> {
+async fn next_event(run: &mut Option<Run>) -> Option<Result<ExecEvent, ApiError>> {
     match run {
         Some(r) => r.events.next().await,
         None => std::future::pending().await,
@@ -170,22 +170,16 @@ async fn next_event(run: &mut Option<Run>) -> Option<Result<bp::ExecEvent, tonic
 
 /// Writes output; for the end of a run, says how it ended. A run that cannot go on
 /// (the instance is gone) ends the watch with its error.
-fn handle_event(ev: Option<Result<bp::ExecEvent, tonic::Status>>) -> Result<Option<String>> {
+fn handle_event(ev: Option<Result<ExecEvent, ApiError>>) -> Result<Option<String>> {
     match ev {
-        Some(Ok(bp::ExecEvent {
-            event: Some(bp::exec_event::Event::Output(o)),
-        })) => {
-            write_output(&o)?;
+        Some(Ok(ExecEvent::Output { stream, data })) => {
+            write_output(stream, &data)?;
             Ok(None)
         }
-        Some(Ok(bp::ExecEvent {
-            event: Some(bp::exec_event::Event::Exit(x)),
-        })) => Ok(Some(if x.error.is_empty() {
-            describe_exit(&x).1
-        } else {
-            format!("did not start: {}", x.error)
+        Some(Ok(ExecEvent::Exit(x))) => Ok(Some(match &x.error {
+            None => describe_exit(&x).1,
+            Some(error) => format!("did not start: {error}"),
         })),
-        Some(Ok(bp::ExecEvent { event: None })) => Ok(None),
         Some(Err(status)) => Err(status_err("run", status)),
         None => anyhow::bail!("run: the stream ended without an exit status (buildlet lost?)"),
     }
@@ -215,8 +209,8 @@ struct TryRun {
     number: u32,
     id: String,
     started: Instant,
-    states: tonic::Streaming<cp::TryState>,
-    last: Option<cp::TryState>,
+    states: ApiStream<TryState>,
+    last: Option<TryState>,
 }
 
 /// `gomote try --watch`: a try run of `rev` with the local changes of the checkout
@@ -321,10 +315,9 @@ async fn start_try(
     let submitted = async {
         let id = submit_try(c, repo, commit, builders, patch.to_vec()).await?;
         let states = c
-            .watch_try(cp::WatchTryRequest { try_id: id.clone() })
+            .watch_try(&id)
             .await
-            .map_err(|e| status_err("try (watch)", e))?
-            .into_inner();
+            .map_err(|e| status_err("try (watch)", e))?;
         anyhow::Ok((id, states))
     };
     match submitted.await {
@@ -353,11 +346,7 @@ async fn start_try(
 }
 
 async fn cancel_try(c: &mut Client, r: &TryRun, why: &str) {
-    let cancelled = c
-        .cancel_try(cp::CancelTryRequest {
-            try_id: r.id.clone(),
-        })
-        .await;
+    let cancelled = c.cancel_try(&r.id).await;
     match cancelled {
         Ok(_) => banner(&format!(
             "try {} ({}) cancelled after {}: {why}",
@@ -369,7 +358,7 @@ async fn cancel_try(c: &mut Client, r: &TryRun, why: &str) {
     }
 }
 
-async fn next_state(run: &mut Option<TryRun>) -> Option<Result<cp::TryState, tonic::Status>> {
+async fn next_state(run: &mut Option<TryRun>) -> Option<Result<TryState, ApiError>> {
     match run {
         Some(r) => r.states.next().await,
         None => std::future::pending().await,
