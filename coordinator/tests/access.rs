@@ -10,14 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
-use buildfarm_proto::coordinator as cp;
-use buildfarm_proto::coordinator::coordinator_client::CoordinatorClient;
 use common::*;
+use coordinator::client::{ApiError, Code, CreateEvent, FarmClient, TryRequest};
 use futures::StreamExt;
-use tonic::Code;
-use tonic::metadata::MetadataValue;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 fn host_builder() -> String {
     match std::env::consts::ARCH {
@@ -26,34 +21,14 @@ fn host_builder() -> String {
     }
 }
 
-#[derive(Clone)]
-struct Auth(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
-
-type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
+type Client = FarmClient;
 
 /// A gRPC client of `farm` over TLS, sending `token` (none: anonymous).
 async fn client(farm: &TestFarm, token: Option<&str>) -> Client {
     let ca = buildfarm_tls::load_ca_file(&farm.data_dir.join("tls").join("ca.crt")).expect("ca");
-    let tls = buildfarm_tls::client_config(&ca, None, &[buildfarm_tls::ALPN_H2]).expect("tls");
-    let channel = revdial::h2::connect_channel(
-        &farm.addr,
-        buildfarm_tls::server_name("127.0.0.1").expect("name"),
-        tls,
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("connect");
-    let auth = Auth(token.map(|t| format!("Bearer {t}").parse().expect("header")));
-    CoordinatorClient::with_interceptor(channel, auth)
+    FarmClient::connect(&farm.addr, &ca, token, Duration::from_secs(10))
+        .await
+        .expect("connect")
 }
 
 /// The admin token the coordinator wrote for its own user.
@@ -63,7 +38,7 @@ fn own_token(farm: &TestFarm) -> String {
     v["token"].as_str().expect("token").to_owned()
 }
 
-fn code_of<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> (Code, String) {
+fn code_of<T: std::fmt::Debug>(r: Result<T, ApiError>) -> (Code, String) {
     let s = r.expect_err("call should be refused");
     (s.code(), s.message().to_owned())
 }
@@ -132,23 +107,18 @@ async fn start(access: &str) -> (tempfile::TempDir, TestFarm, String) {
 }
 
 /// Creates an instance of the host builder and returns its name.
-async fn create(c: &mut Client) -> Result<String, tonic::Status> {
-    let mut s = c
-        .create_instance(cp::CreateInstanceRequest {
-            builder: host_builder(),
-        })
-        .await?
-        .into_inner();
+async fn create(c: &Client) -> Result<String, ApiError> {
+    let mut s = c.create_instance(&host_builder()).await?;
     while let Some(msg) = s.next().await {
-        if let Some(i) = msg?.instance {
+        if let CreateEvent::Ready(i) = msg? {
             return Ok(i.name);
         }
     }
-    Err(tonic::Status::unknown("stream ended without an instance"))
+    panic!("stream ended without an instance")
 }
 
-fn try_req(rev: &str) -> cp::SubmitTryRequest {
-    cp::SubmitTryRequest {
+fn try_req(rev: &str) -> TryRequest {
+    TryRequest {
         repo: "t".into(),
         rev: rev.into(),
         patch: vec![],
@@ -199,23 +169,21 @@ async fn roles_owners_rate_limits_and_denials_on_a_closed_farm() {
     assert_eq!(status, 401);
 
     // gRPC: anonymous callers may not even read here; viewers read but change nothing.
-    let mut anon = client(&farm, None).await;
-    let (code, msg) = code_of(anon.list_instances(cp::ListInstancesRequest {}).await);
+    let anon = client(&farm, None).await;
+    let (code, msg) = code_of(anon.list_instances().await);
     assert_eq!(code, Code::Unauthenticated, "{msg}");
-    let mut v = client(&farm, Some(&viewer)).await;
-    v.list_instances(cp::ListInstancesRequest {})
-        .await
-        .expect("a viewer lists");
-    let (code, msg) = code_of(create(&mut v).await);
+    let v = client(&farm, Some(&viewer)).await;
+    v.list_instances().await.expect("a viewer lists");
+    let (code, msg) = code_of(create(&v).await);
     assert_eq!(code, Code::PermissionDenied, "{msg}");
     assert!(msg.contains("role viewer"), "{msg}");
     let (code, _) = code_of(v.submit_try(try_req(&rev)).await);
     assert_eq!(code, Code::PermissionDenied);
 
     // A developer creates; the per-hour create limit names its field.
-    let mut a = client(&farm, Some(&alice)).await;
-    let inst = create(&mut a).await.expect("alice creates an instance");
-    let (code, msg) = code_of(create(&mut a).await);
+    let a = client(&farm, Some(&alice)).await;
+    let inst = create(&a).await.expect("alice creates an instance");
+    let (code, msg) = code_of(create(&a).await);
     assert_eq!(code, Code::ResourceExhausted, "{msg}");
     assert!(msg.contains("access.gomote_creates_per_hour"), "{msg}");
 
@@ -232,25 +200,14 @@ async fn roles_owners_rate_limits_and_denials_on_a_closed_farm() {
         err.contains("PermissionDenied") && err.contains("alice"),
         "{err}"
     );
-    let mut m = client(&farm, Some(&mallory)).await;
-    let (code, _) = code_of(
-        m.destroy_instance(cp::DestroyInstanceRequest { name: inst.clone() })
-            .await,
-    );
+    let m = client(&farm, Some(&mallory)).await;
+    let (code, _) = code_of(m.destroy_instance(&inst).await);
     assert_eq!(code, Code::PermissionDenied);
-    let listed = m
-        .list_instances(cp::ListInstancesRequest {})
-        .await
-        .expect("list")
-        .into_inner();
-    assert!(listed.instances.is_empty(), "{listed:?}");
-    let mut adm = client(&farm, Some(&admin)).await;
-    let all = adm
-        .list_instances(cp::ListInstancesRequest {})
-        .await
-        .expect("admin lists")
-        .into_inner();
-    assert!(all.instances.iter().any(|i| i.name == inst), "{all:?}");
+    let listed = m.list_instances().await.expect("list");
+    assert!(listed.is_empty(), "{listed:?}");
+    let adm = client(&farm, Some(&admin)).await;
+    let all = adm.list_instances().await.expect("admin lists");
+    assert!(all.iter().any(|i| i.name == inst), "{all:?}");
     let out = farm
         .gomote()
         .args(["run", &inst, "--", "sh", "-c", "echo admin-was-here"])
@@ -262,34 +219,26 @@ async fn roles_owners_rate_limits_and_denials_on_a_closed_farm() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("admin-was-here"));
-    adm.destroy_instance(cp::DestroyInstanceRequest { name: inst.clone() })
+    adm.destroy_instance(&inst)
         .await
         .expect("an admin destroys anyone's instance");
 
     // Try runs: two per hour; a developer cannot cancel another's, an operator can.
-    let t1 = a
-        .submit_try(try_req(&rev))
-        .await
-        .expect("first try")
-        .into_inner()
-        .try_id;
+    let t1 = a.submit_try(try_req(&rev)).await.expect("first try");
     a.submit_try(try_req(&rev)).await.expect("second try");
     let (code, msg) = code_of(a.submit_try(try_req(&rev)).await);
     assert_eq!(code, Code::ResourceExhausted, "{msg}");
     assert!(msg.contains("access.try_runs_per_hour"), "{msg}");
-    let (code, msg) = code_of(
-        m.cancel_try(cp::CancelTryRequest { try_id: t1.clone() })
-            .await,
-    );
+    let (code, msg) = code_of(m.cancel_try(&t1).await);
     assert_eq!(code, Code::PermissionDenied, "{msg}");
-    let mut op = client(&farm, Some(&operator)).await;
-    op.cancel_try(cp::CancelTryRequest { try_id: t1.clone() })
+    let op = client(&farm, Some(&operator)).await;
+    op.cancel_try(&t1)
         .await
         .expect("an operator cancels anyone's try run");
     // Token management is for admins only.
     for token in [&alice, &operator] {
-        let mut c = client(&farm, Some(token)).await;
-        let (code, _) = code_of(c.list_tokens(cp::ListTokensRequest {}).await);
+        let c = client(&farm, Some(token)).await;
+        let (code, _) = code_of(c.list_tokens().await);
         assert_eq!(code, Code::PermissionDenied);
     }
 
@@ -325,39 +274,26 @@ async fn revoked_tokens_are_refused_on_the_next_call_and_anonymous_reads_follow_
     // nothing that changes state is.
     let (status, _, _) = http_get(&farm, "/api/status", None).await;
     assert_eq!(status, 200);
-    let mut anon = client(&farm, None).await;
-    anon.list_instances(cp::ListInstancesRequest {})
-        .await
-        .expect("anonymous list");
-    let (code, msg) = code_of(create(&mut anon).await);
+    let anon = client(&farm, None).await;
+    anon.list_instances().await.expect("anonymous list");
+    let (code, msg) = code_of(create(&anon).await);
     assert_eq!(code, Code::Unauthenticated, "{msg}");
 
     // Issued through the API, used, revoked: refused on the very next call.
-    let mut adm = client(&farm, Some(&admin)).await;
+    let adm = client(&farm, Some(&admin)).await;
     let issued = adm
-        .issue_token(cp::IssueTokenRequest {
-            user: "bob".into(),
-            role: "developer".into(),
-            note: "test".into(),
-        })
+        .issue_token("bob", "developer", "test")
         .await
-        .expect("issue")
-        .into_inner();
+        .expect("issue");
     let info = issued.info.expect("info");
     assert_eq!(
         (info.user.as_str(), info.role.as_str()),
         ("bob", "developer")
     );
-    let mut bob = client(&farm, Some(&issued.token)).await;
-    bob.list_instances(cp::ListInstancesRequest {})
-        .await
-        .expect("bob's token works");
-    adm.revoke_token(cp::RevokeTokenRequest {
-        id: info.id.clone(),
-    })
-    .await
-    .expect("revoke");
-    let (code, msg) = code_of(bob.list_instances(cp::ListInstancesRequest {}).await);
+    let bob = client(&farm, Some(&issued.token)).await;
+    bob.list_instances().await.expect("bob's token works");
+    adm.revoke_token(&info.id).await.expect("revoke");
+    let (code, msg) = code_of(bob.list_instances().await);
     assert_eq!(code, Code::Unauthenticated, "{msg}");
     assert!(msg.contains("revoked"), "{msg}");
     let (status, _, _) = http_get(
@@ -372,42 +308,24 @@ async fn revoked_tokens_are_refused_on_the_next_call_and_anonymous_reads_follow_
     );
 
     // Listing shows the record, never the secret.
-    let listed = adm
-        .list_tokens(cp::ListTokensRequest {})
-        .await
-        .expect("list")
-        .into_inner();
-    let bob_rec = listed
-        .tokens
-        .iter()
-        .find(|t| t.id == info.id)
-        .expect("bob listed");
-    assert_ne!(bob_rec.revoked_unix_ms, 0);
+    let listed = adm.list_tokens().await.expect("list");
+    let bob_rec = listed.iter().find(|t| t.id == info.id).expect("bob listed");
+    assert!(bob_rec.revoked_unix_ms.is_some(), "{bob_rec:?}");
     let secret = issued.token.split_once('.').expect("id.secret").1;
     assert!(!format!("{listed:?}").contains(secret));
 
     // Bad input is refused with a clear error.
-    let (code, msg) = code_of(
-        adm.issue_token(cp::IssueTokenRequest {
-            user: "bob".into(),
-            role: "root".into(),
-            note: String::new(),
-        })
-        .await,
-    );
+    let (code, msg) = code_of(adm.issue_token("bob", "root", "").await);
     assert_eq!(code, Code::InvalidArgument);
     assert!(msg.contains("root"), "{msg}");
-    let (code, _) = code_of(
-        adm.revoke_token(cp::RevokeTokenRequest { id: "nope".into() })
-            .await,
-    );
+    let (code, _) = code_of(adm.revoke_token("nope").await);
     assert_eq!(code, Code::NotFound);
 
     // Issued by the CLI into the store: accepted at once by the running coordinator;
     // revoked by the CLI: refused within the refresh interval.
     let carol = farm.issue_token("carol");
-    let mut c = client(&farm, Some(&carol)).await;
-    c.list_instances(cp::ListInstancesRequest {})
+    let c = client(&farm, Some(&carol)).await;
+    c.list_instances()
         .await
         .expect("a CLI-issued token works at once");
     let id = carol.split_once('.').expect("id.secret").0;
@@ -424,7 +342,7 @@ async fn revoked_tokens_are_refused_on_the_next_call_and_anonymous_reads_follow_
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match c.list_instances(cp::ListInstancesRequest {}).await {
+        match c.list_instances().await {
             Err(s) if s.code() == Code::Unauthenticated => break,
             r => assert!(
                 Instant::now() < deadline,
@@ -453,19 +371,19 @@ async fn revoked_tokens_are_refused_on_the_next_call_and_anonymous_reads_follow_
     farm.kill().await;
     let farm = TestFarm::start(&cfg, &data).await;
     assert_eq!(own_token(&farm), admin);
-    let mut adm = client(&farm, Some(&admin)).await;
+    let adm = client(&farm, Some(&admin)).await;
     let (code, _) = code_of(
         client(&farm, Some(&issued.token))
             .await
-            .list_instances(cp::ListInstancesRequest {})
+            .list_instances()
             .await,
     );
     assert_eq!(code, Code::Unauthenticated, "still revoked after a restart");
     let admin_id = admin.split_once('.').expect("id.secret").0.to_owned();
-    adm.revoke_token(cp::RevokeTokenRequest { id: admin_id })
+    adm.revoke_token(&admin_id)
         .await
         .expect("an admin may revoke its own token");
-    let (code, _) = code_of(adm.list_tokens(cp::ListTokensRequest {}).await);
+    let (code, _) = code_of(adm.list_tokens().await);
     assert_eq!(code, Code::Unauthenticated);
     farm.kill().await;
     let farm = TestFarm::start(&cfg, &data).await;
@@ -473,7 +391,7 @@ async fn revoked_tokens_are_refused_on_the_next_call_and_anonymous_reads_follow_
     assert_ne!(fresh, admin);
     client(&farm, Some(&fresh))
         .await
-        .list_tokens(cp::ListTokensRequest {})
+        .list_tokens()
         .await
         .expect("the new admin token works");
     farm.kill().await;

@@ -405,107 +405,66 @@ async fn a_message_over_the_limit_gets_resource_exhausted_naming_the_limit() {
     farm.kill().await;
 }
 
-/// A raw API client from the farm's gomote settings, with no size limit of its own on
+/// An API client from the farm's gomote settings, with no size limit of its own on
 /// sending, so the coordinator's limit is what answers.
-async fn raw_client(
-    farm: &TestFarm,
-) -> (
-    buildfarm_proto::coordinator::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
-    tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
-) {
+async fn api_client(farm: &TestFarm) -> coordinator::client::FarmClient {
     let settings: serde_json::Value = serde_json::from_slice(
         &std::fs::read(farm.data_dir.join("gomote.json")).expect("gomote.json"),
     )
     .expect("json");
-    let addr = settings["coordinator"]
-        .as_str()
-        .expect("coordinator")
-        .trim_start_matches("https://")
-        .to_owned();
     let ca = buildfarm_tls::load_ca_file(Path::new(settings["ca_file"].as_str().expect("ca")))
         .expect("ca");
-    let tls = buildfarm_tls::client_config(&ca, None, &[buildfarm_tls::ALPN_H2]).expect("tls");
-    let channel = revdial::h2::connect_channel(
-        &addr,
-        buildfarm_tls::server_name("127.0.0.1").expect("name"),
-        tls,
+    coordinator::client::FarmClient::connect(
+        settings["coordinator"].as_str().expect("coordinator"),
+        &ca,
+        Some(settings["token"].as_str().expect("token")),
         std::time::Duration::from_secs(30),
     )
     .await
-    .expect("connect");
-    let token = format!("Bearer {}", settings["token"].as_str().expect("token"))
-        .parse()
-        .expect("header");
-    let client = buildfarm_proto::coordinator::coordinator_client::CoordinatorClient::new(channel)
-        .max_encoding_message_size(usize::MAX);
-    (client, token)
+    .expect("connect")
 }
 
-fn assert_names_the_limit(status: &tonic::Status) {
-    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+fn assert_names_the_limit(err: &coordinator::client::ApiError) {
+    assert_eq!(
+        err.code(),
+        coordinator::client::Code::ResourceExhausted,
+        "{err:?}"
+    );
     assert!(
-        status.message().contains(
+        err.message().contains(
             "over the coordinator's limit of 1048576 bytes per message (limits.max_message_bytes"
         ),
-        "{status:?}"
+        "{err:?}"
     );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_unary_and_streamed_messages_get_resource_exhausted_naming_the_limit() {
-    use buildfarm_proto::buildlet as bp;
-    use buildfarm_proto::coordinator as cp;
     let (_tmp, farm) = start().await;
     let inst = create(&farm, "linux-amd64-other");
-    let (mut client, token) = raw_client(&farm).await;
+    let client = api_client(&farm).await;
 
     // Unary: one WriteFile of 2 MiB.
-    let mut req = tonic::Request::new(cp::InstanceWriteFileRequest {
-        instance: inst.clone(),
-        request: Some(bp::WriteFileRequest {
-            path: "big".into(),
-            mode: 0o644,
-            contents: vec![7u8; 2 << 20],
-        }),
-    });
-    req.metadata_mut().insert("authorization", token.clone());
-    let status = client.write_file(req).await.expect_err("2 MiB accepted");
-    assert_names_the_limit(&status);
+    let err = client
+        .write_file(&inst, "big", 0o644, vec![7u8; 2 << 20])
+        .await
+        .expect_err("2 MiB accepted");
+    assert_names_the_limit(&err);
 
-    // Client streaming: a PutTar whose second message is 2 MiB; the upload stops there
-    // and the caller hears about the limit, not about a truncated tarball.
-    let msgs = vec![
-        cp::InstancePutTarRequest {
-            instance: inst.clone(),
-            request: Some(bp::PutTarRequest {
-                msg: Some(bp::put_tar_request::Msg::Header(bp::PutTarHeader {
-                    dir: "t".into(),
-                })),
-            }),
-        },
-        cp::InstancePutTarRequest {
-            instance: String::new(),
-            request: Some(bp::PutTarRequest {
-                msg: Some(bp::put_tar_request::Msg::Data(vec![0u8; 2 << 20].into())),
-            }),
-        },
-    ];
-    let mut req = tonic::Request::new(futures::stream::iter(msgs));
-    req.metadata_mut().insert("authorization", token.clone());
-    let status = client.put_tar(req).await.expect_err("2 MiB chunk accepted");
-    assert_names_the_limit(&status);
+    // Client streaming: a PutTar whose first data message is 2 MiB; the upload stops
+    // there and the caller hears about the limit, not about a truncated tarball.
+    let data = futures::stream::iter([bytes::Bytes::from(vec![0u8; 2 << 20])]);
+    let err = client
+        .put_tar(&inst, "t", data)
+        .await
+        .expect_err("2 MiB chunk accepted");
+    assert_names_the_limit(&err);
 
     // The instance is still usable, and a small message goes through.
-    let mut req = tonic::Request::new(cp::InstanceWriteFileRequest {
-        instance: inst.clone(),
-        request: Some(bp::WriteFileRequest {
-            path: "small".into(),
-            mode: 0o644,
-            contents: b"ok".to_vec(),
-        }),
-    });
-    req.metadata_mut().insert("authorization", token);
-    client.write_file(req).await.expect("small write");
+    client
+        .write_file(&inst, "small", 0o644, b"ok".to_vec())
+        .await
+        .expect("small write");
     let (code, out, err) = gomote(&farm, &["run", &inst, "--", "cat", "small"]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(out, "ok");

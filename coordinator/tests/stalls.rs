@@ -11,9 +11,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use buildfarm_proto::coordinator::ListInstancesRequest;
-use buildfarm_proto::coordinator::coordinator_client::CoordinatorClient;
 use common::*;
+use coordinator::client::FarmClient;
 use flood::{Kind, Target};
 use tokio::time::Instant;
 
@@ -65,26 +64,14 @@ fn target(farm: &TestFarm) -> Target {
 /// A real gRPC call through the typed client on a fresh TLS connection.
 async fn list_instances(farm: &TestFarm, token: &str) -> Result<usize, String> {
     let ca = std::fs::read_to_string(farm.data_dir.join("tls/ca.crt")).expect("reading the CA");
-    let tls = buildfarm_tls::client_config(&ca, None, &[buildfarm_tls::ALPN_H2]).expect("tls");
-    let channel = revdial::h2::connect_channel(
-        &farm.addr,
-        buildfarm_tls::server_name("127.0.0.1").expect("name"),
-        tls,
-        Duration::from_secs(30),
-    )
-    .await
-    .map_err(|e| format!("connecting: {e}"))?;
-    let mut client = CoordinatorClient::new(channel);
-    let mut req = tonic::Request::new(ListInstancesRequest {});
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("header"),
-    );
-    req.set_timeout(Duration::from_secs(30));
-    client
-        .list_instances(req)
+    let client = FarmClient::connect(&farm.addr, &ca, Some(token), Duration::from_secs(30))
         .await
-        .map(|r| r.into_inner().instances.len())
+        .map_err(|e| format!("connecting: {e:#}"))?
+        .with_call_timeout(Duration::from_secs(30));
+    client
+        .list_instances()
+        .await
+        .map(|instances| instances.len())
         .map_err(|s| format!("ListInstances: {:?}: {}", s.code(), s.message()))
 }
 
