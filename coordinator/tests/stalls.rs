@@ -17,8 +17,9 @@ use flood::{Kind, Target};
 use tokio::time::Instant;
 
 /// Added to a limit before a still-open connection fails the test: the machine is
-/// loaded and thousands of connections are closed at once.
-const SLACK: Duration = Duration::from_secs(60);
+/// loaded and thousands of connections are closed at once. Two minutes: in a full
+/// suite run beside other tests, 31 of 5,000 were still closing at 60 s once.
+const SLACK: Duration = Duration::from_secs(120);
 
 /// The idle timeout of the long-stream test, well below how long its streams are silent.
 const STREAM_IDLE: Duration = Duration::from_secs(4);
