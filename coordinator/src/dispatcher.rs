@@ -108,6 +108,8 @@ pub struct Dispatcher {
     active: Mutex<HashMap<String, ActiveBuild>>,
     gomote_waiters: Mutex<HashMap<String, oneshot::Sender<InstanceGrant>>>,
     wake: Notify,
+    /// Told at every wake, for plans waiting for a helper slot.
+    helper_room: Notify,
 }
 
 /// A poisoned lock only means another thread panicked mid-update of plain counters and
@@ -133,6 +135,7 @@ impl Dispatcher {
             active: Mutex::new(HashMap::new()),
             gomote_waiters: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            helper_room: Notify::new(),
         })
     }
 
@@ -140,6 +143,47 @@ impl Dispatcher {
     /// with no one waiting is kept, so none is lost.
     pub fn wake(&self) {
         self.wake.notify_one();
+        self.helper_room.notify_waiters();
+    }
+
+    /// A slot for one more buildlet of a plan build that already holds its own: taken
+    /// only while `host_type` has room beyond the slots held and nothing is queued for
+    /// it, so queued work always goes first (a plan can finish on its own slot).
+    pub fn try_helper_slot(self: &Arc<Self>, host_type: &str, capacity: usize) -> Option<Slot> {
+        let s = lock(&self.scheduler);
+        if s.len_for(host_type) > 0 {
+            return None;
+        }
+        let mut in_flight = lock(&self.in_flight);
+        let held = in_flight.entry(host_type.to_owned()).or_default();
+        if held.total >= capacity {
+            return None;
+        }
+        held.total += 1;
+        Some(Slot {
+            dispatcher: self.clone(),
+            host_type: host_type.to_owned(),
+            interactive: false,
+        })
+    }
+
+    /// Waits for [`Dispatcher::try_helper_slot`] to succeed. `capacity` is asked again at
+    /// every try (a pool's capacity changes as machines come and go); a missed wake costs
+    /// at most a second.
+    pub async fn helper_slot(
+        self: &Arc<Self>,
+        host_type: &str,
+        capacity: impl Fn() -> usize,
+    ) -> Slot {
+        loop {
+            let room = self.helper_room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if let Some(slot) = self.try_helper_slot(host_type, capacity()) {
+                return slot;
+            }
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), room).await;
+        }
     }
 
     /// Resolves at the next [`Dispatcher::wake`].
@@ -408,4 +452,65 @@ impl Dispatcher {
 pub enum Cancelled {
     Dequeued,
     Signalled,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(d: &Dispatcher, host_type: &str) -> usize {
+        lock(&d.in_flight).get(host_type).map_or(0, |h| h.total)
+    }
+
+    #[test]
+    fn helper_slots_fill_spare_capacity_and_come_back_when_dropped() {
+        let d = Dispatcher::new(Policy::default());
+        let a = d.try_helper_slot("linux-amd64", 2).expect("room for one");
+        let b = d.try_helper_slot("linux-amd64", 2).expect("room for two");
+        assert!(
+            d.try_helper_slot("linux-amd64", 2).is_none(),
+            "capacity is 2"
+        );
+        assert_eq!(held(&d, "linux-amd64"), 2);
+        assert!(
+            d.try_helper_slot("linux-arm64", 1).is_some(),
+            "other host types are counted apart"
+        );
+        drop(a);
+        assert_eq!(held(&d, "linux-amd64"), 1);
+        assert!(d.try_helper_slot("linux-amd64", 2).is_some());
+        drop(b);
+    }
+
+    #[test]
+    fn queued_work_goes_before_helpers() {
+        let d = Dispatcher::new(Policy::default());
+        let _waiting = d.request_instance("r1", "linux-amd64", Timestamp::from_millis(1));
+        assert!(
+            d.try_helper_slot("linux-amd64", 4).is_none(),
+            "a queued request must be served before a plan's helper"
+        );
+        d.cancel_instance_request("r1");
+        assert!(d.try_helper_slot("linux-amd64", 4).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_helper_gets_the_slot_another_frees() {
+        let d = Dispatcher::new(Policy::default());
+        let first = d.try_helper_slot("h", 1).expect("room");
+        let waiter = {
+            let d = d.clone();
+            tokio::spawn(async move { d.helper_slot("h", || 1).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "no room while the first is held");
+        drop(first);
+        let second = tokio::time::timeout(std::time::Duration::from_secs(30), waiter)
+            .await
+            .expect("woken by the freed slot")
+            .expect("task ran");
+        assert_eq!(held(&d, "h"), 1);
+        drop(second);
+        assert_eq!(held(&d, "h"), 0);
+    }
 }

@@ -809,6 +809,7 @@ impl Farm {
                     })
                 },
                 workspaces: self.workspaces.clone(),
+                dispatcher: self.dispatcher.clone(),
             };
             match crate::runner::run(&env, &build).await {
                 RunOutcome::Finished(state, summary) => {

@@ -69,6 +69,8 @@ pub struct RunEnv {
     pub on_attempt: AttemptHook,
     /// Snapshots and caches of plan steps.
     pub workspaces: Arc<crate::plan::workspace::Workspaces>,
+    /// Where a plan build gets slots for buildlets beyond its own.
+    pub dispatcher: Arc<crate::dispatcher::Dispatcher>,
 }
 
 /// Where the source goes in the buildlet's workdir; steps run there.

@@ -361,6 +361,22 @@ async fn a_helper_killed_mid_shard_reruns_only_its_shard() {
     assert!(shards.iter().all(|s| s["step"] == "test"), "{page:#}");
     let html = farm.get_text(&format!("/build/{id}")).await;
     assert!(html.contains("<h2>Shards</h2>"), "{html}");
+    // So does the status page, one line per sharded step of each active build.
+    let status = farm.get_json("/api/status").await;
+    let active = status["active"].as_array().cloned().unwrap_or_default();
+    let mine = active
+        .iter()
+        .find(|a| a["build_id"] == id.as_str())
+        .unwrap_or_else(|| panic!("build {id} active: {status:#}"));
+    assert_eq!(mine["shards"][0]["step"], "test", "{status:#}");
+    assert_eq!(mine["shards"][0]["shards"], 3, "{status:#}");
+    assert_eq!(mine["shards"][0]["units"], 8, "{status:#}");
+    assert!(
+        mine["shards"][0]["running"].as_u64().unwrap_or(0) >= 1,
+        "{status:#}"
+    );
+    let html = farm.get_text("/").await;
+    assert!(html.contains("test: 3 shards ("), "{html}");
 
     let pid = eventually("the buildlet running the hanging unit", || {
         buildlet_pids(&s.data.display().to_string())
@@ -473,7 +489,7 @@ name = "{name}"
 host_type = "local"
 [[builders.steps]]
 name = "test"
-command = ["sh", "-c", "if [ -e ../gocache/README ]; then echo gocache was restored; fi; go test ./a ./c"]
+command = ["sh", "-c", "if [ -e ../gocache/README ]; then echo gocache was restored; fi; if [ -e NOCACHEWRITE ]; then echo cache left alone; else go test ./a ./c; fi"]
 cache = {{ key_files = ["go.mod", "go.sum"], paths = ["gocache"] }}
 "#,
         name = host_builder("cached")
@@ -489,12 +505,36 @@ cache = {{ key_files = ["go.mod", "go.sum"], paths = ["gocache"] }}
     assert!(log.contains(": saved gocache"), "{log}");
     assert!(!restored(&log), "{log}");
 
-    let rev2 = commit(&s.repo, "NOTES");
+    // A step that leaves the restored cache as it was does not save it again.
+    let rev2 = commit(&s.repo, "NOCACHEWRITE");
     let (b, log) = one_build(&farm, &rev2).await;
     assert_eq!(b["state"], "ok", "{log}");
     assert!(log.contains(": hit, restored gocache"), "{log}");
     assert!(restored(&log), "{log}");
-    assert!(!log.contains(": saved"), "a hit is not saved again: {log}");
+    assert!(log.contains("cache left alone"), "{log}");
+    assert!(
+        !log.contains(": saved"),
+        "an unchanged hit is not saved again: {log}"
+    );
+    assert!(log.contains(": unchanged, not saved again"), "{log}");
+
+    // A hit the step adds to (package a changed: new build and test results in the
+    // cache) is saved again under the same key.
+    write(
+        &s.repo,
+        "a/a.go",
+        "package a\n\n// X is x, changed.\nfunc X() int { return 1 + 0 }\n",
+    );
+    std::fs::remove_file(s.repo.join("NOCACHEWRITE")).expect("rm NOCACHEWRITE");
+    let rev2b = commit(&s.repo, "NOTES1");
+    let (b, log) = one_build(&farm, &rev2b).await;
+    assert_eq!(b["state"], "ok", "{log}");
+    assert!(log.contains(": hit, restored gocache"), "{log}");
+    assert!(
+        log.contains(": changed by the step, saving it again"),
+        "{log}"
+    );
+    assert!(log.contains(": saved gocache"), "{log}");
 
     // Corrupt every stored blob: the next build discards the cache and still passes.
     let blobs = s.data.join("workspaces/blobs");
@@ -675,4 +715,77 @@ async fn cancelling_a_sharded_build_releases_its_buildlet_and_helpers() {
     assert_eq!(v["builds"][0]["state"], "cancelled", "{v:#}");
     all_buildlets_released(&s.data).await;
     farm.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plan_helpers_never_take_more_than_the_host_types_capacity() {
+    // Two slots, a build wanting three buildlets (3 shards) and another build: before
+    // helpers were counted, the pool had four buildlets out at once.
+    let other = format!(
+        r#"
+[[builders]]
+name = "{name}"
+host_type = "local"
+steps = [{{ name = "other", command = ["sh", "-c", "sleep 2; echo other done"] }}]
+"#,
+        name = host_builder("other"),
+    );
+    let builders = format!("{}\n{other}", sharded_builder(""));
+    let s = setup(&builders, "");
+    let cfg = std::fs::read_to_string(&s.cfg).expect("config");
+    assert!(cfg.contains("count = 4"), "{cfg}");
+    std::fs::write(&s.cfg, cfg.replace("count = 4", "count = 2")).expect("config");
+    let farm = std::sync::Arc::new(TestFarm::start(&s.cfg, &s.data).await);
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sampler = {
+        let (farm, stop) = (farm.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut most = 0u64;
+            let mut samples = 0u32;
+            while !stop.is_cancelled() {
+                let status = farm.get_json("/api/status").await;
+                for p in status["pools"].as_array().into_iter().flatten() {
+                    let out =
+                        p["in_use"].as_u64().unwrap_or(0) + p["starting"].as_u64().unwrap_or(0);
+                    most = most.max(out);
+                }
+                samples += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            (most, samples)
+        })
+    };
+    let builds = farm.wait_final_builds("t", &s.rev, 2).await;
+    stop.cancel();
+    let (most, samples) = sampler.await.expect("sampler");
+    assert!(
+        samples > 10,
+        "the pool was sampled while the builds ran ({samples})"
+    );
+    assert!(
+        most <= 2,
+        "at most the pool's 2 buildlets were out at once, saw {most}"
+    );
+    let by_builder = |b: &str| {
+        builds
+            .iter()
+            .find(|x| x["builder"] == b)
+            .unwrap_or_else(|| panic!("build of {b}: {builds:?}"))
+            .clone()
+    };
+    let sharded = by_builder(&host_builder("sharded"));
+    assert_eq!(sharded["state"], "failed", "{sharded:#}");
+    assert!(
+        sharded["summary"]
+            .as_str()
+            .is_some_and(|x| x.contains("2 of 8 units failed")),
+        "the same verdict with fewer buildlets: {sharded:#}"
+    );
+    assert_eq!(by_builder(&host_builder("other"))["state"], "ok");
+    all_buildlets_released(&s.data).await;
+    match std::sync::Arc::try_unwrap(farm) {
+        Ok(farm) => farm.kill().await,
+        Err(_) => panic!("the sampler still holds the farm"),
+    }
 }

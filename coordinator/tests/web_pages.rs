@@ -356,6 +356,25 @@ async fn build_page_snapshots() {
     settings().bind(|| insta::assert_snapshot!("build_running", html));
 }
 
+fn shard_view(
+    shard: usize,
+    state: &'static str,
+    units: usize,
+    done: usize,
+    failed: usize,
+    buildlet: &str,
+) -> coordinator::logs::ShardView {
+    coordinator::logs::ShardView {
+        step: "test".into(),
+        shard,
+        state,
+        units,
+        done,
+        failed,
+        buildlet: buildlet.into(),
+    }
+}
+
 fn status_input(recent: Vec<buildfarm_store::Build>) -> StatusInput {
     let peer: SocketAddr = "192.0.2.7:40000".parse().expect("addr");
     StatusInput {
@@ -411,6 +430,15 @@ fn status_input(recent: Vec<buildfarm_store::Build>) -> StatusInput {
             started_unix_ms: NOW - 95_000,
             cancel: Default::default(),
         }],
+        shards: [(
+            "0190a0a0-0000-7000-8000-000000000001".to_owned(),
+            vec![
+                shard_view(1, "passed", 3, 3, 0, "local/local#1"),
+                shard_view(2, "running", 3, 1, 1, "local/local#2"),
+                shard_view(3, "waiting", 2, 0, 0, ""),
+            ],
+        )]
+        .into(),
         recent,
         reverse_hosts: vec![revdial::HostInfo {
             id: revdial::HostId(1),
@@ -465,6 +493,16 @@ async fn status_page_snapshot() {
     assert_eq!(json["local_sandboxed"], true);
     assert_eq!(json["connections"]["open"], 7);
     assert!(html.contains("7 of 4000 connection(s) open, 1 in handshake"));
+    // A sharded step of an active build, summed on one line and in the JSON.
+    assert!(
+        html.contains(
+            "test: 3 shards (1 running, 1 waiting, 1 passed), 4 of 8 units done, 1 failed"
+        ),
+        "{html}"
+    );
+    let step = &json["active"][0]["shards"][0];
+    assert_eq!(step["units_done"], 4, "{json:#}");
+    assert_eq!(step["buildlets"], serde_json::json!(["local/local#2"]));
 }
 
 #[tokio::test]

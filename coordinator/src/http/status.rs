@@ -4,7 +4,7 @@
 //! [`gather`] reads the farm; [`status_view`] turns what it read into the page's data
 //! with an explicit `now`, so tests render a fixed page.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use askama::Template;
@@ -15,6 +15,7 @@ use serde::Serialize;
 use super::charts::{Sample, line_chart};
 use super::{AppState, BuildView, fmt_ago, fmt_duration_secs};
 use crate::farm::{ActiveBuild, now_ms, short};
+use crate::logs::ShardView;
 use crate::pool::PoolStatus;
 
 /// A queue whose oldest item waited longer than this gets a warning.
@@ -31,6 +32,8 @@ pub struct StatusInput {
     pub pools: Vec<PoolStatus>,
     pub queue: Vec<QueueStat>,
     pub active: Vec<ActiveBuild>,
+    /// The shards of active builds' sharded steps, by build id (from their live logs).
+    pub shards: HashMap<String, Vec<ShardView>>,
     pub recent: Vec<Build>,
     pub reverse_hosts: Vec<revdial::HostInfo>,
     pub gomote_instances: usize,
@@ -122,6 +125,91 @@ pub struct ActiveView {
     pub elapsed_secs: u64,
     #[serde(skip)]
     pub elapsed: String,
+    /// One line per sharded step of the build; empty for unsharded builds.
+    pub shards: Vec<ShardStepView>,
+}
+
+/// A sharded step of an active build, summed over its shards.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ShardStepView {
+    pub step: String,
+    pub shards: usize,
+    pub waiting: usize,
+    pub running: usize,
+    pub passed: usize,
+    pub failed: usize,
+    /// Lost with their buildlet; their remaining units are queued again.
+    pub lost: usize,
+    pub units: usize,
+    pub units_done: usize,
+    pub units_failed: usize,
+    /// The buildlets running its shards now.
+    pub buildlets: Vec<String>,
+}
+
+impl ShardStepView {
+    /// The status page's one-line form.
+    pub fn line(&self) -> String {
+        let states: Vec<String> = [
+            (self.running, "running"),
+            (self.waiting, "waiting"),
+            (self.passed, "passed"),
+            (self.failed, "failed"),
+            (self.lost, "lost"),
+        ]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
+        let mut line = format!(
+            "{}: {} shard{} ({}), {} of {} units done",
+            self.step,
+            self.shards,
+            if self.shards == 1 { "" } else { "s" },
+            states.join(", "),
+            self.units_done,
+            self.units
+        );
+        if self.units_failed > 0 {
+            line.push_str(&format!(", {} failed", self.units_failed));
+        }
+        line
+    }
+}
+
+/// Sums shard views by step, steps in the order their first shard appears.
+pub fn summarize_shards(views: &[ShardView]) -> Vec<ShardStepView> {
+    let mut steps: Vec<ShardStepView> = Vec::new();
+    for v in views {
+        let i = match steps.iter().position(|s| s.step == v.step) {
+            Some(i) => i,
+            None => {
+                steps.push(ShardStepView {
+                    step: v.step.clone(),
+                    ..ShardStepView::default()
+                });
+                steps.len() - 1
+            }
+        };
+        let s = &mut steps[i];
+        s.shards += 1;
+        match v.state {
+            "running" => {
+                s.running += 1;
+                if !v.buildlet.is_empty() && !s.buildlets.contains(&v.buildlet) {
+                    s.buildlets.push(v.buildlet.clone());
+                }
+            }
+            "passed" => s.passed += 1,
+            "failed" => s.failed += 1,
+            "lost" => s.lost += 1,
+            _ => s.waiting += 1,
+        }
+        s.units += v.units;
+        s.units_done += v.done;
+        s.units_failed += v.failed;
+    }
+    steps
 }
 
 #[derive(Debug, Serialize)]
@@ -310,12 +398,18 @@ pub fn status_view(input: StatusInput, now_ms: i64) -> StatusView {
         })
         .collect();
     queue.sort_by(|a, b| (&a.host_type, &a.class).cmp(&(&b.host_type, &b.class)));
+    let shards = input.shards;
     let active = input
         .active
         .into_iter()
         .map(|a| {
             let elapsed_secs = ((now_ms - a.started_unix_ms).max(0) / 1000) as u64;
+            let shards = shards
+                .get(&a.build_id)
+                .map(|v| summarize_shards(v))
+                .unwrap_or_default();
             ActiveView {
+                shards,
                 build_id: a.build_id,
                 builder: a.builder,
                 repo: a.repo,
@@ -431,6 +525,14 @@ pub async fn gather(state: &AppState) -> StatusInput {
     } else {
         Vec::new()
     };
+    let active = farm.active_builds();
+    let shards = active
+        .iter()
+        .filter_map(|a| {
+            let views = farm.logs().get(&a.build_id)?.shards();
+            (!views.is_empty()).then(|| (a.build_id.clone(), views))
+        })
+        .collect();
     StatusInput {
         uptime_secs: farm
             .started_at()
@@ -439,7 +541,8 @@ pub async fn gather(state: &AppState) -> StatusInput {
             .unwrap_or(0),
         pools: farm.pools().map(|p| p.status()).collect(),
         queue: farm.queue_snapshot(),
-        active: farm.active_builds(),
+        active,
+        shards,
         recent,
         reverse_hosts: farm
             .revdial_registry()

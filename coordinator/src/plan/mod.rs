@@ -17,6 +17,7 @@ pub mod units;
 pub mod workspace;
 
 use std::collections::HashMap;
+use std::ops::Deref;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -26,8 +27,10 @@ use buildfarm_store::{Build, BuildState};
 use buildlet::client::ExecSpec;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use tokio::sync::OwnedMutexGuard;
 use tracing::warn;
 
+use crate::dispatcher::Slot;
 use crate::pool::{Lease, PoolError};
 use crate::retry::store_op;
 use crate::runner::{RunEnv, RunOutcome, SRC_DIR};
@@ -74,6 +77,29 @@ pub(crate) struct Ctx<'a> {
     pub(crate) ws: Arc<Workspaces>,
     /// Snapshots saved by this build's steps, by step; held until the build ends.
     snapshots: Mutex<HashMap<usize, Pin>>,
+    /// The build's own dispatcher slot: one buildlet of the plan at a time holds it;
+    /// every other one needs a helper slot.
+    own_slot: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A buildlet leased for a plan step or shard, with the slot it counts against. The
+/// lease is released before the slot, so the freed slot finds the buildlet back.
+pub(crate) struct PlanLease {
+    lease: Lease,
+    _slot: Reservation,
+}
+
+/// Held only to be dropped with the lease.
+enum Reservation {
+    Own { _held: OwnedMutexGuard<()> },
+    Helper { _slot: Slot },
+}
+
+impl Deref for PlanLease {
+    type Target = Lease;
+    fn deref(&self) -> &Lease {
+        &self.lease
+    }
 }
 
 impl Ctx<'_> {
@@ -89,10 +115,29 @@ impl Ctx<'_> {
         lock(&self.snapshots).insert(step, pin);
     }
 
-    /// Leases a buildlet of the builder's host type, bounded like the build.
-    pub(crate) async fn acquire(&self) -> Result<Lease, StepEnd> {
-        let timeout = self.env.builder.build_timeout;
-        match tokio::time::timeout(timeout, self.env.pool.acquire(&self.env.cancel)).await {
+    /// Leases a buildlet of the builder's host type, bounded like the build: on the
+    /// build's own slot when it is free, else on a helper slot the dispatcher grants
+    /// only from spare capacity (queued work first).
+    pub(crate) async fn acquire(&self) -> Result<PlanLease, StepEnd> {
+        let env = self.env;
+        let timeout = env.builder.build_timeout;
+        let host_type = env.pool.host_type();
+        let leased = async {
+            let slot = tokio::select! {
+                biased;
+                held = self.own_slot.clone().lock_owned() => Reservation::Own { _held: held },
+                slot = env.dispatcher.helper_slot(host_type, || env.pool.capacity()) => {
+                    Reservation::Helper { _slot: slot }
+                }
+            };
+            let lease = env.pool.acquire(&env.cancel).await?;
+            Ok::<_, PoolError>(PlanLease { lease, _slot: slot })
+        };
+        let leased = tokio::select! {
+            _ = env.cancel.cancelled() => return Err(StepEnd::Cancelled),
+            r = tokio::time::timeout(timeout, leased) => r,
+        };
+        match leased {
             Ok(Ok(lease)) => Ok(lease),
             Ok(Err(PoolError::Cancelled)) => Err(StepEnd::Cancelled),
             Ok(Err(e)) => Err(StepEnd::Infra(e.to_string())),
@@ -149,6 +194,7 @@ pub(crate) async fn run(env: &RunEnv, build: &Build) -> RunOutcome {
         dag,
         ws: env.workspaces.clone(),
         snapshots: Mutex::new(HashMap::new()),
+        own_slot: Arc::new(tokio::sync::Mutex::new(())),
     };
     let timeout = env.builder.build_timeout;
     let end = tokio::select! {

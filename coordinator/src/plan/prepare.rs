@@ -19,8 +19,9 @@ use crate::runner::{Outcome, SRC_DIR, open_source};
 /// The cache a step restored (or missed), for saving it after the step.
 pub(crate) struct CacheState {
     key: String,
-    /// Whether a cache was restored; only a miss is saved (once per key).
-    hit: bool,
+    /// After a hit, the restored directories' fingerprint: the cache is saved again
+    /// only if the step changed them. `None` after a miss (always saved).
+    restored: Option<String>,
 }
 
 /// The environment of `step`'s commands: the builder's, then the step's own.
@@ -80,8 +81,40 @@ pub(crate) async fn prepare(
         return Ok(None);
     }
     let key = cache_key(ctx, step, lease).await;
-    let hit = restore_cache(&ctx.ws, &key, lease, log).await;
-    Ok(Some(CacheState { key, hit }))
+    let restored = if restore_cache(&ctx.ws, &key, lease, log).await {
+        fingerprint(lease, &ctx.steps()[step]).await
+    } else {
+        None
+    };
+    Ok(Some(CacheState { key, restored }))
+}
+
+/// A digest of the names, kinds and contents of every file under the step's cache
+/// paths on the buildlet; `None` if any cannot be listed (then the cache is saved).
+async fn fingerprint(lease: &Lease, step: &Step) -> Option<String> {
+    let mut h = Sha256::new();
+    for path in step.cache.iter().flat_map(|c| &c.paths) {
+        let mut entries = lease
+            .client
+            .list(ListOptions {
+                dir: path.clone(),
+                recursive: true,
+                digest: true,
+                skip: Vec::new(),
+            })
+            .await
+            .ok()?;
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        h.update(format!("{path}\0").as_bytes());
+        for e in entries {
+            let content = e
+                .sha256
+                .as_deref()
+                .unwrap_or(if e.is_symlink { "link" } else { "-" });
+            h.update(format!("{}\0{}\0{:o}\0", e.name, content, e.mode).as_bytes());
+        }
+    }
+    Some(hex::encode(h.finalize()))
 }
 
 /// The cache key: the builder, the step, each key file's SHA-256 (or "missing") and the
@@ -217,7 +250,9 @@ pub(crate) async fn save_snapshot(
     Ok(())
 }
 
-/// Saves the step's cache after a miss; a failure is logged and otherwise ignored.
+/// Saves the step's cache after a miss, or after a hit when the step changed what was
+/// restored (the same key then holds the newer contents); a failure is logged and
+/// otherwise ignored.
 pub(crate) async fn save_cache(
     ctx: &Ctx<'_>,
     step: usize,
@@ -228,10 +263,16 @@ pub(crate) async fn save_cache(
     let (Some(state), Some(cache)) = (state, &ctx.steps()[step].cache) else {
         return;
     };
-    if state.hit {
-        return;
-    }
     let short = &state.key[..12];
+    if let Some(before) = &state.restored {
+        if fingerprint(lease, &ctx.steps()[step]).await.as_ref() == Some(before) {
+            log.note(&format!("cache {short}: unchanged, not saved again"));
+            return;
+        }
+        log.note(&format!(
+            "cache {short}: changed by the step, saving it again"
+        ));
+    }
     let mut entry: CacheEntry = Vec::new();
     for path in &cache.paths {
         match download(&ctx.ws, lease, path).await {

@@ -18,7 +18,7 @@ use futures::stream::FuturesUnordered;
 use tracing::warn;
 
 use super::shards::{InOrder, assign};
-use super::{Ctx, StepEnd, StepLog, exit_problem, prepare, units};
+use super::{Ctx, PlanLease, StepEnd, StepLog, exit_problem, prepare, units};
 use crate::logs::ShardView;
 use crate::pool::Lease;
 use crate::retry::store_op;
@@ -51,7 +51,7 @@ enum WorkerEnd {
     NoBuildlet(StepEnd),
 }
 
-pub(crate) async fn run(ctx: &Ctx<'_>, i: usize, lease: Lease) -> StepEnd {
+pub(crate) async fn run(ctx: &Ctx<'_>, i: usize, lease: PlanLease) -> StepEnd {
     let env = ctx.env;
     let s = &ctx.steps()[i];
     let Some(kind) = s.units else {
@@ -129,8 +129,12 @@ pub(crate) async fn run(ctx: &Ctx<'_>, i: usize, lease: Lease) -> StepEnd {
         board: &board,
     };
 
+    // The first buildlet (prepared with the step's cache) is handed back by its worker
+    // when the queue is empty; while it idles, a worker replacing a lost one takes it
+    // before leasing a helper.
+    let mut first = None;
     let mut workers = FuturesUnordered::new();
-    workers.push(work.worker(Some(&lease)));
+    workers.push(work.worker(Some(lease)));
     for _ in 1..shards.len() {
         workers.push(work.worker(None));
     }
@@ -138,7 +142,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>, i: usize, lease: Lease) -> StepEnd {
     let mut losses = 0u32;
     let mut last_problem = None;
     while work.remaining() > 0 {
-        let Some(end) = workers.next().await else {
+        let Some((end, given_back)) = workers.next().await else {
             // Every worker stopped with units left: lease another while losses allow.
             if losses >= max_losses {
                 return last_problem.unwrap_or_else(|| {
@@ -146,9 +150,12 @@ pub(crate) async fn run(ctx: &Ctx<'_>, i: usize, lease: Lease) -> StepEnd {
                 });
             }
             losses += 1;
-            workers.push(work.worker(None));
+            workers.push(work.worker(first.take()));
             continue;
         };
+        if given_back.is_some() {
+            first = given_back;
+        }
         match end {
             WorkerEnd::Drained => {}
             WorkerEnd::Lost(why) => {
@@ -160,17 +167,18 @@ pub(crate) async fn run(ctx: &Ctx<'_>, i: usize, lease: Lease) -> StepEnd {
                     ));
                 }
                 last_problem = Some(StepEnd::Infra(why));
-                workers.push(work.worker(None));
+                workers.push(work.worker(first.take()));
             }
             WorkerEnd::NoBuildlet(StepEnd::Cancelled) => return StepEnd::Cancelled,
             WorkerEnd::NoBuildlet(end) => last_problem = Some(end),
         }
     }
+    // Helpers still waiting for a slot or a buildlet are dropped here.
     drop(workers);
 
     let board = board.into_inner().unwrap_or_else(|e| e.into_inner());
-    // The first buildlet saves the cache after a miss, unless it was lost meanwhile.
-    if !lease.lost.is_cancelled() {
+    // The first buildlet saves the cache, unless it was lost meanwhile.
+    if let Some(lease) = first.filter(|l| !l.lost.is_cancelled()) {
         let mut log = StepLog::default();
         prepare::save_cache(ctx, i, cache, &lease, &mut log).await;
         log.flush_to(env);
@@ -292,41 +300,52 @@ impl Work<'_, '_> {
         self.ctx.env.log.set_shard(view);
     }
 
-    /// Takes shards until the queue is empty, on `lease` or on a helper it leases.
-    async fn worker(self, lease: Option<&Lease>) -> WorkerEnd {
+    /// Takes shards until the queue is empty, on the `given` buildlet (handed back with
+    /// `Drained`) or on a helper it leases (released when it stops).
+    async fn worker(self, given: Option<PlanLease>) -> (WorkerEnd, Option<PlanLease>) {
+        match given {
+            Some(lease) => match self.take_shards(&lease).await {
+                WorkerEnd::Drained => (WorkerEnd::Drained, Some(lease)),
+                end => (end, None),
+            },
+            None => (self.helper().await, None),
+        }
+    }
+
+    /// Leases and prepares a helper, then takes shards on it.
+    async fn helper(self) -> WorkerEnd {
         let env = self.ctx.env;
-        let helper;
-        let lease = match lease {
-            Some(l) => l,
-            None => {
-                if self.lock().queue.is_empty() {
-                    return WorkerEnd::Drained;
-                }
-                helper = match self.ctx.acquire().await {
-                    Ok(l) => l,
-                    Err(end) => return WorkerEnd::NoBuildlet(end),
-                };
-                if self.lock().queue.is_empty() {
-                    return WorkerEnd::Drained;
-                }
-                let mut log = StepLog::default();
-                log.note(&format!(
-                    "step {}: helper {} joins",
-                    self.ctx.dag.name(self.step),
-                    helper.name
-                ));
-                let prepared = tokio::select! {
-                    biased;
-                    _ = helper.lost.cancelled() => Err(StepEnd::Infra(format!("buildlet {} lost", helper.name))),
-                    r = prepare::prepare(self.ctx, self.step, &helper, &mut log) => r,
-                };
-                log.flush_to(env);
-                if let Err(end) = prepared {
-                    return WorkerEnd::NoBuildlet(end);
-                }
-                &helper
-            }
+        if self.lock().queue.is_empty() {
+            return WorkerEnd::Drained;
+        }
+        let helper = match self.ctx.acquire().await {
+            Ok(l) => l,
+            Err(end) => return WorkerEnd::NoBuildlet(end),
         };
+        if self.lock().queue.is_empty() {
+            return WorkerEnd::Drained;
+        }
+        let mut log = StepLog::default();
+        log.note(&format!(
+            "step {}: helper {} joins",
+            self.ctx.dag.name(self.step),
+            helper.name
+        ));
+        let prepared = tokio::select! {
+            biased;
+            _ = helper.lost.cancelled() => Err(StepEnd::Infra(format!("buildlet {} lost", helper.name))),
+            r = prepare::prepare(self.ctx, self.step, &helper, &mut log) => r,
+        };
+        log.flush_to(env);
+        if let Err(end) = prepared {
+            return WorkerEnd::NoBuildlet(end);
+        }
+        self.take_shards(&helper).await
+    }
+
+    /// Runs shards from the queue on `lease` until the queue is empty or it is lost.
+    async fn take_shards(&self, lease: &Lease) -> WorkerEnd {
+        let env = self.ctx.env;
         loop {
             let Some((shard, units)) = self.lock().queue.pop_front() else {
                 return WorkerEnd::Drained;
