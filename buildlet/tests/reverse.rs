@@ -27,8 +27,11 @@ const MASTER: &[u8] = b"reverse test master key";
 const HOST_TYPE: &str = "host-reverse-test";
 const TOKEN_ID: &str = "token-1";
 const TOKEN_SECRET: &str = "token secret 0123456789";
-/// Both sides' HTTP/2 keepalive interval and timeout.
+/// Both sides' HTTP/2 keepalive interval and timeout in the tests of liveness.
 const KEEPALIVE: Duration = Duration::from_secs(1);
+/// The same for every other test: long enough that a loaded machine (50 busy shells,
+/// compilers beside the test) never misses a ping and drops a tunnel the test uses.
+const STEADY_KEEPALIVE: Duration = Duration::from_secs(10);
 /// Generous bound for what should take well under a second on an idle machine.
 const SOON: Duration = Duration::from_secs(30);
 /// A dead or frozen peer must be noticed within interval + timeout; the rest is margin
@@ -42,10 +45,20 @@ struct Farm {
     dir: TempDir,
     ca_file: PathBuf,
     shutdown: CancellationToken,
+    keepalive: Duration,
 }
 
 impl Farm {
     async fn start() -> Farm {
+        Farm::start_with(STEADY_KEEPALIVE).await
+    }
+
+    /// A farm whose tunnels notice a dead peer within `KEEPALIVE` twice.
+    async fn start_watchful() -> Farm {
+        Farm::start_with(KEEPALIVE).await
+    }
+
+    async fn start_with(keepalive: Duration) -> Farm {
         buildfarm_tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = CertificateAuthority::generate("reverse test ca").expect("ca");
@@ -59,9 +72,9 @@ impl Farm {
         let auth =
             Authenticator::new(MASTER.to_vec()).with_token(TOKEN_ID, HOST_TYPE, TOKEN_SECRET);
         let cfg = ListenerConfig {
-            keepalive_interval: KEEPALIVE,
-            keepalive_timeout: KEEPALIVE,
-            ping_interval: KEEPALIVE,
+            keepalive_interval: keepalive,
+            keepalive_timeout: keepalive,
+            ping_interval: keepalive,
             ..ListenerConfig::default()
         };
         let listener = Listener::new(auth, cfg);
@@ -77,6 +90,7 @@ impl Farm {
             dir,
             ca_file,
             shutdown,
+            keepalive,
         }
     }
 
@@ -103,6 +117,7 @@ impl Farm {
             .append(true)
             .open(&log_path)
             .expect("log");
+        let keepalive = format!("{}s", self.keepalive.as_secs());
         let child = Command::new(env!("CARGO_BIN_EXE_buildlet"))
             .arg("--reverse")
             .arg(format!("https://{}", self.addr))
@@ -111,7 +126,12 @@ impl Farm {
             .arg(self.dir.path().join(format!("work-{hostname}")))
             .arg("--ca-file")
             .arg(&self.ca_file)
-            .args(["--keepalive-interval", "1s", "--keepalive-timeout", "1s"])
+            .args([
+                "--keepalive-interval",
+                &keepalive,
+                "--keepalive-timeout",
+                &keepalive,
+            ])
             .args(cred)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -471,7 +491,7 @@ async fn small_calls_answer_during_a_100mb_get_tar() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_fails_the_call_and_a_restart_comes_back() {
-    let farm = Farm::start().await;
+    let farm = Farm::start_watchful().await;
     let mut events = farm.listener.registry().subscribe();
     let mut p = farm.spawn_good("rev-kill");
     let info = wait_connected(&mut events, "rev-kill", &p).await;
@@ -509,7 +529,7 @@ async fn kill_9_fails_the_call_and_a_restart_comes_back() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_frozen_buildlet_is_lost_within_the_keepalive_and_redials_when_thawed() {
-    let farm = Farm::start().await;
+    let farm = Farm::start_watchful().await;
     let mut events = farm.listener.registry().subscribe();
     let mut p = farm.spawn_good("rev-stop");
     let info = wait_connected(&mut events, "rev-stop", &p).await;
