@@ -27,8 +27,8 @@ pub use error::{ConfigError, ConfigErrors, ErrorKind, FieldPath, LoadError, Loca
 pub use limits::Limits;
 pub use model::{
     Builder, Config, CoordinatorConfig, DockerPool, Ec2Address, Ec2Pool, Env, HostType, KubePool,
-    KubeToleration, LocalPool, Pool, Repo, ReversePool, SandboxConfig, SandboxMode, Secret, Step,
-    StepCache, Units,
+    GoPairing, KubeToleration, LocalPool, Pool, Repo, ReversePool, SandboxConfig, SandboxMode, Secret,
+    Step, StepCache, ToolchainRef, Units,
 };
 pub use names::{
     BuilderName, BuilderNameError, KNOWN_GOARCH, KNOWN_GOOS, goarch_from_rust, goos_from_rust,
