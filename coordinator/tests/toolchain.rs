@@ -90,7 +90,10 @@ fn make_go_repo(dir: &Path) -> String {
     .expect("write");
     git(dir, &["init", "--quiet", "--initial-branch=main"]);
     git(dir, &["-c", "core.compression=1", "add", "-A"]);
-    git(dir, &["commit", "--quiet", "-m", "Go 1.19 from Debian's source"]);
+    git(
+        dir,
+        &["commit", "--quiet", "-m", "Go 1.19 from Debian's source"],
+    );
     git(dir, &["rev-parse", "HEAD"])
 }
 
@@ -201,7 +204,8 @@ async fn final_build(farm: &TestFarm, repo: &str, rev: &str, builder: &str) -> s
             .await;
         if let Some(b) = v.as_array().and_then(|a| {
             a.iter().find(|b| {
-                b["builder"] == builder && !matches!(b["state"].as_str(), Some("queued" | "running"))
+                b["builder"] == builder
+                    && !matches!(b["state"].as_str(), Some("queued" | "running"))
             })
         }) {
             return b.clone();
@@ -420,7 +424,10 @@ async fn one_make_bash_serves_dist_tests_misc_compile_and_a_subrepo() {
     );
     let units = farm_units(&tc_log);
     let names: Vec<&str> = units.iter().map(|u| u.0.as_str()).collect();
-    assert_eq!(names, DIST_UNITS, "the named subset, in listing order:\n{tc_log}");
+    assert_eq!(
+        names, DIST_UNITS,
+        "the named subset, in listing order:\n{tc_log}"
+    );
     let buildlets: std::collections::BTreeSet<&str> = units.iter().map(|u| u.2.as_str()).collect();
     assert!(
         buildlets.len() >= 2,

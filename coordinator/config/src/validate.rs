@@ -787,10 +787,7 @@ fn plan(out: &mut Issues, path: &FieldPath, b: &Builder) {
         for (k, u) in s.only_units.iter().enumerate() {
             let up = sp.key("only_units").index(k);
             if u.is_empty() || u.starts_with('-') || u.chars().any(char::is_whitespace) {
-                out.push(
-                    up,
-                    ErrorKind::Invalid(format!("{u:?} is not a unit name")),
-                );
+                out.push(up, ErrorKind::Invalid(format!("{u:?} is not a unit name")));
             } else {
                 out.unique(&mut seen_units, "unit", u, up);
             }

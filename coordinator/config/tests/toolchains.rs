@@ -85,11 +85,20 @@ fn toolchain_misc_compile_and_subrepo_builders_parse() {
     let misc = c.builder("linux-arm64-misccompile").unwrap();
     assert!(misc.is_plan(), "a toolchain step runs as a plan");
     let t = misc.steps[0].toolchain.as_ref().unwrap();
-    assert_eq!((t.builder.as_str(), t.step.as_str(), t.dir.as_deref()), ("linux-amd64", "make", None));
+    assert_eq!(
+        (t.builder.as_str(), t.step.as_str(), t.dir.as_deref()),
+        ("linux-amd64", "make", None)
+    );
     let sub = c.builder("linux-amd64-text").unwrap();
-    assert_eq!(sub.steps[0].toolchain.as_ref().unwrap().dir.as_deref(), Some("goroot"));
+    assert_eq!(
+        sub.steps[0].toolchain.as_ref().unwrap().dir.as_deref(),
+        Some("goroot")
+    );
     let pairing = c.repo("text").unwrap().go.as_ref().unwrap();
-    assert_eq!((pairing.repo.as_str(), pairing.branch.as_str()), ("go", "master"));
+    assert_eq!(
+        (pairing.repo.as_str(), pairing.branch.as_str()),
+        ("go", "master")
+    );
     assert_eq!(c.repo("go").unwrap().go, None);
 }
 
@@ -114,7 +123,10 @@ fn toolchain_references_must_resolve() {
     let e = errors(&GOOD.replace("step = \"make\" }", "step = \"nope\" }"));
     assert_has(&e, "builder \"linux-amd64\" has no step \"nope\"");
     let e = errors(&GOOD.replace("dir = \"goroot\"", "dir = \"../goroot\""));
-    assert_has(&e, "builders[2].steps[0].toolchain.dir: \"../goroot\" must not contain `..`");
+    assert_has(
+        &e,
+        "builders[2].steps[0].toolchain.dir: \"../goroot\" must not contain `..`",
+    );
 }
 
 #[test]

@@ -223,10 +223,9 @@ async fn drive(ctx: &Ctx<'_>) -> StepEnd {
         match end {
             StepEnd::Passed => {
                 progress.finish(i, true);
-                ctx.env.log.note(&format!(
-                    "step {name} passed in {:.1}s",
-                    took.as_secs_f64()
-                ));
+                ctx.env
+                    .log
+                    .note(&format!("step {name} passed in {:.1}s", took.as_secs_f64()));
             }
             StepEnd::Failed(why) => {
                 progress.finish(i, false);

@@ -108,7 +108,11 @@ async fn restore_toolchain(
     let entry = match ctx.ws.cache_get(&r.key).await {
         Ok(Some(e)) => e,
         Ok(None) => return Err(gone()),
-        Err(e) => return Err(StepEnd::Infra(format!("reading the toolchain pointer: {e:#}"))),
+        Err(e) => {
+            return Err(StepEnd::Infra(format!(
+                "reading the toolchain pointer: {e:#}"
+            )));
+        }
     };
     let Some((digest, saved_at)) = entry.into_iter().next() else {
         return Err(gone());

@@ -332,9 +332,18 @@ mod tests {
             pair(&[c("g1", false, None)], true),
             Pairing::Wait(Some("g1".into()))
         );
-        assert_eq!(pair(&[c("g1", false, Some(Running))], true), Pairing::Wait(Some("g1".into())));
-        assert_eq!(pair(&[c("g1", true, Some(Running))], true), Pairing::Use("g1".into()));
-        assert_eq!(pair(&[c("g1", false, Some(Failed))], true), Pairing::Unavailable);
+        assert_eq!(
+            pair(&[c("g1", false, Some(Running))], true),
+            Pairing::Wait(Some("g1".into()))
+        );
+        assert_eq!(
+            pair(&[c("g1", true, Some(Running))], true),
+            Pairing::Use("g1".into())
+        );
+        assert_eq!(
+            pair(&[c("g1", false, Some(Failed))], true),
+            Pairing::Unavailable
+        );
     }
 
     #[test]

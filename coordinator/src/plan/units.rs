@@ -126,7 +126,10 @@ mod tests {
                 "api"
             ]
         );
-        assert_eq!(unit_args(Units::DistTest, "runtime:cpu124"), ["runtime:cpu124"]);
+        assert_eq!(
+            unit_args(Units::DistTest, "runtime:cpu124"),
+            ["runtime:cpu124"]
+        );
         assert!(matches!(
             parse(Units::DistTest, b"go_test:sort\n-k\n"),
             Err(UnitsError::BadName { line: 2, .. })
