@@ -810,6 +810,7 @@ impl Farm {
                 },
                 workspaces: self.workspaces.clone(),
                 dispatcher: self.dispatcher.clone(),
+                go_pairing: self.config.repo(&build.repo).and_then(|r| r.go.clone()),
             };
             match crate::runner::run(&env, &build).await {
                 RunOutcome::Finished(state, summary) => {

@@ -216,6 +216,9 @@ pub struct BuildView {
     pub attempts: u32,
     pub summary: Option<String>,
     pub finished_unix_ms: Option<i64>,
+    /// The Go commit whose toolchain the build used (subrepo builds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub go_rev: Option<String>,
 }
 
 impl From<&buildfarm_store::Build> for BuildView {
@@ -230,6 +233,7 @@ impl From<&buildfarm_store::Build> for BuildView {
             attempts: b.attempts,
             summary: b.summary.clone(),
             finished_unix_ms: b.finished_at,
+            go_rev: b.go_rev.clone(),
         }
     }
 }

@@ -529,6 +529,7 @@ mod tests {
             started_at: None,
             finished_at: None,
             summary: Some("test failed".into()),
+            go_rev: None,
         }
     }
 

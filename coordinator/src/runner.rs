@@ -71,6 +71,9 @@ pub struct RunEnv {
     pub workspaces: Arc<crate::plan::workspace::Workspaces>,
     /// Where a plan build gets slots for buildlets beyond its own.
     pub dispatcher: Arc<crate::dispatcher::Dispatcher>,
+    /// The build's repo's `go` pairing: which Go repo and branch a step with `toolchain`
+    /// takes its toolchain from (`None`: the build's own commit).
+    pub go_pairing: Option<buildfarm_config::GoPairing>,
 }
 
 /// Where the source goes in the buildlet's workdir; steps run there.
@@ -329,6 +332,7 @@ async fn steps(env: &RunEnv, build: &Build, lease: &Lease) -> Outcome {
             .dir(SRC_DIR)
             .timeout(step.timeout);
         spec.env = step_env;
+        spec.path = step.path.clone();
         let status = run_step(&lease.client, spec, log).await;
         match status {
             // A call that fails (lost connection, buildlet error) is the farm's fault.

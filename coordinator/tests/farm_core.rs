@@ -236,6 +236,11 @@ impl Store for FlakyStore {
             .await
     }
 
+    async fn set_go_rev(&self, build_id: &str, go_rev: &str) -> Result<(), StoreError> {
+        self.run("set_go_rev", self.inner.set_go_rev(build_id, go_rev))
+            .await
+    }
+
     async fn unit_durations(&self, builder: &str) -> Result<Vec<(String, u64)>, StoreError> {
         self.run("unit_durations", self.inner.unit_durations(builder))
             .await

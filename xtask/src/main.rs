@@ -3,11 +3,14 @@
 //! - `ci`: exactly what CI runs after `.ci/run` installed the system packages:
 //!   `cargo fmt --check`, `cargo clippy --all-targets -D warnings`, the whole test suite.
 //! - `bench`: benchmarks that print ratios against a limit measured in the same run.
+//! - `acceptance`: the Go toolchain workload (make.bash, sharded dist tests, a module's
+//!   cache) through the farm against the same work done directly (see `acceptance.rs`).
 //! - `certs`: a CA plus server and client certificates for trying things by hand.
 //! - `images`: the local Docker images of `env/` (see `images.rs`).
 //! - `fuzz`: each `cargo fuzz` target for a bounded time (needs nightly + cargo-fuzz); the
 //!   same fuzz bodies also run on stable in `cargo test` (the `tests/fuzz_bodies.rs` files).
 
+mod acceptance;
 mod bench;
 mod bench_farm;
 mod bench_pages;
@@ -45,6 +48,13 @@ enum Task {
         /// Only run benchmarks whose name contains this.
         filter: Option<String>,
     },
+    /// Measure the Go toolchain workload through the farm against the same work done
+    /// directly: make.bash, dist tests over helpers vs one buildlet, a warm module cache.
+    /// Tens of minutes (two make.bash runs).
+    Acceptance,
+    /// Used by `acceptance`: run the measurements in this (release) process.
+    #[command(hide = true)]
+    AcceptanceInner,
     /// Used by `bench`: run the benchmarks in this (release) process.
     #[command(hide = true)]
     BenchInner { filter: Option<String> },
@@ -74,6 +84,8 @@ fn main() -> Result<()> {
     match cli.task {
         Task::Ci => ci(&root),
         Task::Demo { args } => demo(&root, &args),
+        Task::Acceptance => acceptance::run(&root),
+        Task::AcceptanceInner => acceptance::inner(&root),
         Task::Bench { filter } => bench::run(&root, filter.as_deref()),
         Task::BenchInner { filter } => bench::inner(&root, filter.as_deref()),
         Task::Certs { out } => certs(&root.join(out)),

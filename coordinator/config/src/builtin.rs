@@ -73,6 +73,7 @@ pub(crate) fn builtin(example_repo: &Path) -> Config {
             webhook_secret: None,
             danger_accept_unsigned_webhooks: false,
             commit_status: None,
+            go: None,
             artifacts: None,
         }],
         limits: crate::Limits::default(),
@@ -104,6 +105,9 @@ fn builder(name: String, env: Env, steps: &[(&str, &[&str])]) -> Builder {
                 restore: None,
                 cache: None,
                 units: None,
+                only_units: Vec::new(),
+                path: Vec::new(),
+                toolchain: None,
             })
             .collect(),
         build_timeout: Duration::from_secs(60 * 60),

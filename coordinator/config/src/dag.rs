@@ -311,6 +311,9 @@ mod tests {
             restore: None,
             cache: None,
             units: None,
+            only_units: Vec::new(),
+            path: Vec::new(),
+            toolchain: None,
         }
     }
 

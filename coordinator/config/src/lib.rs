@@ -26,9 +26,9 @@ pub use connections::ConnectionsConfig;
 pub use error::{ConfigError, ConfigErrors, ErrorKind, FieldPath, LoadError, Location};
 pub use limits::Limits;
 pub use model::{
-    Builder, Config, CoordinatorConfig, DockerPool, Ec2Address, Ec2Pool, Env, HostType, KubePool,
-    KubeToleration, LocalPool, Pool, Repo, ReversePool, SandboxConfig, SandboxMode, Secret, Step,
-    StepCache, Units,
+    Builder, Config, CoordinatorConfig, DockerPool, Ec2Address, Ec2Pool, Env, GoPairing, HostType,
+    KubePool, KubeToleration, LocalPool, Pool, Repo, ReversePool, SandboxConfig, SandboxMode,
+    Secret, Step, StepCache, ToolchainRef, Units,
 };
 pub use names::{
     BuilderName, BuilderNameError, KNOWN_GOARCH, KNOWN_GOOS, goarch_from_rust, goos_from_rust,

@@ -610,10 +610,44 @@ pub struct Step {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<StepCache>,
     /// Makes this a test step split into units (`"go-packages"`: the packages `go list
-    /// ./...` prints), run over the builder's `test_shards` buildlets: `command` runs once
-    /// per unit with the unit appended (e.g. `["go", "test", "-short"]`). Default: none.
+    /// ./...` prints; `"dist-test"`: the Go toolchain's tests, as `go tool dist test
+    /// -list` prints them), run over the builder's `test_shards` buildlets: `command` runs
+    /// once per unit with the unit appended (e.g. `["go", "test", "-short"]` or `["go",
+    /// "tool", "dist", "test", "-no-rebuild"]`). Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub units: Option<Units>,
+    /// With `units`: run only these units (names as the listing prints them), in listing
+    /// order; a name the listing lacks fails the step. Default: none, meaning every
+    /// listed unit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub only_units: Vec<String>,
+    /// PATH of this step's commands (its unit listing included), elements joined with
+    /// `:`; `$WORKDIR` is the buildlet's workdir and `$PATH` the PATH so far, e.g.
+    /// `["$WORKDIR/src/bin", "$PATH"]` to run the Go toolchain an earlier step built in
+    /// the source tree. Default: none (PATH unchanged).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path: Vec<String>,
+    /// A Go toolchain built by another builder's step, restored before this step runs:
+    /// the snapshot that step saved for the Go commit this build pairs with (the build's
+    /// own commit when that builder builds this repo, as misc-compile builders do; else
+    /// the newest commit of the repo's `go` pairing that has one, as subrepo builders
+    /// do). Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub toolchain: Option<ToolchainRef>,
+}
+
+/// `toolchain = { builder = "...", step = "...", dir = "..." }` of a step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolchainRef {
+    /// The builder that builds the toolchain (e.g. runs `make.bash`). Required.
+    pub builder: String,
+    /// Its step whose `snapshot` is the built toolchain (GOROOT). Required.
+    pub step: String,
+    /// Where the toolchain goes, relative to the buildlet's workdir. Default: none,
+    /// meaning where that step saved it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
 }
 
 /// `cache = { key_files = [...], paths = [...] }` of a step.
@@ -631,14 +665,18 @@ pub struct StepCache {
     pub paths: Vec<String>,
 }
 
-/// How a test step lists its units. Adding a lister (e.g. `go tool dist test -list`)
-/// adds a variant here and its command and parsing in the runner.
+/// How a test step lists its units. Adding a lister adds a variant here and its command
+/// and parsing in the runner (`plan/units`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Units {
     /// The module's packages, from `go list ./...` in the source tree; each unit is an
     /// import path.
     GoPackages,
+    /// The Go toolchain's tests, from `go tool dist test -list` (the `go` on the step's
+    /// `path`); each unit is a dist test name such as `go_test:sort` or `runtime:cpu124`,
+    /// run by naming it after the step's command.
+    DistTest,
 }
 
 impl Step {
@@ -649,6 +687,7 @@ impl Step {
             || self.restore.is_some()
             || self.cache.is_some()
             || self.units.is_some()
+            || self.toolchain.is_some()
     }
 }
 
@@ -683,11 +722,28 @@ pub struct Repo {
     /// [`CommitStatus`]). Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_status: Option<CommitStatus>,
+    /// The Go toolchain this repo is tested against (a subrepo, as the Go farm tested
+    /// golang.org/x repos against Go at tip): builds of its builders whose steps use
+    /// `toolchain` restore the one built from the newest commit of `repo`'s `branch` that
+    /// has one, waiting for a toolchain build still running, and record that Go commit.
+    /// Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub go: Option<GoPairing>,
     /// How artifacts on request (`POST /artifacts/<repo>/<GOOS>/<GOARCH>/<version>`)
     /// are built: a make target and its outputs. Default: none, meaning `go build
     /// -trimpath` of the module's main packages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifacts: Option<RepoArtifacts>,
+}
+
+/// `go = { repo = "go", branch = "master" }` of a repo.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GoPairing {
+    /// The repo of the Go source. Required.
+    pub repo: String,
+    /// Its watched branch whose toolchain builds are used. Required.
+    pub branch: String,
 }
 
 fn default_branches() -> Vec<String> {

@@ -159,6 +159,7 @@ pub(crate) fn check(config: &Config) -> Vec<Issue> {
     for (i, r) in config.repos.iter().enumerate() {
         let path = FieldPath::root().key("repos").index(i);
         repo(&mut out, &path, r);
+        go_pairing(&mut out, &path, r, config);
         out.unique(&mut seen, "repo", &r.name, path.key("name"));
     }
 
@@ -681,6 +682,90 @@ fn builder(out: &mut Issues, path: &FieldPath, b: &Builder, config: &Config) {
         }
     }
     plan(out, path, b);
+    toolchains(out, path, b, config);
+}
+
+/// Steps' `toolchain` references: the builder and its snapshot step exist, and every repo
+/// this builder builds has a Go commit to pair with (built by that builder, or through
+/// the repo's `go` pairing).
+fn toolchains(out: &mut Issues, path: &FieldPath, b: &Builder, config: &Config) {
+    for (i, s) in b.steps.iter().enumerate() {
+        let Some(t) = &s.toolchain else { continue };
+        let tp = path.key("steps").index(i).key("toolchain");
+        if let Some(dir) = &t.dir {
+            workdir_path(out, tp.key("dir"), dir);
+        }
+        if t.builder == b.name {
+            out.push(
+                tp.key("builder"),
+                ErrorKind::Invalid(
+                    "names this builder: restore its own step's snapshot with `restore`".into(),
+                ),
+            );
+            continue;
+        }
+        let Some(producer) = config.builder(&t.builder) else {
+            out.push(
+                tp.key("builder"),
+                ErrorKind::Invalid(format!("unknown builder \"{}\"", t.builder)),
+            );
+            continue;
+        };
+        match producer.steps.iter().find(|p| p.name == t.step) {
+            None => out.push(
+                tp.key("step"),
+                ErrorKind::Invalid(format!(
+                    "builder \"{}\" has no step \"{}\"",
+                    t.builder, t.step
+                )),
+            ),
+            Some(p) if p.snapshot.is_none() => out.push(
+                tp.key("step"),
+                ErrorKind::Invalid(format!(
+                    "step \"{}\" of builder \"{}\" saves no snapshot (give it `snapshot = \"dir\"`)",
+                    t.step, t.builder
+                )),
+            ),
+            Some(_) => {}
+        }
+        for r in config.repos.iter().filter(|r| b.builds_repo(&r.name)) {
+            let paired = producer.builds_repo(&r.name)
+                || r.go.as_ref().is_some_and(|g| producer.builds_repo(&g.repo));
+            if !paired {
+                out.push(
+                    tp.key("builder"),
+                    ErrorKind::Invalid(format!(
+                        "builder \"{}\" builds neither repo \"{}\" nor the repo of its `go` pairing: give that repo `go = {{ repo = \"...\", branch = \"...\" }}`",
+                        t.builder, r.name
+                    )),
+                );
+            }
+        }
+    }
+}
+
+/// A repo's `go` pairing names another repo and a branch it watches.
+fn go_pairing(out: &mut Issues, path: &FieldPath, r: &Repo, config: &Config) {
+    let Some(g) = &r.go else { return };
+    let gp = path.key("go");
+    if g.repo == r.name {
+        out.push(
+            gp.key("repo"),
+            ErrorKind::Invalid("a repo cannot be paired with itself".into()),
+        );
+        return;
+    }
+    match config.repo(&g.repo) {
+        None => out.push(gp.key("repo"), ErrorKind::UnknownRepo(g.repo.clone())),
+        Some(go) if !go.branches.contains(&g.branch) => out.push(
+            gp.key("branch"),
+            ErrorKind::Invalid(format!(
+                "branch \"{}\" is not watched by repo \"{}\"",
+                g.branch, g.repo
+            )),
+        ),
+        Some(_) => {}
+    }
 }
 
 /// The plan fields of a builder's steps: the graph, relative paths, the cache, and
@@ -691,6 +776,24 @@ fn plan(out: &mut Issues, path: &FieldPath, b: &Builder) {
         let sp = steps.index(i);
         if let Some(dir) = &s.snapshot {
             workdir_path(out, sp.key("snapshot"), dir);
+        }
+        if !s.only_units.is_empty() && s.units.is_none() {
+            out.push(
+                sp.key("only_units"),
+                ErrorKind::Invalid("is set but the step has no `units` to choose from".into()),
+            );
+        }
+        let mut seen_units = HashMap::new();
+        for (k, u) in s.only_units.iter().enumerate() {
+            let up = sp.key("only_units").index(k);
+            if u.is_empty() || u.starts_with('-') || u.chars().any(char::is_whitespace) {
+                out.push(up, ErrorKind::Invalid(format!("{u:?} is not a unit name")));
+            } else {
+                out.unique(&mut seen_units, "unit", u, up);
+            }
+        }
+        for (k, e) in s.path.iter().enumerate() {
+            out.non_empty(sp.key("path").index(k), e);
         }
         if let Some(cache) = &s.cache {
             let cp = sp.key("cache");

@@ -160,6 +160,9 @@ pub fn plan(config: &Config, repo: &str, target: &Target) -> Result<ArtifactPlan
                 restore: None,
                 cache: None,
                 units: None,
+                only_units: Vec::new(),
+                path: Vec::new(),
+                toolchain: None,
             },
             CollectSpec {
                 base: "src".into(),
@@ -185,6 +188,9 @@ pub fn plan(config: &Config, repo: &str, target: &Target) -> Result<ArtifactPlan
                 restore: None,
                 cache: None,
                 units: None,
+                only_units: Vec::new(),
+                path: Vec::new(),
+                toolchain: None,
             },
             CollectSpec {
                 base: DEFAULT_OUT_DIR.into(),

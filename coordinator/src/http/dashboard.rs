@@ -46,6 +46,11 @@ pub struct Cell {
     pub class: &'static str,
     pub state: Option<&'static str>,
     pub build_id: Option<String>,
+    /// The Go commit whose toolchain the build used: a subrepo build's pairing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub go_rev: Option<String>,
+    #[serde(skip)]
+    pub go_short: Option<String>,
     #[serde(skip)]
     pub label: &'static str,
     #[serde(skip)]
@@ -214,10 +219,18 @@ pub fn dashboard_view(input: DashInput, now_ms: i64) -> DashboardView {
                             class,
                             state: Some(b.state.as_str()),
                             build_id: Some(b.id.clone()),
+                            go_rev: b.go_rev.clone(),
+                            go_short: b.go_rev.as_deref().map(|g| short(g).to_owned()),
                             label,
-                            title: match &b.summary {
-                                Some(s) => format!("{}: {} ({s})", builders[i], b.state),
-                                None => format!("{}: {}", builders[i], b.state),
+                            title: {
+                                let mut t = format!("{}: {}", builders[i], b.state);
+                                if let Some(s) = &b.summary {
+                                    t.push_str(&format!(" ({s})"));
+                                }
+                                if let Some(g) = &b.go_rev {
+                                    t.push_str(&format!(", with Go {g}"));
+                                }
+                                t
                             },
                         }
                     }
@@ -225,6 +238,8 @@ pub fn dashboard_view(input: DashInput, now_ms: i64) -> DashboardView {
                         class: "none",
                         state: None,
                         build_id: None,
+                        go_rev: None,
+                        go_short: None,
                         label: "",
                         title: String::new(),
                     },

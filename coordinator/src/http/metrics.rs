@@ -453,6 +453,7 @@ mod tests {
             started_at: Some(1_000),
             finished_at: Some(4_000),
             summary: None,
+            go_rev: None,
         }
     }
 

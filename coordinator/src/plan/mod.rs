@@ -8,11 +8,14 @@
 //!
 //! Parts: `prepare` (source, snapshots and caches on a buildlet), `sharded` (test units
 //! over helper buildlets), `shards` (pure balancing and in-order merging), `units` (unit
-//! listers), `workspace` (the coordinator's snapshot and cache store).
+//! listers), `workspace` (the coordinator's snapshot and cache store), `toolchain` (Go
+//! toolchains published by one build and restored by others: misc-compile and subrepo
+//! builders).
 
 pub(crate) mod prepare;
 pub(crate) mod sharded;
 pub mod shards;
+pub mod toolchain;
 pub mod units;
 pub mod workspace;
 
@@ -77,6 +80,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) ws: Arc<Workspaces>,
     /// Snapshots saved by this build's steps, by step; held until the build ends.
     snapshots: Mutex<HashMap<usize, Pin>>,
+    /// The toolchain each step with `toolchain` restores, by step; set before any runs.
+    toolchains: Mutex<HashMap<usize, toolchain::Resolved>>,
     /// The build's own dispatcher slot: one buildlet of the plan at a time holds it;
     /// every other one needs a helper slot.
     own_slot: Arc<tokio::sync::Mutex<()>>,
@@ -113,6 +118,10 @@ impl Ctx<'_> {
 
     pub(crate) fn keep_snapshot(&self, step: usize, pin: Pin) {
         lock(&self.snapshots).insert(step, pin);
+    }
+
+    pub(crate) fn toolchain(&self, step: usize) -> Option<toolchain::Resolved> {
+        lock(&self.toolchains).get(&step).cloned()
     }
 
     /// Leases a buildlet of the builder's host type, bounded like the build: on the
@@ -195,6 +204,7 @@ pub(crate) async fn run(env: &RunEnv, build: &Build) -> RunOutcome {
         ws: env.workspaces.clone(),
         snapshots: Mutex::new(HashMap::new()),
         own_slot: Arc::new(tokio::sync::Mutex::new(())),
+        toolchains: Mutex::new(HashMap::new()),
     };
     let timeout = env.builder.build_timeout;
     let end = tokio::select! {
@@ -204,7 +214,16 @@ pub(crate) async fn run(env: &RunEnv, build: &Build) -> RunOutcome {
             "build timed out after {}",
             humantime::format_duration(timeout)
         )),
-        e = drive(&ctx) => e,
+        // Pairing with a toolchain may wait for its build: no buildlet is held meanwhile.
+        e = async {
+            match toolchain::resolve_all(env, build).await {
+                Ok(t) => {
+                    *lock(&ctx.toolchains) = t;
+                    drive(&ctx).await
+                }
+                Err(end) => end,
+            }
+        } => e,
     };
     drop(ctx);
     if let Err(e) = env.workspaces.prune(SystemTime::now()).await {
@@ -238,16 +257,21 @@ async fn drive(ctx: &Ctx<'_>) -> StepEnd {
     loop {
         for i in progress.ready(&ctx.dag) {
             progress.start(i);
-            running.push(async move { (i, step(ctx, i).await) });
+            running.push(async move {
+                let started = std::time::Instant::now();
+                (i, step(ctx, i).await, started.elapsed())
+            });
         }
-        let Some((i, end)) = running.next().await else {
+        let Some((i, end, took)) = running.next().await else {
             break;
         };
         let name = ctx.dag.name(i);
         match end {
             StepEnd::Passed => {
                 progress.finish(i, true);
-                ctx.env.log.note(&format!("step {name} passed"));
+                ctx.env
+                    .log
+                    .note(&format!("step {name} passed in {:.1}s", took.as_secs_f64()));
             }
             StepEnd::Failed(why) => {
                 progress.finish(i, false);
@@ -327,6 +351,8 @@ async fn plain(ctx: &Ctx<'_>, i: usize, lease: &Lease, log: &mut StepLog) -> Ste
         .dir(SRC_DIR)
         .timeout(s.timeout);
     spec.env = prepare::step_env(ctx, s);
+    spec.path = s.path.clone();
+    let started = std::time::Instant::now();
     let status = lease
         .client
         .exec_collect(spec, |_, data| log.append(data))
@@ -335,6 +361,11 @@ async fn plain(ctx: &Ctx<'_>, i: usize, lease: &Lease, log: &mut StepLog) -> Ste
         Err(e) => return StepEnd::Infra(format!("step {}: {e}", s.name)),
         Ok(st) => st,
     };
+    log.note(&format!(
+        "step {}: command took {:.1}s",
+        s.name,
+        started.elapsed().as_secs_f64()
+    ));
     if let Some(why) = exit_problem(&s.name, s.timeout, &st) {
         return why;
     }

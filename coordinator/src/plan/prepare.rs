@@ -77,6 +77,9 @@ pub(crate) async fn prepare(
             ctx.dag.name(from)
         ));
     }
+    if let Some(t) = &ctx.steps()[step].toolchain {
+        restore_toolchain(ctx, step, t, lease, log).await?;
+    }
     if ctx.steps()[step].cache.is_none() {
         return Ok(None);
     }
@@ -115,6 +118,54 @@ async fn fingerprint(lease: &Lease, step: &Step) -> Option<String> {
         }
     }
     Some(hex::encode(h.finalize()))
+}
+
+/// Restores the toolchain the build paired with (see `toolchain`) into the step's
+/// `toolchain.dir`, else where its step saved it.
+async fn restore_toolchain(
+    ctx: &Ctx<'_>,
+    step: usize,
+    t: &buildfarm_config::ToolchainRef,
+    lease: &Lease,
+    log: &mut StepLog,
+) -> Result<(), StepEnd> {
+    let r = ctx
+        .toolchain(step)
+        .ok_or_else(|| StepEnd::Infra("the toolchain was not resolved".into()))?;
+    let gone = || {
+        StepEnd::Infra(format!(
+            "the toolchain of {} at {} (step {} of {}) is no longer kept",
+            r.go_repo, r.go_rev, t.step, t.builder
+        ))
+    };
+    let entry = match ctx.ws.cache_get(&r.key).await {
+        Ok(Some(e)) => e,
+        Ok(None) => return Err(gone()),
+        Err(e) => {
+            return Err(StepEnd::Infra(format!(
+                "reading the toolchain pointer: {e:#}"
+            )));
+        }
+    };
+    let Some((digest, saved_at)) = entry.into_iter().next() else {
+        return Err(gone());
+    };
+    let dir = t.dir.clone().unwrap_or(saved_at);
+    let (_pin, file) = match ctx.ws.open(&digest).await {
+        Ok(f) => f,
+        Err(ReadError::Missing(_)) => return Err(gone()),
+        Err(e) => return Err(StepEnd::Infra(format!("toolchain snapshot: {e}"))),
+    };
+    lease
+        .client
+        .put_tar(&dir, file, None)
+        .await
+        .map_err(|e| StepEnd::Infra(format!("restoring the toolchain into {dir}: {e}")))?;
+    log.note(&format!(
+        "restored the toolchain of {} at {} (sha256:{digest}) into {dir}/",
+        r.go_repo, r.go_rev
+    ));
+    Ok(())
 }
 
 /// The cache key: the builder, the step, each key file's SHA-256 (or "missing") and the
@@ -246,6 +297,8 @@ pub(crate) async fn save_snapshot(
         "snapshot of {dir}/ saved: sha256:{} ({} bytes)",
         pin.digest, pin.size
     ));
+    // Published at once: other builders' builds may pair with it while this one goes on.
+    super::toolchain::publish(ctx.env, ctx.build, ctx.dag.name(step), &pin.digest, dir).await;
     ctx.keep_snapshot(step, pin);
     Ok(())
 }

@@ -253,6 +253,7 @@ async fn prepare_and_list(
         .dir(SRC_DIR)
         .timeout(s.timeout);
     spec.env = prepare::step_env(ctx, s);
+    spec.path = s.path.clone();
     let mut stdout = Vec::new();
     let st = lease
         .client
@@ -267,6 +268,7 @@ async fn prepare_and_list(
         return Err(end);
     }
     let names = units::parse(kind, &stdout)
+        .and_then(|listed| units::select(listed, &s.only_units))
         .map_err(|e| StepEnd::Failed(format!("step {}: listing units: {e}", s.name)))?;
     Ok((names, cache))
 }
@@ -397,6 +399,7 @@ impl Work<'_, '_> {
             .dir(SRC_DIR)
             .timeout(s.timeout);
         spec.env = prepare::step_env(self.ctx, s);
+        spec.path = s.path.clone();
         let started = Instant::now();
         let mut out = Vec::new();
         let mut cut = false;

@@ -150,6 +150,9 @@ pub struct Build {
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
     pub summary: Option<String>,
+    /// The Go commit whose toolchain the build was tested against, for builds of a repo
+    /// paired with the Go repo (subrepo builds); `None` otherwise.
+    pub go_rev: Option<String>,
 }
 
 /// What the coordinator asks to build.
@@ -267,6 +270,7 @@ mod tests {
             started_at: None,
             finished_at: None,
             summary: None,
+            go_rev: None,
         }
     }
 

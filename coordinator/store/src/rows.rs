@@ -8,7 +8,7 @@ use crate::model::{Artifact, Attempt, Build, BuildState, Commit, TryRun};
 
 /// The columns `BuildRow` expects, in a SELECT or RETURNING list.
 pub(crate) const BUILD_COLUMNS: &str = "id, kind, repo, branch, rev, builder, try_id, state, \
-     attempts, created_at, started_at, finished_at, summary";
+     attempts, created_at, started_at, finished_at, summary, go_rev";
 
 pub(crate) const COMMIT_COLUMNS: &str = "repo, branch, hash, parents, author, message, commit_time";
 
@@ -64,6 +64,7 @@ pub(crate) struct BuildRow {
     started_at: Option<i64>,
     finished_at: Option<i64>,
     summary: Option<String>,
+    go_rev: Option<String>,
 }
 
 impl BuildRow {
@@ -90,6 +91,7 @@ impl BuildRow {
             started_at: self.started_at,
             finished_at: self.finished_at,
             summary: self.summary,
+            go_rev: self.go_rev,
         })
     }
 }

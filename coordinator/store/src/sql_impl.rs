@@ -343,6 +343,7 @@ macro_rules! impl_store {
                     started_at: None,
                     finished_at: None,
                     summary: None,
+                    go_rev: None,
                 }))
             }
 
@@ -993,6 +994,32 @@ macro_rules! impl_store {
                 $crate::rows::into_builds(rows, OP)
             }
 
+            async fn set_go_rev(
+                &self,
+                build_id: &str,
+                go_rev: &str,
+            ) -> Result<(), $crate::StoreError> {
+                const OP: &str = "set_go_rev";
+                $crate::sql_impl::check_token(OP, "go_rev", go_rev)?;
+                let db = |e| $crate::StoreError::db(OP, Some(build_id), e);
+                let mut tx = self.begin_write(OP, Some(build_id)).await?;
+                let updated = sqlx::query(
+                    "UPDATE builds SET go_rev = $1 WHERE id = $2 AND state IN ('queued', 'running')",
+                )
+                .bind(go_rev)
+                .bind(build_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?
+                .rows_affected();
+                if updated == 0 {
+                    Self::rollback(tx, OP, build_id).await;
+                    return Err(self.not_updatable(OP, build_id).await);
+                }
+                tx.commit().await.map_err(db)?;
+                Ok(())
+            }
+
             async fn unit_durations(
                 &self,
                 builder: &str,
@@ -1116,6 +1143,7 @@ macro_rules! impl_store {
                         started_at: None,
                         finished_at: None,
                         summary: None,
+                        go_rev: None,
                     };
                     return Ok((build, true));
                 }

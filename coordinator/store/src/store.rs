@@ -114,6 +114,12 @@ pub trait Store: Send + Sync {
     /// The try run's builds, by builder name.
     async fn builds_for_try(&self, try_id: &str) -> Result<Vec<Build>>;
 
+    /// Records the Go commit whose toolchain an unfinished build is tested against (a
+    /// subrepo build paired with a toolchain build), replacing an earlier one (a retried
+    /// build may pair anew). A final build is `AlreadyFinished`, an unknown one
+    /// `NotFound`; `go_rev` must be a non-empty token.
+    async fn set_go_rev(&self, build_id: &str, go_rev: &str) -> Result<()>;
+
     // ---- test unit durations (shard balancing) ----
 
     /// The last recorded duration of each test unit of `builder`, in milliseconds, by

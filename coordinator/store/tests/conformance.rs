@@ -190,6 +190,7 @@ macro_rules! store_test_suite {
 
 store_test_suite!(
     ping_and_backend,
+    go_rev_pairs_a_build_with_a_toolchain_commit,
     idempotent_enqueue,
     enqueue_validation,
     exactly_once_finish,

@@ -675,6 +675,55 @@ pub async fn builds_for_commits_grid(h: Harness) {
     );
 }
 
+pub async fn go_rev_pairs_a_build_with_a_toolchain_commit(h: Harness) {
+    let store = &*h.store;
+    let mut new = post_submit("x1", "linux-amd64");
+    new.repo = "text".into();
+    let b = store
+        .enqueue_build(&new)
+        .await
+        .expect("enqueue")
+        .expect("new");
+    assert_eq!(b.go_rev, None, "unpaired until the runner pairs it");
+    store.set_go_rev(&b.id, "go1").await.expect("pair");
+    assert_eq!(
+        store.get_build(&b.id).await.expect("get").go_rev.as_deref(),
+        Some("go1")
+    );
+    // A retried attempt may pair with a newer toolchain.
+    store.start_attempt(&b.id, "bl").await.expect("attempt");
+    store.set_go_rev(&b.id, "go2").await.expect("pair again");
+    store
+        .finish_build(&b.id, BuildState::Ok, None, b"log")
+        .await
+        .expect("finish");
+    // The pairing is on every read path: the grid, recent builds.
+    let grid = store
+        .builds_for_commits("text", &["x1".into()])
+        .await
+        .expect("grid");
+    assert_eq!(grid[0].go_rev.as_deref(), Some("go2"));
+    let recent = store.recent_builds(5).await.expect("recent");
+    assert_eq!(recent[0].go_rev.as_deref(), Some("go2"));
+    // A final build keeps the commit it was tested with.
+    assert!(matches!(
+        store.set_go_rev(&b.id, "go3").await,
+        Err(StoreError::AlreadyFinished { .. })
+    ));
+    assert!(matches!(
+        store.set_go_rev("no-such-build", "go3").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    let other = enqueue(store, "x2", "linux-amd64").await;
+    for bad in ["", "a b"] {
+        assert!(matches!(
+            store.set_go_rev(&other.id, bad).await,
+            Err(StoreError::InvalidArgument { .. })
+        ));
+    }
+    assert_eq!(store.get_build(&other.id).await.expect("get").go_rev, None);
+}
+
 pub async fn try_runs_and_verdicts(h: Harness) {
     let store = &*h.store;
     let patch: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
