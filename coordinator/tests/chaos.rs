@@ -413,8 +413,8 @@ async fn wait_final(
     limit: Duration,
 ) -> Result<()> {
     let deadline = Instant::now() + limit;
-    let mut last = String::new();
     loop {
+        let last;
         match builds(farm, hashes).await {
             Ok(b) => {
                 let unfinished = b.iter().filter(|b| !b.state.is_final()).count();

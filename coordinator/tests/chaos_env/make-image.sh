@@ -68,19 +68,27 @@ done
 printf 'hosts: files dns\n' > "$root/etc/nsswitch.conf"
 passwd='root:x:0:0:root:/root:/bin/sh\n'
 group='root:x:0:\n'
-path=/usr/local/bin:/usr/bin:/bin
+image_path=/usr/local/bin:/usr/bin:/bin
 entry=
 
 case $kind in
   coordinator)
     [ -n "$bindir" ] || die "coordinator needs BIN_DIR"
-    copy_prog git
-    if [ -d /usr/lib/git-core ]; then
-      cp -a /usr/lib/git-core "$root/usr/lib/"
-      for f in "$root"/usr/lib/git-core/*; do
-        [ -f "$f" ] && [ ! -L "$f" ] && copy_libs "${f#"$root"}"
-      done
-    fi
+    # Debian's git (a wrapper earlier on PATH may not be), its helpers where its
+    # --exec-path says, and the names a local clone runs through the shell.
+    gitbin=/usr/bin/git
+    [ -x "$gitbin" ] || gitbin=$(command -v git) || die "git is not installed"
+    copy_file "$gitbin"
+    copy_libs "$gitbin"
+    exec_path=$("$gitbin" --exec-path)
+    mkdir -p "$root$(dirname "$exec_path")"
+    cp -a "$exec_path" "$root$(dirname "$exec_path")/"
+    for f in "$root$exec_path"/*; do
+      [ -f "$f" ] && [ ! -L "$f" ] && copy_libs "${f#"$root"}"
+    done
+    for t in git-upload-pack git-receive-pack git-upload-archive; do
+      ln -sf git "$root$(dirname "$gitbin")/$t"
+    done
     [ -d /usr/share/git-core ] && cp -a /usr/share/git-core "$root/usr/share/"
     install_bin "$bindir" coordinator
     install_bin "$bindir" buildlet
@@ -125,7 +133,7 @@ exec postgres -D "$data" -c listen_addresses='*' -c unix_socket_directories=/tmp
   -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c jit=off
 PG
     chmod 755 "$root/usr/local/bin/pg-entry"
-    path=$path:$pgbin
+    image_path=$image_path:$pgbin
     entry=/usr/local/bin/pg-entry
     ;;
   *) die "unknown kind $kind (coordinator, buildlet, postgres)" ;;
@@ -135,10 +143,10 @@ printf "$group" > "$root/etc/group"
 
 say "importing $(du -sh "$root" | cut -f1) as $tag"
 if [ -n "$entry" ]; then
-  tar -C "$root" -c . | docker import --change "ENV PATH=$path" --change 'ENV TZ=UTC' \
+  tar -C "$root" -c . | docker import --change "ENV PATH=$image_path" --change 'ENV TZ=UTC' \
     --change "CMD [\"$entry\"]" --change "LABEL buildfarm.chaos=$kind" - "$tag" >/dev/null
 else
-  tar -C "$root" -c . | docker import --change "ENV PATH=$path" --change 'ENV TZ=UTC' \
+  tar -C "$root" -c . | docker import --change "ENV PATH=$image_path" --change 'ENV TZ=UTC' \
     --change "LABEL buildfarm.chaos=$kind" - "$tag" >/dev/null
 fi
 say "built $tag"

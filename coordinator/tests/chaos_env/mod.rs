@@ -363,9 +363,14 @@ impl ChaosFarm {
         loop {
             match self.get("/healthz").await {
                 Ok(_) => return Ok(()),
-                Err(e) if Instant::now() > deadline => {
+                Err(e)
+                    if Instant::now() > deadline
+                        || docker(&["inspect", "--format", "{{.State.Running}}", &self.coord])
+                            .await
+                            .is_ok_and(|r| r == "false") =>
+                {
                     return Err(e.context(format!(
-                        "the coordinator did not answer in {limit:?}; its log:\n{}",
+                        "the coordinator is not running or did not answer in {limit:?}; its log:\n{}",
                         self.logs(&self.coord).await
                     )));
                 }
