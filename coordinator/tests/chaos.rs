@@ -77,6 +77,7 @@ fn plan() -> Option<Plan> {
             scenarios: vec![
                 ("kill-buildlets", Fault::KillBuildlets { rounds: 1 }),
                 ("partition-reverse", Fault::PartitionReverse),
+                ("restart-coordinator", Fault::RestartCoordinator),
                 ("kill-coordinator", Fault::KillCoordinator),
                 (
                     "postgres-down-10s",
@@ -118,6 +119,12 @@ async fn chaos_every_build_has_one_result_and_its_log() {
     let images = chaos_env::images(&bin_dir).await.expect("images");
     let images_secs = started.elapsed().as_secs_f64();
     let mut farm = ChaosFarm::start(images, 2).await.expect("start the farm");
+    // The repo's first commit is built too; out of the way before any fault, so that
+    // every build running during a scenario is the scenario's.
+    let initial = chaos_env::git(&farm.repo(), &["rev-parse", "HEAD"]).expect("initial commit");
+    wait_final(&farm, &[initial], 2, Duration::from_secs(180))
+        .await
+        .expect("the initial commit's builds");
     let farm_secs = started.elapsed().as_secs_f64() - images_secs;
     eprintln!("chaos: images {images_secs:.1}s, farm up {farm_secs:.1}s");
 
@@ -361,19 +368,18 @@ fn pick(items: &[String]) -> Option<&String> {
     items.get(rand::random::<u32>() as usize % items.len())
 }
 
-/// Until a build of `rev` is running.
+/// Until a build of `rev` has started (the store says so).
 async fn wait_running(farm: &ChaosFarm, rev: &str, limit: Duration) -> Result<()> {
     let deadline = Instant::now() + limit;
+    let revs = [rev.to_owned()];
     loop {
-        if let Ok(s) = farm.status().await
-            && s["active"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(|b| b["rev"] == rev))
-        {
-            return Ok(());
-        }
+        let last = match builds(farm, &revs).await {
+            Ok(b) if b.iter().any(|b| b.started_at.is_some()) => return Ok(()),
+            Ok(b) => format!("{b:?}"),
+            Err(e) => format!("{e:#}"),
+        };
         if Instant::now() > deadline {
-            bail!("no build of {rev} started within {limit:?}");
+            bail!("no build of {rev} started within {limit:?}: {last}");
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -382,8 +388,14 @@ async fn wait_running(farm: &ChaosFarm, rev: &str, limit: Duration) -> Result<()
 /// A reverse buildlet running a build now (a random one of those).
 async fn running_reverse(farm: &ChaosFarm, limit: Duration) -> Result<String> {
     let deadline = Instant::now() + limit;
+    let mut last = String::new();
     loop {
-        if let Ok(s) = farm.status().await {
+        let status = farm.status().await;
+        match &status {
+            Ok(s) => last = s["active"].to_string(),
+            Err(e) => last = format!("{e:#}"),
+        }
+        if let Ok(s) = status {
             let busy: Vec<String> = s["active"]
                 .as_array()
                 .map(|a| {
@@ -399,7 +411,7 @@ async fn running_reverse(farm: &ChaosFarm, limit: Duration) -> Result<String> {
             }
         }
         if Instant::now() > deadline {
-            bail!("no reverse buildlet ran a build within {limit:?}");
+            bail!("no reverse buildlet ran a build within {limit:?}: {last}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
