@@ -11,8 +11,8 @@
 //! (`BUILDFARM_CHAOS=full`). Without a Docker engine or PostgreSQL it skips with a note,
 //! and fails under `CI=true`.
 
-mod common;
 mod chaos_env;
+mod common;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -433,7 +433,10 @@ async fn wait_final(
                 if b.len() >= expected && unfinished == 0 {
                     return Ok(());
                 }
-                last = format!("{} of {expected} recorded, {unfinished} unfinished", b.len());
+                last = format!(
+                    "{} of {expected} recorded, {unfinished} unfinished",
+                    b.len()
+                );
             }
             Err(e) => last = format!("{e:#}"),
         }
@@ -570,7 +573,14 @@ fn a_clean_run_counts_no_loss_and_no_duplicate() {
     retried.attempts = 2;
     let c = tally::tally(&e, &[obs("a1", "b", "ok", "begin-m1\ndone-m1\n"), retried]);
     assert_eq!(
-        (c.builds, c.ok, c.retried, c.lost, c.duplicated, c.mismatched),
+        (
+            c.builds,
+            c.ok,
+            c.retried,
+            c.lost,
+            c.duplicated,
+            c.mismatched
+        ),
         (2, 2, 1, 0, 0, 0),
         "{c:?}"
     );
@@ -600,7 +610,11 @@ fn missing_unfinished_and_markerless_builds_are_lost() {
 
 #[test]
 fn second_rows_ok_attempts_and_repeated_markers_are_duplicates() {
-    let e = [exp("a1", "b", "m1"), exp("a2", "b", "m2"), exp("a3", "b", "m3")];
+    let e = [
+        exp("a1", "b", "m1"),
+        exp("a2", "b", "m2"),
+        exp("a3", "b", "m3"),
+    ];
     let mut twice_ok = obs("a2", "b", "ok", "begin-m2\ndone-m2\n");
     twice_ok.ok_attempts = 2;
     let c = tally::tally(

@@ -191,17 +191,15 @@ fn chaos(root: &Path) -> Result<()> {
         .args(["build", "--bin", "coordinator", "--bin", "buildlet"]);
     run("build", build)?;
     let mut test = cargo();
-    test.current_dir(root)
-        .env("BUILDFARM_CHAOS", "full")
-        .args([
-            "test",
-            "-p",
-            "coordinator",
-            "--test",
-            "chaos",
-            "--",
-            "--nocapture",
-        ]);
+    test.current_dir(root).env("BUILDFARM_CHAOS", "full").args([
+        "test",
+        "-p",
+        "coordinator",
+        "--test",
+        "chaos",
+        "--",
+        "--nocapture",
+    ]);
     run("chaos suite", test)
 }
 

@@ -540,7 +540,12 @@ pub fn commit(repo: &Path, marker: &str) -> Result<String> {
 
 pub fn git(dir: &Path, args: &[&str]) -> Result<String> {
     let out = std::process::Command::new("git")
-        .args(["-c", "user.name=chaos", "-c", "user.email=chaos@example.com"])
+        .args([
+            "-c",
+            "user.name=chaos",
+            "-c",
+            "user.email=chaos@example.com",
+        ])
         .args(args)
         .current_dir(dir)
         .output()
