@@ -51,7 +51,8 @@ fn plan() -> Option<Plan> {
     if std::env::var("BUILDFARM_CHAOS").as_deref() == Ok("full") {
         return Some(Plan {
             name: "full",
-            commits: 6,
+            // The poller looks at a branch's 10 newest commits: a scenario stays below.
+            commits: 8,
             interval: Duration::from_secs(2),
             settle: Duration::from_secs(420),
             scenarios: vec![
@@ -263,11 +264,19 @@ async fn inject(farm: &mut ChaosFarm, fault: Fault) -> Result<(Option<f64>, Stri
     match fault {
         Fault::KillBuildlets { rounds } => {
             let mut filter = Vec::new();
+            let mut done = 0;
             for round in 0..rounds {
-                if round > 0 {
-                    tokio::time::sleep(Duration::from_secs(6)).await;
-                }
-                let victim = running_reverse(farm, Duration::from_secs(60)).await?;
+                let victim = if round == 0 {
+                    running_reverse(farm, Duration::from_secs(60)).await?
+                } else {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    // Later rounds only while the stream still has builds running.
+                    match running_reverse(farm, Duration::from_secs(20)).await {
+                        Ok(v) => v,
+                        Err(_) => break,
+                    }
+                };
+                done += 1;
                 let listen = farm.listen_buildlets().await?;
                 docker(&["kill", "-s", "KILL", &victim]).await?;
                 filter.push(format!("reverse/{victim}"));
@@ -281,7 +290,7 @@ async fn inject(farm: &mut ChaosFarm, fault: Fault) -> Result<(Option<f64>, Stri
             }
             Ok((
                 None,
-                "first attempt on a killed buildlet closed (store)".into(),
+                format!("first attempt on a killed buildlet closed (store); {done} round(s)"),
                 filter,
             ))
         }
@@ -388,13 +397,12 @@ async fn wait_running(farm: &ChaosFarm, rev: &str, limit: Duration) -> Result<()
 /// A reverse buildlet running a build now (a random one of those).
 async fn running_reverse(farm: &ChaosFarm, limit: Duration) -> Result<String> {
     let deadline = Instant::now() + limit;
-    let mut last = String::new();
     loop {
         let status = farm.status().await;
-        match &status {
-            Ok(s) => last = s["active"].to_string(),
-            Err(e) => last = format!("{e:#}"),
-        }
+        let last = match &status {
+            Ok(s) => s["active"].to_string(),
+            Err(e) => format!("{e:#}"),
+        };
         if let Ok(s) = status {
             let busy: Vec<String> = s["active"]
                 .as_array()
@@ -426,20 +434,19 @@ async fn wait_final(
 ) -> Result<()> {
     let deadline = Instant::now() + limit;
     loop {
-        let last;
-        match builds(farm, hashes).await {
+        let last = match builds(farm, hashes).await {
             Ok(b) => {
                 let unfinished = b.iter().filter(|b| !b.state.is_final()).count();
                 if b.len() >= expected && unfinished == 0 {
                     return Ok(());
                 }
-                last = format!(
+                format!(
                     "{} of {expected} recorded, {unfinished} unfinished",
                     b.len()
-                );
+                )
             }
-            Err(e) => last = format!("{e:#}"),
-        }
+            Err(e) => format!("{e:#}"),
+        };
         if Instant::now() > deadline {
             // Not an error here: the tally counts what never finished as lost.
             eprintln!("chaos: builds not final within {limit:?}: {last}");
