@@ -7,6 +7,8 @@
 //!   cache) through the farm against the same work done directly (see `acceptance.rs`).
 //! - `certs`: a CA plus server and client certificates for trying things by hand.
 //! - `images`: the local Docker images of `env/` (see `images.rs`).
+//! - `chaos`: the full multi-host chaos suite in Docker containers (`coordinator/tests/chaos.rs`;
+//!   its short form runs in `ci`).
 //! - `fuzz`: each `cargo fuzz` target for a bounded time (needs nightly + cargo-fuzz); the
 //!   same fuzz bodies also run on stable in `cargo test` (the `tests/fuzz_bodies.rs` files).
 
@@ -68,6 +70,9 @@ enum Task {
         /// Only the host types whose name contains this.
         filter: Option<String>,
     },
+    /// The full chaos suite: coordinator, PostgreSQL and buildlets in containers, faults
+    /// injected under a stream of builds (table printed, JSON under target/chaos/).
+    Chaos,
     /// Run every fuzz target for a bounded time each (needs nightly and cargo-fuzz).
     Fuzz {
         /// Seconds per target.
@@ -89,6 +94,7 @@ fn main() -> Result<()> {
         Task::Bench { filter } => bench::run(&root, filter.as_deref()),
         Task::BenchInner { filter } => bench::inner(&root, filter.as_deref()),
         Task::Certs { out } => certs(&root.join(out)),
+        Task::Chaos => chaos(&root),
         Task::Fuzz { seconds, filter } => fuzz::run(&root, seconds, filter.as_deref()),
         Task::Images { filter } => images::run(&root, filter.as_deref()),
     }
@@ -183,6 +189,30 @@ fn demo(root: &Path, args: &[String]) -> Result<()> {
         bail!("coordinator exited with {status}");
     }
     Ok(())
+}
+
+fn chaos(root: &Path) -> Result<()> {
+    if !images::engine_answers() {
+        bail!("no Docker engine answers `docker version`: install docker.io and start it");
+    }
+    // The images are assembled from these binaries (the test binary alone does not
+    // build the buildlet).
+    let mut build = cargo();
+    build
+        .current_dir(root)
+        .args(["build", "--bin", "coordinator", "--bin", "buildlet"]);
+    run("build", build)?;
+    let mut test = cargo();
+    test.current_dir(root).env("BUILDFARM_CHAOS", "full").args([
+        "test",
+        "-p",
+        "coordinator",
+        "--test",
+        "chaos",
+        "--",
+        "--nocapture",
+    ]);
+    run("chaos suite", test)
 }
 
 fn certs(out: &Path) -> Result<()> {
