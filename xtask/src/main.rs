@@ -10,6 +10,7 @@
 
 mod bench;
 mod bench_farm;
+mod bench_fleet;
 mod bench_pages;
 mod bench_pools;
 mod bench_revdial;
