@@ -14,9 +14,7 @@ use coordinator::farm::ActiveBuild;
 use coordinator::http::charts::Sample;
 use coordinator::http::dashboard::{self, DashQuery};
 use coordinator::http::logs::build_page;
-use coordinator::http::status::{
-    ConnectionsView, REVERSE_HOSTS_LISTED, StatusInput, status_view,
-};
+use coordinator::http::status::{ConnectionsView, REVERSE_HOSTS_LISTED, StatusInput, status_view};
 use coordinator::pool::PoolStatus;
 
 /// 2024-01-01T00:00:00Z, the fixture's epoch.
@@ -501,7 +499,10 @@ fn a_big_fleet_lists_its_newest_hosts_on_the_page_and_every_host_in_the_json() {
         )),
         "no note on the hosts left out"
     );
-    assert!(!html.contains(&format!("fleet-{:05}", n - 1)), "the oldest is left out");
+    assert!(
+        !html.contains(&format!("fleet-{:05}", n - 1)),
+        "the oldest is left out"
+    );
     let json = serde_json::to_value(&view).expect("json");
     assert_eq!(json["reverse_hosts"].as_array().map(Vec::len), Some(n));
     assert!(json.get("listed_hosts").is_none());

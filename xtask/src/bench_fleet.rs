@@ -390,13 +390,21 @@ pub async fn fleet_benches(release: &Path, out_dir: &Path) -> Result<Vec<Figure>
     make_repo(&repo)?;
     let cfg_path = dir.join("coordinator.toml");
     std::fs::write(&cfg_path, config(dir, &repo, &groups))?;
-    let c = Coordinator::start(release, &cfg_path, &dir.join("data"), &dir.join("coordinator.log"))
-        .await?;
+    let c = Coordinator::start(
+        release,
+        &cfg_path,
+        &dir.join("data"),
+        &dir.join("coordinator.log"),
+    )
+    .await?;
     for g in 0..groups.len() {
         let key = c.cli(&["builder-key", &host_type(g)], release)?;
         std::fs::write(dir.join(format!("{}.key", host_type(g))), key)?;
     }
-    let token = c.cli(&["token", "issue", "fleet-bench", "--role", "viewer"], release)?;
+    let token = c.cli(
+        &["token", "issue", "fleet-bench", "--role", "viewer"],
+        release,
+    )?;
     let ca = std::fs::read_to_string(c.data.join("tls/ca.crt"))?;
     let api = FarmClient::connect(&c.addr, &ca, Some(&token), Duration::from_secs(60))
         .await

@@ -77,7 +77,12 @@ fn validate(cli: Cli, shutdown: &CancellationToken) -> anyhow::Result<Fleet> {
     revdial::parse_coordinator(&cli.reverse).context("--reverse")?;
     let ca_pem = buildfarm_tls::load_ca_file(&cli.ca_file).context("loading --ca-file")?;
     let key = std::fs::read_to_string(&cli.builder_key_file)
-        .with_context(|| format!("reading --builder-key-file {}", cli.builder_key_file.display()))?
+        .with_context(|| {
+            format!(
+                "reading --builder-key-file {}",
+                cli.builder_key_file.display()
+            )
+        })?
         .trim()
         .to_owned();
     let mut hosts = Vec::with_capacity(cli.count);

@@ -425,9 +425,7 @@ pub fn status_view(input: StatusInput, now_ms: i64) -> StatusView {
 /// big fleet those are the ones an operator looks for (reconnects, new machines).
 pub fn most_recently_connected(hosts: &[ReverseHostView], limit: usize) -> Vec<ReverseHostView> {
     let mut order: Vec<&ReverseHostView> = hosts.iter().collect();
-    order.sort_by(|a, b| {
-        (a.connected_secs, &a.hostname).cmp(&(b.connected_secs, &b.hostname))
-    });
+    order.sort_by(|a, b| (a.connected_secs, &a.hostname).cmp(&(b.connected_secs, &b.hostname)));
     order.into_iter().take(limit).cloned().collect()
 }
 
