@@ -582,8 +582,12 @@ pub async fn fleet_benches(release: &Path, out_dir: &Path) -> Result<Vec<Figure>
             ratio: (connect_all.as_secs_f64() * lost_n as f64 / n as f64)
                 / reconnect.as_secs_f64().max(1e-9),
             note: format!(
-                "{lost_n} hosts' process SIGKILLed and started again, until all {n} are registered (lost {} -> {}); baseline: the cold start's time per {lost_n} hosts",
-                m1.lost, m2.lost
+                "{lost_n} hosts' process SIGKILLed and started again, until all {n} are registered (lost {} -> {}; evicted {}, refused {}, handshakes refused {} since the cold start); baseline: the cold start's time per {lost_n} hosts",
+                m1.lost,
+                m2.lost,
+                m2.evicted - m1.evicted,
+                m2.refused - m1.refused,
+                m2.handshakes_refused - m1.handshakes_refused
             ),
         },
         Figure {
