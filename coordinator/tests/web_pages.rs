@@ -14,7 +14,7 @@ use coordinator::farm::ActiveBuild;
 use coordinator::http::charts::Sample;
 use coordinator::http::dashboard::{self, DashQuery};
 use coordinator::http::logs::build_page;
-use coordinator::http::status::{ConnectionsView, StatusInput, status_view};
+use coordinator::http::status::{ConnectionsView, REVERSE_HOSTS_LISTED, StatusInput, status_view};
 use coordinator::pool::PoolStatus;
 
 /// 2024-01-01T00:00:00Z, the fixture's epoch.
@@ -503,6 +503,47 @@ async fn status_page_snapshot() {
     let step = &json["active"][0]["shards"][0];
     assert_eq!(step["units_done"], 4, "{json:#}");
     assert_eq!(step["buildlets"], serde_json::json!(["local/local#2"]));
+}
+
+#[test]
+fn a_big_fleet_lists_its_newest_hosts_on_the_page_and_every_host_in_the_json() {
+    let mut input = status_input(vec![]);
+    let template = input.reverse_hosts[0].clone();
+    let n = REVERSE_HOSTS_LISTED * 5 / 2;
+    // Host i connected i seconds before NOW: fleet-00000 is the newest.
+    input.reverse_hosts = (0..n)
+        .map(|i| revdial::HostInfo {
+            id: revdial::HostId(1000 - i as u64),
+            hostname: format!("fleet-{i:05}"),
+            connected_since: UNIX_EPOCH + Duration::from_millis((NOW - i as i64 * 1000) as u64),
+            ..template.clone()
+        })
+        .collect();
+    let view = status_view(input, NOW);
+    let listed: Vec<&str> = view
+        .listed_hosts
+        .iter()
+        .map(|h| h.hostname.as_str())
+        .collect();
+    let newest: Vec<String> = (0..REVERSE_HOSTS_LISTED)
+        .map(|i| format!("fleet-{i:05}"))
+        .collect();
+    assert_eq!(listed, newest, "the newest connections, newest first");
+    let html = view.render().expect("render");
+    assert_eq!(html.matches("<td>fleet-").count(), REVERSE_HOSTS_LISTED);
+    assert!(
+        html.contains(&format!(
+            "{n} connected; the {REVERSE_HOSTS_LISTED} most recently connected are listed"
+        )),
+        "no note on the hosts left out"
+    );
+    assert!(
+        !html.contains(&format!("fleet-{:05}", n - 1)),
+        "the oldest is left out"
+    );
+    let json = serde_json::to_value(&view).expect("json");
+    assert_eq!(json["reverse_hosts"].as_array().map(Vec::len), Some(n));
+    assert!(json.get("listed_hosts").is_none());
 }
 
 #[tokio::test]

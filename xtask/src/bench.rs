@@ -42,6 +42,12 @@ pub fn run(root: &Path, filter: Option<&str>) -> Result<()> {
         "buildlet",
         "--bin",
         "buildlet",
+        "--bin",
+        "buildlet-fleet",
+        "-p",
+        "coordinator",
+        "--bin",
+        "coordinator",
     ]);
     super::run("release build", build)?;
     let bin = super::target_dir(root).join("release");
@@ -83,6 +89,9 @@ pub fn inner(root: &Path, filter: Option<&str>) -> Result<()> {
             &release,
             &out_dir.join("pools-work"),
         ))?);
+    }
+    if want("fleet") {
+        figures.extend(rt.block_on(super::bench_fleet::fleet_benches(&release, &out_dir))?);
     }
     if want("pages") {
         figures.extend(rt.block_on(super::bench_pages::pages_benches())?);

@@ -731,7 +731,7 @@ fn fleet_size() -> Result<usize> {
 }
 
 /// Raises the soft open-file limit to the hard one.
-fn raise_nofile() -> Result<u64> {
+pub(super) fn raise_nofile() -> Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -771,7 +771,7 @@ fn cpu_time() -> Duration {
 }
 
 /// CPU time of another process from /proc/<pid>/stat (utime + stime).
-fn child_cpu_time(pid: u32) -> Option<Duration> {
+pub(super) fn child_cpu_time(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the ")" that ends the command name; utime and stime are 14 and 15.
     let rest = stat.rsplit_once(')')?.1;
@@ -791,7 +791,7 @@ fn trim_heap() {
 }
 
 /// Resident memory of another process, from /proc/<pid>/status.
-fn proc_rss_kib(pid: u32) -> Result<u64> {
+pub(super) fn proc_rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()

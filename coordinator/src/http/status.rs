@@ -25,6 +25,11 @@ pub const STORE_PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// The charts' time window.
 pub const CHART_WINDOW: Duration = Duration::from_secs(4 * 3600);
 const RECENT: u32 = 25;
+/// Most reverse hosts the HTML page lists one by one (the most recently connected);
+/// the JSON lists every host. A fleet of thousands would otherwise make the page
+/// megabytes of rows no one reads, rendered on every refresh; the pools table
+/// already gives each host type's connected and expected counts.
+pub const REVERSE_HOSTS_LISTED: usize = 100;
 
 /// Everything the status page shows, as read from the farm.
 pub struct StatusInput {
@@ -222,7 +227,7 @@ pub struct RecentView {
     pub short_rev: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ReverseHostView {
     pub hostname: String,
     pub host_type: String,
@@ -255,7 +260,12 @@ pub struct StatusView {
     pub queue: Vec<QueueView>,
     pub active: Vec<ActiveView>,
     pub recent: Vec<RecentView>,
+    /// Every connected reverse host, oldest connection first.
     pub reverse_hosts: Vec<ReverseHostView>,
+    /// The page's table: the [`REVERSE_HOSTS_LISTED`] most recently connected hosts,
+    /// newest first (see [`most_recently_connected`]).
+    #[serde(skip)]
+    pub listed_hosts: Vec<ReverseHostView>,
     pub gomote_instances: usize,
     /// Whether local buildlets run in a sandbox; `None` without a local pool.
     pub local_sandboxed: Option<bool>,
@@ -435,7 +445,7 @@ pub fn status_view(input: StatusInput, now_ms: i64) -> StatusView {
             short_rev: short(&b.rev).to_owned(),
         })
         .collect();
-    let reverse_hosts = input
+    let reverse_hosts: Vec<ReverseHostView> = input
         .reverse_hosts
         .into_iter()
         .map(|h| {
@@ -454,6 +464,7 @@ pub fn status_view(input: StatusInput, now_ms: i64) -> StatusView {
             }
         })
         .collect();
+    let listed_hosts = most_recently_connected(&reverse_hosts, REVERSE_HOSTS_LISTED);
     let window = CHART_WINDOW.as_millis() as i64;
     let queued: Vec<(i64, f64)> = input
         .history
@@ -495,12 +506,21 @@ pub fn status_view(input: StatusInput, now_ms: i64) -> StatusView {
         active,
         recent,
         reverse_hosts,
+        listed_hosts,
         gomote_instances: input.gomote_instances,
         local_sandboxed,
         connections: input.connections,
         history: input.history,
         charts,
     }
+}
+
+/// The `limit` hosts connected most recently, newest first (ties by hostname): on a
+/// big fleet those are the ones an operator looks for (reconnects, new machines).
+pub fn most_recently_connected(hosts: &[ReverseHostView], limit: usize) -> Vec<ReverseHostView> {
+    let mut order: Vec<&ReverseHostView> = hosts.iter().collect();
+    order.sort_by(|a, b| (a.connected_secs, &a.hostname).cmp(&(b.connected_secs, &b.hostname)));
+    order.into_iter().take(limit).cloned().collect()
 }
 
 /// Pings the store with a short timeout; the error says why it is unreachable.
