@@ -34,8 +34,8 @@ enum Fault {
     KillCoordinator,
     /// PostgreSQL stopped for this long mid-run.
     PostgresDown(Duration),
-    /// A third reverse buildlet whose workdir is a tmpfs too small for the step's
-    /// scratch file joins the pool.
+    /// A reverse buildlet whose workdir is a tmpfs too small for the step's scratch
+    /// file replaces the others in the pool for the scenario.
     DiskFull,
 }
 
@@ -147,7 +147,6 @@ async fn chaos_every_build_has_one_result_and_its_log() {
         reports.push(report);
     }
     let table = tally::render(&reports);
-    println!("{table}");
     eprintln!("{table}");
     let out_dir = bin_dir
         .parent()
@@ -237,6 +236,11 @@ async fn run_scenario(
     let settle_secs = fault_at.elapsed().as_secs_f64();
     if let Fault::DiskFull = fault {
         docker(&["rm", "-f", &farm.disk_full_name()]).await?;
+        for r in &farm.reverse {
+            docker(&["start", r]).await?;
+        }
+        farm.wait_reverse_connected(&farm.reverse.clone(), Duration::from_secs(120))
+            .await?;
     }
     let observed = observe(farm, &hashes).await?;
     if detect.is_none() {
@@ -357,6 +361,11 @@ async fn inject(farm: &mut ChaosFarm, fault: Fault) -> Result<(Option<f64>, Stri
             Ok((detect, "store not ok on /api/status".into(), vec![]))
         }
         Fault::DiskFull => {
+            // The other reverse buildlets step aside (until the scenario ends), so the
+            // reverse builds must land on the full disk.
+            for r in &farm.reverse {
+                docker(&["stop", "-t", "5", r]).await?;
+            }
             let name = farm.disk_full_name();
             farm.run_reverse(&name, Some("192k")).await?;
             farm.wait_reverse_connected(std::slice::from_ref(&name), Duration::from_secs(120))
