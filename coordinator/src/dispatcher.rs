@@ -150,8 +150,17 @@ impl Dispatcher {
     /// only while `host_type` has room beyond the slots held and nothing is queued for
     /// it, so queued work always goes first (a plan can finish on its own slot).
     pub fn try_helper_slot(self: &Arc<Self>, host_type: &str, capacity: usize) -> Option<Slot> {
+        self.try_spare_slot(host_type, capacity, true)
+    }
+
+    fn try_spare_slot(
+        self: &Arc<Self>,
+        host_type: &str,
+        capacity: usize,
+        queued_first: bool,
+    ) -> Option<Slot> {
         let s = lock(&self.scheduler);
-        if s.len_for(host_type) > 0 {
+        if queued_first && s.len_for(host_type) > 0 {
             return None;
         }
         let mut in_flight = lock(&self.in_flight);
@@ -167,19 +176,39 @@ impl Dispatcher {
         })
     }
 
-    /// Waits for [`Dispatcher::try_helper_slot`] to succeed. `capacity` is asked again at
-    /// every try (a pool's capacity changes as machines come and go); a missed wake costs
-    /// at most a second.
+    /// Waits for [`Dispatcher::try_helper_slot`] to succeed.
     pub async fn helper_slot(
         self: &Arc<Self>,
         host_type: &str,
         capacity: impl Fn() -> usize,
     ) -> Slot {
+        self.wait_for_slot(host_type, capacity, true).await
+    }
+
+    /// A slot for a build that gave its own back while it waited for another build:
+    /// taken as soon as `host_type` has room, ahead of queued work (the build was
+    /// popped before it).
+    pub async fn returning_slot(
+        self: &Arc<Self>,
+        host_type: &str,
+        capacity: impl Fn() -> usize,
+    ) -> Slot {
+        self.wait_for_slot(host_type, capacity, false).await
+    }
+
+    /// `capacity` is asked again at every try (a pool's capacity changes as machines
+    /// come and go); a missed wake costs at most a second.
+    async fn wait_for_slot(
+        self: &Arc<Self>,
+        host_type: &str,
+        capacity: impl Fn() -> usize,
+        queued_first: bool,
+    ) -> Slot {
         loop {
             let room = self.helper_room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            if let Some(slot) = self.try_helper_slot(host_type, capacity()) {
+            if let Some(slot) = self.try_spare_slot(host_type, capacity(), queued_first) {
                 return slot;
             }
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), room).await;
@@ -492,6 +521,21 @@ mod tests {
         );
         d.cancel_instance_request("r1");
         assert!(d.try_helper_slot("linux-amd64", 4).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_returning_build_goes_before_queued_work_but_not_past_capacity() {
+        let d = Dispatcher::new(Policy::default());
+        let _waiting = d.request_instance("r1", "h", Timestamp::from_millis(1));
+        let slot = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            d.returning_slot("h", || 1),
+        )
+        .await
+        .expect("room for the returning build despite the queue");
+        assert_eq!(held(&d, "h"), 1);
+        assert!(d.try_spare_slot("h", 1, false).is_none(), "capacity is 1");
+        drop(slot);
     }
 
     #[tokio::test]

@@ -811,6 +811,7 @@ impl Farm {
                 workspaces: self.workspaces.clone(),
                 dispatcher: self.dispatcher.clone(),
                 go_pairing: self.config.repo(&build.repo).and_then(|r| r.go.clone()),
+                build_slot: std::sync::Mutex::new(Some(slot)),
             };
             match crate::runner::run(&env, &build).await {
                 RunOutcome::Finished(state, summary) => {
@@ -826,9 +827,9 @@ impl Farm {
                 RunOutcome::Stopped => {}
                 RunOutcome::AlreadyFinal(why) => info!(why, "build already final in the store"),
             }
+            // With its slot.
             drop(env);
             self.logs.close(&build.id);
-            drop(slot);
         }
         .instrument(span)
         .await

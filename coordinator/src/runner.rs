@@ -71,6 +71,9 @@ pub struct RunEnv {
     pub workspaces: Arc<crate::plan::workspace::Workspaces>,
     /// Where a plan build gets slots for buildlets beyond its own.
     pub dispatcher: Arc<crate::dispatcher::Dispatcher>,
+    /// The build's own dispatcher slot. A plan build waiting for another build (a Go
+    /// toolchain) gives it back meanwhile, so the build it waits for can get one.
+    pub build_slot: std::sync::Mutex<Option<crate::dispatcher::Slot>>,
     /// The build's repo's `go` pairing: which Go repo and branch a step with `toolchain`
     /// takes its toolchain from (`None`: the build's own commit).
     pub go_pairing: Option<buildfarm_config::GoPairing>,
@@ -80,6 +83,34 @@ pub struct RunEnv {
 pub(crate) const SRC_DIR: &str = "src";
 
 impl RunEnv {
+    /// Gives the build's slot back to the dispatcher while it waits on other builds.
+    pub(crate) fn release_build_slot(&self) {
+        let slot = self
+            .build_slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(slot);
+    }
+
+    /// Takes a slot again after [`RunEnv::release_build_slot`] (at once if still held).
+    pub(crate) async fn reclaim_build_slot(&self) {
+        let held = self
+            .build_slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if held {
+            return;
+        }
+        let pool = self.pool.clone();
+        let slot = self
+            .dispatcher
+            .returning_slot(self.pool.host_type(), || pool.capacity())
+            .await;
+        *self.build_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(slot);
+    }
+
     pub(crate) fn cancelled(&self) -> RunOutcome {
         if self.shutdown.is_cancelled() {
             RunOutcome::Stopped

@@ -789,3 +789,51 @@ steps = [{{ name = "other", command = ["sh", "-c", "sleep 2; echo other done"] }
         Err(_) => panic!("the sampler still holds the farm"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_waiting_for_a_toolchain_frees_its_slot_for_the_toolchain_build() {
+    // One buildlet, and the build that needs the toolchain is queued first: if it kept
+    // its slot while waiting, the toolchain build would never start.
+    let builders = format!(
+        r#"
+[[builders]]
+name = "{misc}"
+host_type = "local"
+[[builders.steps]]
+name = "cross"
+toolchain = {{ builder = "{tc}", step = "make", dir = "goroot" }}
+command = ["sh", "-c", "echo cross-built with $(cat ../goroot/VERSION)"]
+
+[[builders]]
+name = "{tc}"
+host_type = "local"
+[[builders.steps]]
+name = "make"
+snapshot = "goroot"
+command = ["sh", "-c", "mkdir -p ../goroot && echo go-from-the-farm > ../goroot/VERSION"]
+"#,
+        misc = host_builder("amisc"),
+        tc = host_builder("toolchain"),
+    );
+    let s = setup(&builders, "");
+    let cfg = std::fs::read_to_string(&s.cfg).expect("config");
+    std::fs::write(&s.cfg, cfg.replace("count = 4", "count = 1")).expect("config");
+    let farm = TestFarm::start(&s.cfg, &s.data).await;
+    let builds = farm.wait_final_builds("t", &s.rev, 2).await;
+    let misc = builds
+        .iter()
+        .find(|b| b["builder"] == host_builder("amisc").as_str())
+        .expect("misc build");
+    let id = misc["id"].as_str().expect("id");
+    let log = farm.get_text(&format!("/log/{id}")).await;
+    assert_eq!(misc["state"], "ok", "{log}");
+    assert!(
+        log.contains("toolchain: waiting for"),
+        "the misc build ran first and waited: {log}"
+    );
+    assert!(log.contains("cross-built with go-from-the-farm"), "{log}");
+    for b in &builds {
+        assert_eq!(b["state"], "ok", "{builds:?}");
+    }
+    farm.kill().await;
+}

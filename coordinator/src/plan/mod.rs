@@ -219,6 +219,7 @@ pub(crate) async fn run(env: &RunEnv, build: &Build) -> RunOutcome {
             match toolchain::resolve_all(env, build).await {
                 Ok(t) => {
                     *lock(&ctx.toolchains) = t;
+                    env.reclaim_build_slot().await;
                     drive(&ctx).await
                 }
                 Err(end) => end,

@@ -172,6 +172,12 @@ async fn resolve(env: &RunEnv, build: &Build, t: &ToolchainRef) -> Result<Resolv
                 });
             }
             Pairing::Wait(rev) => {
+                if waited_for.is_none() {
+                    // Waiting holds no buildlet; it must not hold the slot either, or
+                    // builds waiting for a toolchain could fill the pool and leave the
+                    // toolchain build queued behind them.
+                    env.release_build_slot();
+                }
                 if waited_for != Some(rev.clone()) {
                     env.log.note(&match &rev {
                         Some(rev) => format!(
