@@ -19,9 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use buildfarm_config::Config;
 use buildfarm_store::{Build, Store};
-use coordinator::app::{Running, StartOptions};
+
+use super::bench_farm::{start_coordinator, wait_final_by};
 
 const GO_SRC: &str = "/usr/share/go-1.19";
 const BOOTSTRAP: &str = "/usr/lib/go-1.19";
@@ -175,20 +175,6 @@ fn import(src: &str, dir: &Path, go_version: Option<&str>) -> Result<String> {
     git(dir, &["rev-parse", "HEAD"])
 }
 
-async fn start(release: &Path, config: &str) -> Result<Running> {
-    let config = Config::from_toml_str(config, "acceptance.toml").map_err(|e| anyhow!("{e}"))?;
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    coordinator::app::start(
-        config,
-        tcp,
-        StartOptions {
-            buildlet_bin: Some(release.join("buildlet")),
-            ..Default::default()
-        },
-    )
-    .await
-}
-
 /// The final build of `rev` by `builder`, waiting up to `within`.
 async fn final_build(
     store: &Arc<dyn Store>,
@@ -197,20 +183,15 @@ async fn final_build(
     builder: &str,
     within: Duration,
 ) -> Result<Build> {
-    let start = Instant::now();
-    loop {
-        let builds = store.builds_for_commits(repo, &[rev.to_owned()]).await?;
-        if let Some(b) = builds
-            .into_iter()
-            .find(|b| b.builder == builder && b.state.is_final())
-        {
-            return Ok(b);
-        }
-        if start.elapsed() > within {
-            bail!("{builder} on {repo}@{rev} not finished within {within:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_final_by(
+        store,
+        repo,
+        rev,
+        Some(builder),
+        Duration::from_millis(500),
+        within,
+    )
+    .await
 }
 
 async fn log_of(store: &Arc<dyn Store>, b: &Build) -> Result<String> {
@@ -335,7 +316,7 @@ async fn measure(release: &Path, tmp: &Path) -> Result<Vec<Row>> {
 
     // Through the farm: the toolchain, then the dist tests over SHARDS buildlets.
     let data = tmp.join("data");
-    let running = start(release, &farm_config(&data, &go, SHARDS)).await?;
+    let running = start_coordinator(release, &farm_config(&data, &go, SHARDS)).await?;
     let result = async {
         let store = running.farm.store();
         let tc = final_build(
@@ -389,7 +370,7 @@ async fn measure(release: &Path, tmp: &Path) -> Result<Vec<Row>> {
     // The same dist tests on one buildlet (a restart adds that builder; the toolchain
     // published above is restored, not rebuilt).
     eprintln!("acceptance: the same dist tests on one buildlet");
-    let running = start(release, &farm_config(&data, &go, 1)).await?;
+    let running = start_coordinator(release, &farm_config(&data, &go, 1)).await?;
     let result = async {
         let store = running.farm.store();
         let one = final_build(
@@ -456,7 +437,7 @@ branches = ["main"]
         cmp = cmp.display(),
         a = arch(),
     );
-    let running = start(release, &cmp_config).await?;
+    let running = start_coordinator(release, &cmp_config).await?;
     let result = async {
         let store = running.farm.store();
         let builder = format!("linux-{}-cmp", arch());

@@ -144,8 +144,9 @@ fn commit(repo: &Path, msg: &str) -> Result<String> {
     git(repo, &["rev-parse", "HEAD"])
 }
 
-async fn start_coordinator(release: &Path, config: &str) -> Result<Running> {
-    let config = Config::from_toml_str(config, "bench.toml").map_err(|e| anyhow!("{e}"))?;
+/// An in-process coordinator with `config`, its local buildlets the release `buildlet`.
+pub(crate) async fn start_coordinator(release: &Path, config: &str) -> Result<Running> {
+    let config = Config::from_toml_str(config, "xtask.toml").map_err(|e| anyhow!("{e}"))?;
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     coordinator::app::start(
         config,
@@ -165,16 +166,36 @@ async fn wait_final(
     rev: &str,
     within: Duration,
 ) -> Result<Build> {
+    // Polled often: the dispatch bench times this wait.
+    wait_final_by(store, repo, rev, None, Duration::from_millis(10), within).await
+}
+
+/// Waits (bounded by `within`, polling every `poll`) for the build of `rev` (by
+/// `builder`, if given) to be final.
+pub(crate) async fn wait_final_by(
+    store: &Arc<dyn Store>,
+    repo: &str,
+    rev: &str,
+    builder: Option<&str>,
+    poll: Duration,
+    within: Duration,
+) -> Result<Build> {
     let start = Instant::now();
     loop {
         let builds = store.builds_for_commits(repo, &[rev.to_owned()]).await?;
-        if let Some(b) = builds.into_iter().find(|b| b.state.is_final()) {
+        if let Some(b) = builds
+            .into_iter()
+            .find(|b| b.state.is_final() && builder.is_none_or(|name| b.builder == name))
+        {
             return Ok(b);
         }
         if start.elapsed() > within {
-            bail!("build of {rev} not finished within {within:?}");
+            bail!(
+                "build of {repo}@{rev}{} not finished within {within:?}",
+                builder.map(|b| format!(" by {b}")).unwrap_or_default()
+            );
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(poll).await;
     }
 }
 
