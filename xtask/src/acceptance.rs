@@ -490,7 +490,7 @@ mod tests {
     fn the_farm_config_parses_for_both_runs() {
         for shards in [SHARDS, 1] {
             let text = farm_config(Path::new("/tmp/d"), Path::new("/tmp/go"), shards);
-            Config::from_toml_str(&text, "acceptance.toml").unwrap();
+            buildfarm_config::Config::from_toml_str(&text, "acceptance.toml").unwrap();
         }
     }
 }
