@@ -313,31 +313,6 @@ async fn sharded_tests_match_a_direct_go_test_run_and_record_durations() {
     drop(s.tmp);
 }
 
-/// True if `pid` or one of its descendants has `needle` in its command line.
-fn process_tree_contains(pid: i32, needle: &str) -> bool {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    if String::from_utf8_lossy(&cmdline)
-        .replace('\0', " ")
-        .contains(needle)
-    {
-        return true;
-    }
-    let mut children = String::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        children
-            .push_str(&std::fs::read_to_string(task.path().join("children")).unwrap_or_default());
-        children.push(' ');
-    }
-    children
-        .split_whitespace()
-        .filter_map(|c| c.parse::<i32>().ok())
-        .any(|c| process_tree_contains(c, needle))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_helper_killed_mid_shard_reruns_only_its_shard() {
     let shared = tempfile::tempdir().expect("shared");

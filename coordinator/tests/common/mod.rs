@@ -275,3 +275,29 @@ pub fn buildlet_pids(needle: &str) -> Vec<i32> {
     }
     pids
 }
+
+/// True if `pid` or one of its descendants has `needle` in its command line.
+pub fn process_tree_contains(pid: i32, needle: &str) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if String::from_utf8_lossy(&cmdline)
+        .replace('\0', " ")
+        .contains(needle)
+    {
+        return true;
+    }
+    // Children are listed per thread, and a tokio process spawns from any thread.
+    let mut children = String::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        children
+            .push_str(&std::fs::read_to_string(task.path().join("children")).unwrap_or_default());
+        children.push(' ');
+    }
+    children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<i32>().ok())
+        .any(|c| process_tree_contains(c, needle))
+}
