@@ -13,7 +13,11 @@
 //!   stream, a `gomote run`, an authenticated revdial tunnel) is never chosen. Only when
 //!   every connection is busy is the new one closed at once.
 //! - **Handshakes in progress** ([`ConnLimits::max_handshakes`]): at the cap the oldest
-//!   unfinished handshake is closed, for the same reason.
+//!   unfinished handshake is closed, for the same reason, once it has had
+//!   [`HANDSHAKE_GRACE`]; until then the newcomer waits in the backlog for a handshake
+//!   to finish. A real peer finishes well within the grace, so a mass reconnect (a fleet
+//!   redialling at once) is not cut down to the handshakes that arrived last, while a
+//!   flood of stalled handshakes is pushed out as before.
 //! - **Time**: the TLS handshake and protocol sorting ([`ConnLimits::handshake_timeout`]),
 //!   HTTP/1 header reading ([`ConnLimits::header_read_timeout`]), and idleness: a
 //!   connection with no request in flight for [`ConnLimits::idle_timeout`] is closed
@@ -146,6 +150,7 @@ const PHASE_PINNED: u8 = 2;
 #[derive(Debug)]
 struct ConnState {
     id: u64,
+    admitted: Instant,
     phase: AtomicU8,
     in_flight: AtomicUsize,
     /// When the last request finished (or the connection was admitted).
@@ -201,6 +206,28 @@ struct Table {
 }
 
 impl Table {
+    /// Closes the oldest unfinished handshake if it is at least `min_age` old.
+    fn evict_old_handshake(&self, min_age: Duration) -> bool {
+        let victim = {
+            let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            // Ids follow admission: the first handshake found is the oldest.
+            let id = conns
+                .values()
+                .find(|c| c.evictable(true))
+                .filter(|c| c.admitted.elapsed() >= min_age)
+                .map(|c| c.id);
+            id.and_then(|id| conns.remove(&id))
+        };
+        match victim {
+            Some(c) => {
+                c.kill.cancel();
+                self.evicted.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Closes the oldest connection `evictable` allows; false if there is none.
     fn evict_oldest(&self, handshakes_only: bool) -> bool {
         let victim = {
@@ -230,6 +257,8 @@ pub struct Acceptor {
     limits: Arc<ConnLimits>,
     slots: Arc<Semaphore>,
     table: Arc<Table>,
+    /// [`HANDSHAKE_GRACE`], but for tests that must not race a clock.
+    handshake_grace: Duration,
 }
 
 impl std::fmt::Debug for Acceptor {
@@ -244,6 +273,10 @@ impl std::fmt::Debug for Acceptor {
 /// How long a full acceptor waits for an evicted connection to free its slot before
 /// closing the newcomer instead.
 const EVICTION_WAIT: Duration = Duration::from_secs(1);
+/// A handshake younger than this is not closed to make room for a newer one.
+pub const HANDSHAKE_GRACE: Duration = Duration::from_secs(1);
+/// How often a newcomer at the handshake cap looks for room.
+const HANDSHAKE_ROOM_POLL: Duration = Duration::from_millis(10);
 /// First and largest back-off after a failed `accept` (usually out of descriptors).
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -262,7 +295,14 @@ impl Acceptor {
             limits: Arc::new(limits),
             slots: Arc::new(Semaphore::new(max)),
             table,
+            handshake_grace: HANDSHAKE_GRACE,
         }
+    }
+
+    #[cfg(test)]
+    fn with_handshake_grace(mut self, grace: Duration) -> Self {
+        self.handshake_grace = grace;
+        self
     }
 
     pub fn limits(&self) -> &ConnLimits {
@@ -319,6 +359,17 @@ impl Acceptor {
         }
     }
 
+    /// Returns once a handshake may start: under the cap, or after closing the oldest
+    /// handshake past its grace ([`HANDSHAKE_GRACE`]; waiting at most that long).
+    async fn handshake_room(&self) {
+        while self.table.handshaking.load(Ordering::Acquire) >= self.limits.max_handshakes {
+            if self.table.evict_old_handshake(self.handshake_grace) {
+                return;
+            }
+            tokio::time::sleep(HANDSHAKE_ROOM_POLL).await;
+        }
+    }
+
     /// A slot for a new connection, evicting the oldest non-busy one when full.
     async fn admit(&self) -> Option<Conn> {
         let permit = match self.slots.clone().try_acquire_owned() {
@@ -334,12 +385,11 @@ impl Acceptor {
                 }
             }
         };
-        if self.table.handshaking.load(Ordering::Acquire) >= self.limits.max_handshakes {
-            self.table.evict_oldest(true);
-        }
+        self.handshake_room().await;
         let id = self.table.next_id.fetch_add(1, Ordering::Relaxed);
         let state = Arc::new(ConnState {
             id,
+            admitted: Instant::now(),
             phase: AtomicU8::new(PHASE_HANDSHAKE),
             in_flight: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
@@ -961,11 +1011,47 @@ mod tests {
             .expect("admitted");
         assert!(conns[0].is_killed(), "the oldest handshake was not closed");
         assert!(!conns[1].is_killed() && !third.is_killed());
+        assert_eq!(acceptor.stats().evicted_total, 1);
         drop(conns);
         assert_eq!(acceptor.stats().handshaking, 1);
         third.handshake_done();
         assert_eq!(acceptor.stats().handshaking, 0);
         assert_eq!(acceptor.stats().open, 1);
+    }
+
+    #[tokio::test]
+    async fn at_the_handshake_cap_a_young_handshake_that_finishes_makes_room() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        // A grace no clock on a loaded machine can run past during the test.
+        let acceptor = Acceptor::new(limits(100, 2)).with_handshake_grace(Duration::from_secs(600));
+        let never = CancellationToken::new();
+        let mut clients = Vec::new();
+        let mut conns = Vec::new();
+        for _ in 0..2 {
+            clients.push(pair(&listener).await);
+            conns.push(
+                acceptor
+                    .accept(&listener, &never)
+                    .await
+                    .expect("admitted")
+                    .2,
+            );
+        }
+        clients.push(pair(&listener).await);
+        let third = acceptor.accept(&listener, &never);
+        tokio::pin!(third);
+        // Both handshakes are young: the newcomer waits instead of closing one.
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut third).await;
+        assert!(early.is_err(), "admitted past the cap at once");
+        conns[0].handshake_done();
+        let (_, _, third) = tokio::time::timeout(Duration::from_secs(30), third)
+            .await
+            .expect("admitted once a handshake finished")
+            .expect("admitted");
+        assert!(!conns[0].is_killed() && !conns[1].is_killed());
+        assert_eq!(acceptor.stats().evicted_total, 0);
+        assert_eq!(acceptor.stats().handshaking, 2);
+        drop(third);
     }
 
     #[tokio::test]
