@@ -498,7 +498,7 @@ pub struct DockerPool {
     /// coordinator must then listen on `0.0.0.0` or on that gateway address).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinator_url: Option<String>,
-    /// Longest a container may live; its `buildfarm.deadline` label says when that is,
+    /// Longest a container may live; its `buildfarm.dev/deadline` label says when that is,
     /// and the sweeper removes it then (the lease is lost). Default: `12h`.
     #[serde(default = "default_docker_lifetime", with = "humantime_serde")]
     pub max_lifetime: Duration,

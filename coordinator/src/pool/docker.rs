@@ -4,8 +4,8 @@
 //! checks its digest and serves in listen mode with credentials made for that
 //! container alone. The coordinator dials it at its address on the pool's network.
 //!
-//! Containers carry labels (`buildfarm.owner`, `buildfarm.host-type`,
-//! `buildfarm.deadline`) so that a sweeper can remove the ones this coordinator owns
+//! Containers carry the cloud pools' labels (`buildfarm.dev/owner`,
+//! `buildfarm.dev/host-type`, `buildfarm.dev/deadline`: `super::reconcile::labels`) so that a sweeper can remove the ones this coordinator owns
 //! that no lease holds (after a restart, or a removal that failed) and the ones past
 //! their deadline. A container that stops mid-lease cancels the lease's `lost` token.
 //! Release is synchronous in the trait: it only signals the lease's watcher task, which
@@ -36,12 +36,11 @@ use tracing::{info, warn};
 use super::bootstrap::{BootstrapParams, BuildletBinaries, MachineCredentials, bootstrap_script};
 use super::{Lease, Pool, PoolError, PoolStatus};
 
-/// Label naming the coordinator that owns a container.
-pub const LABEL_OWNER: &str = "buildfarm.owner";
-/// Label naming the container's host type.
-pub const LABEL_HOST_TYPE: &str = "buildfarm.host-type";
-/// Label holding the Unix time (seconds) after which the container may be removed.
-pub const LABEL_DEADLINE: &str = "buildfarm.deadline";
+/// The labels of every container: the same keys as the machines of the cloud pools
+/// (the deadline in Unix seconds, after which the container may be removed).
+pub use super::reconcile::labels::{
+    DEADLINE as LABEL_DEADLINE, HOST_TYPE as LABEL_HOST_TYPE, OWNER as LABEL_OWNER,
+};
 /// Port the buildlet listens on inside each container.
 pub const BUILDLET_PORT: u16 = 5936;
 /// Where the bootstrap puts the buildlet, its credentials and the workdir.
