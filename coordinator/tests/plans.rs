@@ -812,3 +812,85 @@ command = ["sh", "-c", "mkdir -p ../goroot && echo go-from-the-farm > ../goroot/
     }
     farm.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_try_run_pairs_its_builds_with_the_toolchain_built_from_its_own_patch() {
+    // The post-submit builds of the commit make and use a toolchain from the unpatched
+    // tree; the try run's cross build must use the one its own run made from the patch.
+    let builders = format!(
+        r#"
+[[builders]]
+name = "{tc}"
+host_type = "local"
+[[builders.steps]]
+name = "make"
+snapshot = "goroot"
+command = ["sh", "-c", "mkdir -p ../goroot && (cat TRY_MARK 2>/dev/null || echo unpatched) > ../goroot/VERSION"]
+
+[[builders]]
+name = "{misc}"
+host_type = "local"
+[[builders.steps]]
+name = "cross"
+toolchain = {{ builder = "{tc}", step = "make", dir = "goroot" }}
+command = ["sh", "-c", "echo cross-built with $(cat ../goroot/VERSION)"]
+"#,
+        tc = host_builder("toolchain"),
+        misc = host_builder("misc"),
+    );
+    let s = setup(&builders, "");
+    std::fs::write(s.repo.join("TRY_MARK"), "patched-toolchain\n").expect("write");
+    git(&s.repo, &["add", "TRY_MARK"]);
+    let patch = git(&s.repo, &["diff", "--cached", "--binary"]);
+    git(&s.repo, &["reset", "--quiet"]);
+    std::fs::remove_file(s.repo.join("TRY_MARK")).expect("rm");
+    let patch_file = s.tmp.path().join("try.patch");
+    std::fs::write(&patch_file, format!("{patch}\n")).expect("write patch");
+
+    let farm = TestFarm::start(&s.cfg, &s.data).await;
+    let names = format!("{},{}", host_builder("toolchain"), host_builder("misc"));
+    let out = farm
+        .gomote()
+        .args([
+            "try",
+            "--json",
+            "t",
+            &s.rev,
+            "--builders",
+            &names,
+            "--patch",
+        ])
+        .arg(&patch_file)
+        .output()
+        .expect("gomote try");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout {stdout} stderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
+    assert_eq!(v["verdict"], "ok", "{v:#}");
+    let try_id = v["try_id"].as_str().expect("try id");
+    let run = farm.get_json(&format!("/api/try/{try_id}")).await;
+    let misc = run["builds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|b| b["builder"] == host_builder("misc").as_str())
+        .unwrap_or_else(|| panic!("the misc build of the try run: {run:#}"));
+    let id = misc["build_id"].as_str().expect("build id");
+    let log = farm.get_text(&format!("/log/{id}")).await;
+    assert!(log.contains("cross-built with patched-toolchain"), "{log}");
+
+    // The commit's own post-submit pair used the unpatched toolchain.
+    let builds = farm.wait_final_builds("t", &s.rev, 2).await;
+    let post = builds
+        .iter()
+        .find(|b| b["builder"] == host_builder("misc").as_str() && b["kind"] == "post-submit")
+        .unwrap_or_else(|| panic!("the post-submit misc build: {builds:?}"));
+    let id = post["id"].as_str().expect("id");
+    let log = farm.get_text(&format!("/log/{id}")).await;
+    assert!(log.contains("cross-built with unpatched"), "{log}");
+    farm.kill().await;
+}
