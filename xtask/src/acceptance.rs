@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use buildfarm_store::{Build, Store};
+use buildfarm_store::Store;
 
 use super::bench_farm::{start_coordinator, wait_final_by};
 
@@ -175,28 +175,23 @@ fn import(src: &str, dir: &Path, go_version: Option<&str>) -> Result<String> {
     git(dir, &["rev-parse", "HEAD"])
 }
 
-/// The final build of `rev` by `builder`, waiting up to `within`.
-async fn final_build(
+/// The log of `builder`'s build of `rev` once it is final (waiting up to `within`); an
+/// error, with the log, unless it passed.
+async fn passed_log(
     store: &Arc<dyn Store>,
     repo: &str,
     rev: &str,
     builder: &str,
     within: Duration,
-) -> Result<Build> {
-    wait_final_by(
-        store,
-        repo,
-        rev,
-        Some(builder),
-        Duration::from_millis(500),
-        within,
-    )
-    .await
-}
-
-async fn log_of(store: &Arc<dyn Store>, b: &Build) -> Result<String> {
+) -> Result<String> {
+    let poll = Duration::from_millis(500);
+    let b = wait_final_by(store, repo, rev, Some(builder), poll, within).await?;
     let log = store.get_log(&b.id).await?.unwrap_or_default();
-    Ok(String::from_utf8_lossy(&log).into_owned())
+    let log = String::from_utf8_lossy(&log).into_owned();
+    if b.state != buildfarm_store::BuildState::Ok {
+        bail!("{} ended {} ({:?}):\n{log}", b.builder, b.state, b.summary);
+    }
+    Ok(log)
 }
 
 /// Seconds from a `[buildfarm] <prefix><secs>s` note of a build log.
@@ -205,13 +200,6 @@ fn seconds(log: &str, prefix: &str) -> Result<f64> {
         .find_map(|l| l.strip_prefix("[buildfarm] ")?.strip_prefix(prefix))
         .and_then(|rest| rest.trim_end_matches('s').parse().ok())
         .ok_or_else(|| anyhow!("no `{prefix}` note in the log:\n{log}"))
-}
-
-fn ok(b: &Build, log: &str) -> Result<()> {
-    if b.state != buildfarm_store::BuildState::Ok {
-        bail!("{} ended {} ({:?}):\n{log}", b.builder, b.state, b.summary);
-    }
-    Ok(())
 }
 
 fn arch() -> &'static str {
@@ -319,7 +307,7 @@ async fn measure(release: &Path, tmp: &Path) -> Result<Vec<Row>> {
     let running = start_coordinator(release, &farm_config(&data, &go, SHARDS)).await?;
     let result = async {
         let store = running.farm.store();
-        let tc = final_build(
+        let tc_log = passed_log(
             store,
             "go",
             &rev,
@@ -327,9 +315,7 @@ async fn measure(release: &Path, tmp: &Path) -> Result<Vec<Row>> {
             MAKE_WAIT,
         )
         .await?;
-        let tc_log = log_of(store, &tc).await?;
-        ok(&tc, &tc_log)?;
-        let dist = final_build(
+        let dist_log = passed_log(
             store,
             "go",
             &rev,
@@ -337,8 +323,6 @@ async fn measure(release: &Path, tmp: &Path) -> Result<Vec<Row>> {
             MAKE_WAIT,
         )
         .await?;
-        let dist_log = log_of(store, &dist).await?;
-        ok(&dist, &dist_log)?;
         Ok::<_, anyhow::Error>((tc_log, dist_log))
     }
     .await;
@@ -373,7 +357,7 @@ async fn measure(release: &Path, tmp: &Path) -> Result<Vec<Row>> {
     let running = start_coordinator(release, &farm_config(&data, &go, 1)).await?;
     let result = async {
         let store = running.farm.store();
-        let one = final_build(
+        let log = passed_log(
             store,
             "go",
             &rev,
@@ -381,8 +365,6 @@ async fn measure(release: &Path, tmp: &Path) -> Result<Vec<Row>> {
             MAKE_WAIT,
         )
         .await?;
-        let log = log_of(store, &one).await?;
-        ok(&one, &log)?;
         Ok::<_, anyhow::Error>(log)
     }
     .await;
@@ -441,17 +423,13 @@ branches = ["main"]
     let result = async {
         let store = running.farm.store();
         let builder = format!("linux-{}-cmp", arch());
-        let cold = final_build(store, "cmp", &cmp_rev, &builder, MAKE_WAIT).await?;
-        let cold_log = log_of(store, &cold).await?;
-        ok(&cold, &cold_log)?;
+        let cold_log = passed_log(store, "cmp", &cmp_rev, &builder, MAKE_WAIT).await?;
         std::fs::write(cmp.join("ACCEPTANCE.txt"), "a second commit\n")?;
         git(&cmp, &["add", "-A"])?;
         git(&cmp, &["commit", "--quiet", "-m", "second"])?;
         let rev2 = git(&cmp, &["rev-parse", "HEAD"])?;
         coordinator::poller::poll_once(&running.farm).await;
-        let warm = final_build(store, "cmp", &rev2, &builder, MAKE_WAIT).await?;
-        let warm_log = log_of(store, &warm).await?;
-        ok(&warm, &warm_log)?;
+        let warm_log = passed_log(store, "cmp", &rev2, &builder, MAKE_WAIT).await?;
         if !warm_log.contains(": hit, restored gocache") {
             bail!("the second build missed its cache:\n{warm_log}");
         }
