@@ -701,22 +701,7 @@ steps = [{ name = "sleep", command = ["sleep", "297"] }]
 "#;
     let (tmp, _repo, cfg, rev) = setup(extra);
     let farm = TestFarm::start(&cfg, &tmp.path().join("data")).await;
-    let mut watcher = farm
-        .gomote()
-        .args(["try", "t", &rev, "--builders", "linux-amd64-sleepy"])
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("gomote try");
-    let stderr = watcher.stderr.take().expect("stderr");
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    let first = lines.next().expect("a line").expect("read");
-    let try_id = first
-        .strip_prefix("gomote: try run ")
-        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-        .to_owned();
-    // Keep draining so gomote never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    let (mut watcher, try_id) = farm.watch_try("t", &rev, "linux-amd64-sleepy");
 
     let deadline = std::time::Instant::now() + WAIT;
     loop {

@@ -166,6 +166,13 @@ fn setup(builders: &str, extra: &str) -> Setup {
     }
 }
 
+/// Gives the local pool `n` buildlets instead of the config's 4.
+fn set_local_buildlets(s: &Setup, n: usize) {
+    let cfg = std::fs::read_to_string(&s.cfg).expect("config");
+    assert!(cfg.contains("count = 4"), "{cfg}");
+    std::fs::write(&s.cfg, cfg.replace("count = 4", &format!("count = {n}"))).expect("config");
+}
+
 async fn one_build(farm: &TestFarm, rev: &str) -> (serde_json::Value, String) {
     let builds = farm.wait_final_builds("t", rev, 1).await;
     let b = builds[0].clone();
@@ -656,21 +663,7 @@ async fn cancelling_a_sharded_build_releases_its_buildlet_and_helpers() {
     .expect("config");
     let farm = TestFarm::start(&s.cfg, &s.data).await;
     let name = host_builder("sharded");
-    let mut watcher = farm
-        .gomote()
-        .args(["try", "t", &s.rev, "--builders", &name])
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("gomote try");
-    let stderr = watcher.stderr.take().expect("stderr");
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    let first = lines.next().expect("a line").expect("read");
-    let try_id = first
-        .strip_prefix("gomote: try run ")
-        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-        .to_owned();
-    std::thread::spawn(move || for _ in lines {});
+    let (mut watcher, try_id) = farm.watch_try("t", &s.rev, &name);
 
     eventually("the hanging unit", || marker.exists().then_some(())).await;
     let running = buildlet_pids(&s.data.display().to_string()).len();
@@ -707,9 +700,7 @@ steps = [{{ name = "other", command = ["sh", "-c", "sleep 2; echo other done"] }
     );
     let builders = format!("{}\n{other}", sharded_builder(""));
     let s = setup(&builders, "");
-    let cfg = std::fs::read_to_string(&s.cfg).expect("config");
-    assert!(cfg.contains("count = 4"), "{cfg}");
-    std::fs::write(&s.cfg, cfg.replace("count = 4", "count = 2")).expect("config");
+    set_local_buildlets(&s, 2);
     let farm = std::sync::Arc::new(TestFarm::start(&s.cfg, &s.data).await);
 
     let stop = tokio_util::sync::CancellationToken::new();
@@ -791,8 +782,7 @@ command = ["sh", "-c", "mkdir -p ../goroot && echo go-from-the-farm > ../goroot/
         tc = host_builder("toolchain"),
     );
     let s = setup(&builders, "");
-    let cfg = std::fs::read_to_string(&s.cfg).expect("config");
-    std::fs::write(&s.cfg, cfg.replace("count = 4", "count = 1")).expect("config");
+    set_local_buildlets(&s, 1);
     let farm = TestFarm::start(&s.cfg, &s.data).await;
     let builds = farm.wait_final_builds("t", &s.rev, 2).await;
     let misc = builds

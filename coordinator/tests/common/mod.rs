@@ -236,6 +236,33 @@ impl TestFarm {
         c
     }
 
+    /// Starts `gomote try REPO REV --builders BUILDERS`, which watches the run until it
+    /// ends; returns the watcher and the try run's id (its first line on stderr).
+    pub fn watch_try(
+        &self,
+        repo: &str,
+        rev: &str,
+        builders: &str,
+    ) -> (std::process::Child, String) {
+        let mut watcher = self
+            .gomote()
+            .args(["try", repo, rev, "--builders", builders])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("gomote try");
+        let stderr = watcher.stderr.take().expect("stderr");
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+        let first = lines.next().expect("a line").expect("read");
+        let try_id = first
+            .strip_prefix("gomote: try run ")
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+            .to_owned();
+        // Keep draining so gomote never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        (watcher, try_id)
+    }
+
     pub async fn kill(mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
