@@ -146,13 +146,8 @@ impl Dispatcher {
         self.helper_room.notify_waiters();
     }
 
-    /// A slot for one more buildlet of a plan build that already holds its own: taken
-    /// only while `host_type` has room beyond the slots held and nothing is queued for
-    /// it, so queued work always goes first (a plan can finish on its own slot).
-    pub fn try_helper_slot(self: &Arc<Self>, host_type: &str, capacity: usize) -> Option<Slot> {
-        self.try_spare_slot(host_type, capacity, true)
-    }
-
+    /// A slot beyond those held on `host_type`, if it has room; with `queued_first`, only
+    /// while nothing is queued for it.
     fn try_spare_slot(
         self: &Arc<Self>,
         host_type: &str,
@@ -176,7 +171,9 @@ impl Dispatcher {
         })
     }
 
-    /// Waits for [`Dispatcher::try_helper_slot`] to succeed.
+    /// A slot for one more buildlet of a plan build that already holds its own: taken
+    /// only while `host_type` has room beyond the slots held and nothing is queued for
+    /// it, so queued work always goes first (a plan can finish on its own slot).
     pub async fn helper_slot(
         self: &Arc<Self>,
         host_type: &str,
@@ -494,20 +491,24 @@ mod tests {
     #[test]
     fn helper_slots_fill_spare_capacity_and_come_back_when_dropped() {
         let d = Dispatcher::new(Policy::default());
-        let a = d.try_helper_slot("linux-amd64", 2).expect("room for one");
-        let b = d.try_helper_slot("linux-amd64", 2).expect("room for two");
+        let a = d
+            .try_spare_slot("linux-amd64", 2, true)
+            .expect("room for one");
+        let b = d
+            .try_spare_slot("linux-amd64", 2, true)
+            .expect("room for two");
         assert!(
-            d.try_helper_slot("linux-amd64", 2).is_none(),
+            d.try_spare_slot("linux-amd64", 2, true).is_none(),
             "capacity is 2"
         );
         assert_eq!(held(&d, "linux-amd64"), 2);
         assert!(
-            d.try_helper_slot("linux-arm64", 1).is_some(),
+            d.try_spare_slot("linux-arm64", 1, true).is_some(),
             "other host types are counted apart"
         );
         drop(a);
         assert_eq!(held(&d, "linux-amd64"), 1);
-        assert!(d.try_helper_slot("linux-amd64", 2).is_some());
+        assert!(d.try_spare_slot("linux-amd64", 2, true).is_some());
         drop(b);
     }
 
@@ -516,11 +517,11 @@ mod tests {
         let d = Dispatcher::new(Policy::default());
         let _waiting = d.request_instance("r1", "linux-amd64", Timestamp::from_millis(1));
         assert!(
-            d.try_helper_slot("linux-amd64", 4).is_none(),
+            d.try_spare_slot("linux-amd64", 4, true).is_none(),
             "a queued request must be served before a plan's helper"
         );
         d.cancel_instance_request("r1");
-        assert!(d.try_helper_slot("linux-amd64", 4).is_some());
+        assert!(d.try_spare_slot("linux-amd64", 4, true).is_some());
     }
 
     #[tokio::test]
@@ -541,7 +542,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_helper_gets_the_slot_another_frees() {
         let d = Dispatcher::new(Policy::default());
-        let first = d.try_helper_slot("h", 1).expect("room");
+        let first = d.try_spare_slot("h", 1, true).expect("room");
         let waiter = {
             let d = d.clone();
             tokio::spawn(async move { d.helper_slot("h", || 1).await })

@@ -162,12 +162,15 @@ struct ConnState {
 }
 
 impl ConnState {
-    fn evictable(&self, handshakes_only: bool) -> bool {
-        let phase = self.phase.load(Ordering::Acquire);
-        if handshakes_only {
-            return phase == PHASE_HANDSHAKE;
-        }
-        phase != PHASE_PINNED && self.in_flight.load(Ordering::Acquire) == 0
+    /// No request in flight and not pinned: may make room for a newcomer.
+    fn idle(&self) -> bool {
+        self.phase.load(Ordering::Acquire) != PHASE_PINNED
+            && self.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    /// Still in its handshake after `min_age`.
+    fn stuck_in_handshake(&self, min_age: Duration) -> bool {
+        self.phase.load(Ordering::Acquire) == PHASE_HANDSHAKE && self.admitted.elapsed() >= min_age
     }
 
     fn idle_since(&self) -> Instant {
@@ -206,36 +209,12 @@ struct Table {
 }
 
 impl Table {
-    /// Closes the oldest unfinished handshake if it is at least `min_age` old.
-    fn evict_old_handshake(&self, min_age: Duration) -> bool {
+    /// Closes the oldest connection `pick` allows (ids follow admission, so the first
+    /// found is the oldest); false if there is none.
+    fn evict_oldest(&self, pick: impl Fn(&ConnState) -> bool) -> bool {
         let victim = {
             let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-            // Ids follow admission: the first handshake found is the oldest.
-            let id = conns
-                .values()
-                .find(|c| c.evictable(true))
-                .filter(|c| c.admitted.elapsed() >= min_age)
-                .map(|c| c.id);
-            id.and_then(|id| conns.remove(&id))
-        };
-        match victim {
-            Some(c) => {
-                c.kill.cancel();
-                self.evicted.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Closes the oldest connection `evictable` allows; false if there is none.
-    fn evict_oldest(&self, handshakes_only: bool) -> bool {
-        let victim = {
-            let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-            let id = conns
-                .values()
-                .find(|c| c.evictable(handshakes_only))
-                .map(|c| c.id);
+            let id = conns.values().find(|c| pick(c)).map(|c| c.id);
             // Removed now so the next eviction picks another; the slot itself is freed
             // when the connection's task drops its `Conn`.
             id.and_then(|id| conns.remove(&id))
@@ -363,7 +342,8 @@ impl Acceptor {
     /// handshake past its grace ([`HANDSHAKE_GRACE`]; waiting at most that long).
     async fn handshake_room(&self) {
         while self.table.handshaking.load(Ordering::Acquire) >= self.limits.max_handshakes {
-            if self.table.evict_old_handshake(self.handshake_grace) {
+            let grace = self.handshake_grace;
+            if self.table.evict_oldest(|c| c.stuck_in_handshake(grace)) {
                 return;
             }
             tokio::time::sleep(HANDSHAKE_ROOM_POLL).await;
@@ -375,7 +355,7 @@ impl Acceptor {
         let permit = match self.slots.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                if !self.table.evict_oldest(false) {
+                if !self.table.evict_oldest(ConnState::idle) {
                     return None;
                 }
                 let wait = self.slots.clone().acquire_owned();
