@@ -89,6 +89,9 @@ pub enum PrepareError {
 pub enum Event {
     Output { stderr: bool, data: Bytes },
     Exit(Outcome),
+    /// The buildlet is shutting down and killed the command. Not an exit status: the
+    /// command did not fail, its host went away, so callers treat it as a lost buildlet.
+    Shutdown,
 }
 
 /// How a command ended.
@@ -262,9 +265,10 @@ enum Ended {
 }
 
 /// Runs a prepared command to its end inside `scope`, sending output events and then
-/// exactly one [`Event::Exit`] into `tx` (unless the receiver is gone, which counts as
-/// cancellation and kills the command). `tx` is bounded: a slow receiver slows the
-/// readers, and a full pipe then blocks the command, which is the backpressure we want.
+/// exactly one [`Event::Exit`] (or [`Event::Shutdown`]) into `tx` (unless the receiver
+/// is gone, which counts as cancellation and kills the command). `tx` is bounded: a slow
+/// receiver slows the readers, and a full pipe then blocks the command, which is the
+/// backpressure we want.
 pub async fn run(
     prepared: Prepared,
     tx: mpsc::Sender<Event>,
@@ -324,7 +328,12 @@ pub async fn run(
     let (status, timed_out) = match ended {
         Ended::Exited(status) => (status, false),
         Ended::TimedOut => (child.wait().await, true),
-        Ended::Shutdown => (child.wait().await, false),
+        Ended::Shutdown => {
+            let _ = child.wait().await;
+            scope.finish().await;
+            let _ = tx.send(Event::Shutdown).await;
+            return;
+        }
         Ended::CallerGone => {
             let _ = child.wait().await;
             scope.finish().await;

@@ -377,7 +377,7 @@ fn exit_to_pb(o: exec::Outcome) -> pb::ExitStatus {
     }
 }
 
-fn exec_event_to_pb(ev: exec::Event) -> pb::ExecEvent {
+fn exec_event_to_pb(ev: exec::Event) -> Result<pb::ExecEvent, Status> {
     use pb::exec_event::Event;
     let event = match ev {
         exec::Event::Output { stderr, data } => Event::Output(pb::ExecOutput {
@@ -389,8 +389,14 @@ fn exec_event_to_pb(ev: exec::Event) -> pb::ExecEvent {
             data: data.into(),
         }),
         exec::Event::Exit(o) => Event::Exit(exit_to_pb(o)),
+        // The caller's build did not fail; its buildlet went away (and is gone next).
+        exec::Event::Shutdown => {
+            return Err(Status::unavailable(
+                "the buildlet is shutting down; the command was killed",
+            ))
+        }
     };
-    pb::ExecEvent { event: Some(event) }
+    Ok(pb::ExecEvent { event: Some(event) })
 }
 
 fn shell_event_to_pb(ev: shell::ShellEvent) -> pb::ShellOutput {
@@ -618,7 +624,7 @@ impl Buildlet for BuildletService {
                 // Not a failed call: the command ran (or rather, could not), and the
                 // caller reads why from the exit status like any other outcome.
                 let ev = exec::Event::Exit(exec::Outcome::failed(e.to_string()));
-                let once = futures::stream::iter([Ok(exec_event_to_pb(ev))]);
+                let once = futures::stream::iter([exec_event_to_pb(ev)]);
                 return Ok(Response::new(Box::pin(once)));
             }
             Err(e @ PrepareError::Io { .. }) => return Err(Status::internal(e.to_string())),
@@ -633,7 +639,7 @@ impl Buildlet for BuildletService {
             let _guard = guard;
             exec::run(prepared, tx, shutdown, scope).await;
         });
-        let out = ReceiverStream::new(rx).map(|ev| Ok(exec_event_to_pb(ev)));
+        let out = ReceiverStream::new(rx).map(exec_event_to_pb);
         Ok(Response::new(Box::pin(out)))
     }
 
