@@ -2,17 +2,25 @@
 //! `gomote`. Callers see our own types ([`ExecSpec`], [`ExitStatus`], [`ListEntry`],
 //! [`BuildletStatus`]) and one error type, [`ClientError`], never prost or tonic types.
 //!
+//! Transfers (`put_tar`, `get_tar`) on a client made with
+//! [`BuildletClient::over_tunnel`] go over a data connection the buildlet dials back
+//! ([`crate::bulk`]), at raw TLS speed; a buildlet that takes none, or one that cannot
+//! dial back, is served through the tunnel as before.
+//!
 //! Deadlines: unary calls carry `call_timeout`; `exec` carries its own timeout plus a
 //! margin when it has one; transfers and shells carry none (their length depends on
 //! the data or the user); cancel them by dropping the future or stream.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use buildfarm_proto::buildlet as pb;
 use buildfarm_tls::{ALPN_H2, Identity};
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -31,6 +39,20 @@ pub use crate::fsops::{Entry as ListEntry, ListOptions};
 const EXEC_DEADLINE_SLACK: Duration = Duration::from_secs(30);
 /// Size of one PutTar data message.
 const PUT_TAR_CHUNK: usize = 64 * 1024;
+/// How long a buildlet gets to dial a data connection back.
+const DATA_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens a data connection for one bulk transfer.
+pub type DataOpener =
+    Arc<dyn Fn() -> BoxFuture<'static, Result<revdial::DataStream, tonic::Status>> + Send + Sync>;
+
+/// How a client reaches its buildlet for bulk transfers besides gRPC.
+#[derive(Clone)]
+struct DataPath {
+    open: DataOpener,
+    /// Set once the buildlet said it takes no data connections: not asked again.
+    refused: Arc<AtomicBool>,
+}
 
 /// What kind of failure a [`ClientError`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -430,11 +452,24 @@ impl ShellReader {
 pub struct BuildletClient {
     grpc: Grpc,
     call_timeout: Option<Duration>,
+    data: Option<DataPath>,
 }
 
 impl std::fmt::Debug for BuildletClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BuildletClient").finish_non_exhaustive()
+    }
+}
+
+fn bulk_error(op: &str, e: crate::bulk::BulkError) -> ClientError {
+    use crate::bulk::BulkError;
+    match e {
+        BulkError::Io(e) => {
+            ClientError::new(op, ErrorCode::Unavailable, format!("data connection: {e}"))
+        }
+        BulkError::Input(e) => ClientError::new(op, ErrorCode::Local, format!("reading input: {e}")),
+        BulkError::Output(e) => ClientError::new(op, ErrorCode::Local, format!("writing: {e}")),
+        BulkError::Status(s) => ClientError::from_status(op, s),
     }
 }
 
@@ -525,7 +560,50 @@ impl BuildletClient {
         Ok(BuildletClient {
             grpc,
             call_timeout: None,
+            data: None,
         })
+    }
+
+    /// A client over a reverse tunnel whose transfers use data connections when the
+    /// buildlet takes them.
+    pub fn over_tunnel(channel: revdial::TunnelChannel) -> Result<Self, ClientError> {
+        let opener = channel.clone();
+        let open: DataOpener = Arc::new(move || {
+            let channel = opener.clone();
+            Box::pin(async move { channel.open_data(DATA_OPEN_TIMEOUT).await })
+        });
+        Ok(Self::from_service(channel, None)?.with_data_opener(open))
+    }
+
+    /// Moves transfers to data connections opened with `open` (falling back to gRPC
+    /// when it fails).
+    pub fn with_data_opener(mut self, open: DataOpener) -> Self {
+        self.data = Some(DataPath {
+            open,
+            refused: Arc::new(AtomicBool::new(false)),
+        });
+        self
+    }
+
+    /// A data connection for one transfer, or `None` to use gRPC: there is no way to
+    /// open one, the buildlet takes none, or opening failed (logged; the gRPC call
+    /// then says whether the buildlet is really gone).
+    async fn data_connection(&self, op: &str) -> Option<revdial::DataStream> {
+        let data = self.data.as_ref()?;
+        if data.refused.load(Ordering::Relaxed) {
+            return None;
+        }
+        match (data.open)().await {
+            Ok(io) => Some(io),
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                data.refused.store(true, Ordering::Relaxed);
+                None
+            }
+            Err(s) => {
+                tracing::warn!(op, error = %s.message(), "no data connection; transferring through the tunnel");
+                None
+            }
+        }
     }
 
     /// The generated client, for forwarding raw messages.
@@ -557,6 +635,24 @@ impl BuildletClient {
         R: AsyncRead + Send + 'static,
     {
         let op = format!("put_tar {dir:?}");
+        if let Some(io) = self.data_connection(&op).await {
+            let mut sent = 0u64;
+            let data = ReaderStream::with_capacity(Box::pin(reader), PUT_TAR_CHUNK).inspect(
+                move |chunk| {
+                    if let (Ok(c), Some(p)) = (chunk, progress.as_mut()) {
+                        sent += c.len() as u64;
+                        p(sent);
+                    }
+                },
+            );
+            let r = crate::bulk::put_tar(io, dir, data)
+                .await
+                .map_err(|e| bulk_error(&op, e))?;
+            return Ok(PutTarStats {
+                entries: r.entries,
+                bytes: r.bytes,
+            });
+        }
         let header = pb::PutTarRequest {
             msg: Some(pb::put_tar_request::Msg::Header(pb::PutTarHeader {
                 dir: dir.to_owned(),
@@ -744,6 +840,11 @@ impl BuildletClient {
         W: AsyncWrite + Unpin + ?Sized,
     {
         let op = format!("get_tar {dir:?}");
+        if let Some(io) = self.data_connection(&op).await {
+            return crate::bulk::get_tar(io, dir, writer, progress)
+                .await
+                .map_err(|e| bulk_error(&op, e));
+        }
         let mut stream = self
             .grpc
             .clone()

@@ -3,6 +3,7 @@
 //! coordinator and `gomote` use, `tarball` is the extraction policy.
 
 pub mod auth;
+pub mod bulk;
 pub mod cgroup;
 pub mod client;
 pub mod contain;

@@ -77,6 +77,7 @@ fn check_identity(host_type: &str, hostname: &str) -> anyhow::Result<()> {
             0;
             revdial::handshake::PROOF_LEN
         ])),
+        data_token: Vec::new(),
     };
     revdial::handshake::validate_hello(&hello)
         .map(|_| ())
@@ -187,7 +188,16 @@ pub async fn run(cfg: ReverseConfig) -> anyhow::Result<()> {
     log_containment(&svc);
     tokio::spawn(watch_signals(shutdown.clone()));
     // Returns after shutdown, once in-flight calls finished (bounded by the grace).
-    let res = revdial::run_dialer(cfg.dialer, server::routes(svc.clone()), shutdown.clone()).await;
+    // Transfers go over data connections the coordinator asks for (raw TLS, not the
+    // tunnel's HTTP/2).
+    let data = buildlet::bulk::handler(std::sync::Arc::new(svc.clone()));
+    let res = revdial::run_dialer_with_data(
+        cfg.dialer,
+        server::routes(svc.clone()),
+        Some(data),
+        shutdown.clone(),
+    )
+    .await;
     shutdown.cancel();
     res?;
     if !svc.drain(GRACE).await {

@@ -286,6 +286,38 @@ impl BuildletService {
     }
 }
 
+/// Transfers on a data connection (reverse mode) act on the workdir exactly as the
+/// gRPC calls do: the same checks, tarball writer and extraction policy.
+#[tonic::async_trait]
+impl crate::bulk::BulkTarget for BuildletService {
+    async fn get_tar(
+        &self,
+        dir: String,
+    ) -> Result<futures::stream::BoxStream<'static, Result<Bytes, Status>>, Status> {
+        let chunks = Buildlet::get_tar(self, Request::new(pb::GetTarRequest { dir }))
+            .await?
+            .into_inner();
+        Ok(chunks.map(|c| c.map(|c| c.data)).boxed())
+    }
+
+    async fn put_tar(
+        &self,
+        dir: String,
+        data: futures::stream::BoxStream<'static, io::Result<Bytes>>,
+    ) -> Result<pb::PutTarResponse, Status> {
+        let upload_error = Arc::new(Mutex::new(None));
+        let record = upload_error.clone();
+        let data = data.inspect(move |r| {
+            if let (Err(e), Ok(mut g)) = (r, record.lock()) {
+                *g = Some(e.to_string());
+            }
+        });
+        let resp = self.extract(&dir, data, upload_error).await?;
+        tracing::info!(dir, entries = resp.entries, bytes = resp.bytes, "put_tar (data connection)");
+        Ok(resp)
+    }
+}
+
 /// The PutTarFromUrl bounds, to say which one ran out.
 #[derive(Debug, Clone, Copy)]
 struct UrlTimeouts {

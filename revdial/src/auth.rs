@@ -213,6 +213,7 @@ mod tests {
             hostname: "h1".into(),
             buildlet_version: "1".into(),
             credential,
+            data_token: None,
         }
     }
 

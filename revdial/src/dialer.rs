@@ -3,6 +3,7 @@
 //! same connection until it drops, and dial again with jittered backoff.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use buildfarm_proto::revdial::{Challenge, Hello, HostTokenProof, Verdict, hello};
@@ -18,8 +19,10 @@ use tonic::transport::Server;
 use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
+use crate::data::DataHandler;
 use crate::handshake::{
-    NONCE_LEN, PROOF_LEN, PROTOCOL_VERSION, compute_proof, validate_challenge, validate_hello,
+    DATA_TOKEN_LEN, NONCE_LEN, PROOF_LEN, PROTOCOL_VERSION, compute_proof, validate_challenge,
+    validate_hello,
 };
 use crate::link::{LinkSignal, WatchedIo};
 use crate::tunnel::TunnelService;
@@ -192,12 +195,17 @@ impl Prepared {
             token_id,
         };
         // The listener would refuse what fails here; better to say so at start.
-        validate_hello(&p.hello(cfg, &[0; NONCE_LEN]))
+        validate_hello(&p.hello(cfg, &[0; NONCE_LEN], None))
             .map_err(|r| DialerError::Identity(r.reason))?;
         Ok(p)
     }
 
-    fn hello(&self, cfg: &DialerConfig, nonce: &[u8; NONCE_LEN]) -> Hello {
+    fn hello(
+        &self,
+        cfg: &DialerConfig,
+        nonce: &[u8; NONCE_LEN],
+        data_token: Option<&[u8; DATA_TOKEN_LEN]>,
+    ) -> Hello {
         let proof = compute_proof(&self.key, nonce, &cfg.host_type, &cfg.hostname).to_vec();
         let credential = match &self.token_id {
             None => hello::Credential::BuilderKeyProof(proof),
@@ -212,7 +220,28 @@ impl Prepared {
             hostname: cfg.hostname.clone(),
             buildlet_version: cfg.version.clone(),
             credential: Some(credential),
+            data_token: data_token.map(|t| t.to_vec()).unwrap_or_default(),
         }
+    }
+}
+
+/// The dialer's means to open data connections: the same address, TLS and
+/// credentials as its tunnel, and the handler each connection is given to.
+pub(crate) struct DialBack {
+    cfg: DialerConfig,
+    prepared: Arc<Prepared>,
+    handler: DataHandler,
+}
+
+impl DialBack {
+    /// Dials a data connection presenting `token` and, once it is let in, hands it to
+    /// the handler on a task of its own.
+    pub(crate) async fn open(&self, token: [u8; DATA_TOKEN_LEN]) -> Result<(), tonic::Status> {
+        let tls = connect_and_handshake(&self.cfg, &self.prepared, Some(&token))
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("data connection: {e}")))?;
+        tokio::spawn((self.handler)(Box::new(tls)));
+        Ok(())
     }
 }
 
@@ -268,8 +297,28 @@ pub async fn run_dialer(
     routes: Routes,
     shutdown: CancellationToken,
 ) -> Result<(), DialerError> {
-    let prepared = Prepared::new(&cfg)?;
-    let routes = routes.add_service(TunnelService::server());
+    run_dialer_with_data(cfg, routes, None, shutdown).await
+}
+
+/// [`run_dialer`], and data connections: when the listener asks for one, the dialer
+/// dials it back and gives it to `data` (see [`crate::DataStream`]). Without `data` the
+/// listener is told this host takes none, and bulk transfers use the tunnel.
+pub async fn run_dialer_with_data(
+    cfg: DialerConfig,
+    routes: Routes,
+    data: Option<DataHandler>,
+    shutdown: CancellationToken,
+) -> Result<(), DialerError> {
+    let prepared = Arc::new(Prepared::new(&cfg)?);
+    let tunnel = match data {
+        None => TunnelService::server(),
+        Some(handler) => TunnelService::with_dial_back(DialBack {
+            cfg: cfg.clone(),
+            prepared: prepared.clone(),
+            handler,
+        }),
+    };
+    let routes = routes.add_service(tunnel);
     let mut failures: u32 = 0;
     loop {
         if shutdown.is_cancelled() {
@@ -310,7 +359,7 @@ async fn dial_once(
 ) -> Result<Duration, AttemptError> {
     let tls = tokio::select! {
         _ = shutdown.cancelled() => return Ok(Duration::ZERO),
-        r = connect_and_handshake(cfg, p) => r?,
+        r = connect_and_handshake(cfg, p, None) => r?,
     };
     info!(coordinator = %cfg.coordinator, host_type = %cfg.host_type, hostname = %cfg.hostname, "reverse tunnel established");
     let started = Instant::now();
@@ -318,9 +367,12 @@ async fn dial_once(
     Ok(started.elapsed())
 }
 
+/// Connects, does TLS and the revdial handshake: for a tunnel, or with `data_token` for
+/// a data connection.
 async fn connect_and_handshake(
     cfg: &DialerConfig,
     p: &Prepared,
+    data_token: Option<&[u8; DATA_TOKEN_LEN]>,
 ) -> Result<TlsStream<TcpStream>, AttemptError> {
     let addr = format!("{}:{}", p.host, p.port);
     let connect = async {
@@ -348,7 +400,7 @@ async fn connect_and_handshake(
             alpn.map(|a| String::from_utf8_lossy(a).into_owned()),
         ));
     }
-    timeout(cfg.handshake_timeout, handshake(cfg, p, &mut tls))
+    timeout(cfg.handshake_timeout, handshake(cfg, p, &mut tls, data_token))
         .await
         .map_err(|_| AttemptError::Timeout("handshake"))??;
     Ok(tls)
@@ -358,10 +410,11 @@ async fn handshake(
     cfg: &DialerConfig,
     p: &Prepared,
     tls: &mut TlsStream<TcpStream>,
+    data_token: Option<&[u8; DATA_TOKEN_LEN]>,
 ) -> Result<(), AttemptError> {
     let ch: Challenge = read_frame(tls, "challenge").await?;
     let nonce = validate_challenge(&ch).map_err(|r| AttemptError::Protocol(r.reason))?;
-    write_frame(tls, "hello", &p.hello(cfg, &nonce)).await?;
+    write_frame(tls, "hello", &p.hello(cfg, &nonce, data_token)).await?;
     let v: Verdict = read_frame(tls, "verdict").await?;
     if !v.accepted {
         return Err(AttemptError::Refused(v.reason));

@@ -26,6 +26,8 @@ pub const HEADER_LEN: usize = 4;
 pub const NONCE_LEN: usize = 32;
 /// Length of an HMAC-SHA256 proof or builder key.
 pub const PROOF_LEN: usize = 32;
+/// Length of a data connection's one-time token.
+pub const DATA_TOKEN_LEN: usize = 32;
 pub const MAX_HOST_TYPE_LEN: usize = 64;
 pub const MAX_HOSTNAME_LEN: usize = 253;
 pub const MAX_VERSION_LEN: usize = 64;
@@ -235,6 +237,8 @@ pub struct ValidHello {
     pub hostname: String,
     pub buildlet_version: String,
     pub credential: PresentedCredential,
+    /// Set on a data connection: the token of the listener's request it answers.
+    pub data_token: Option<[u8; DATA_TOKEN_LEN]>,
 }
 
 /// Host types and token ids: ASCII letters, digits, `-`, `_`, `.`, starting with a
@@ -316,11 +320,24 @@ pub fn validate_hello(h: &Hello) -> Result<ValidHello, Refusal> {
             }
         }
     };
+    let data_token = match h.data_token.len() {
+        0 => None,
+        _ => Some(<[u8; DATA_TOKEN_LEN]>::try_from(h.data_token.as_slice()).map_err(|_| {
+            Refusal::new(
+                RefusalKind::InvalidHello,
+                format!(
+                    "data token is {} bytes, not {DATA_TOKEN_LEN}",
+                    h.data_token.len()
+                ),
+            )
+        })?),
+    };
     Ok(ValidHello {
         host_type: h.host_type.clone(),
         hostname: h.hostname.clone(),
         buildlet_version: v.clone(),
         credential,
+        data_token,
     })
 }
 
@@ -490,11 +507,29 @@ mod tests {
             hostname: "mac-mini-1.lab".into(),
             buildlet_version: "0.1.0".into(),
             credential: Some(cred),
+            data_token: Vec::new(),
         }
     }
 
     fn valid() -> Hello {
         hello_with(hello::Credential::BuilderKeyProof(vec![7; 32]))
+    }
+
+    #[test]
+    fn a_data_token_is_32_bytes_or_absent() {
+        assert_eq!(validate_hello(&valid()).unwrap().data_token, None);
+        let mut h = valid();
+        h.data_token = vec![9; DATA_TOKEN_LEN];
+        assert_eq!(
+            validate_hello(&h).unwrap().data_token,
+            Some([9; DATA_TOKEN_LEN])
+        );
+        for len in [1, DATA_TOKEN_LEN - 1, DATA_TOKEN_LEN + 1] {
+            h.data_token = vec![9; len];
+            let r = validate_hello(&h).unwrap_err();
+            assert_eq!(r.kind, RefusalKind::InvalidHello, "{len}: {r:?}");
+            assert!(r.reason.contains("data token"), "{}", r.reason);
+        }
     }
 
     #[test]

@@ -25,12 +25,13 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::accept::{Acceptor, ConnLimits, Tracked};
 use crate::auth::Authenticator;
+use crate::data::{DataWaiters, Waiter};
 use crate::handshake::{
     NONCE_LEN, Refusal, RefusalKind, ValidHello, challenge, validate_hello, verdict,
 };
 use crate::link::{LinkSignal, WatchedIo};
 use crate::registry::{ConnectedHost, HostId, HostInfo, Registry};
-use crate::tunnel::TunnelChannel;
+use crate::tunnel::{TunnelChannel, TunnelHost};
 use crate::wire::{WireError, read_frame, write_frame};
 
 /// How the listener runs its tunnels.
@@ -117,6 +118,8 @@ struct Inner {
     refused: [AtomicU64; RefusalKind::ALL.len()],
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// Data connections asked for over tunnels and not yet dialled back.
+    data: Arc<DataWaiters>,
 }
 
 /// Accepts reverse dial-ins. Cheap to clone.
@@ -145,6 +148,7 @@ impl Listener {
                 refused: Default::default(),
                 tasks: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
+                data: Arc::default(),
             }),
         }
     }
@@ -184,7 +188,9 @@ impl Listener {
     }
 
     /// Runs the handshake on a TLS-accepted stream and, if the host is let in,
-    /// registers it and returns its id. The tunnel lives on after this returns.
+    /// registers it and returns its id. The tunnel lives on after this returns. A data
+    /// connection (see [`TunnelChannel::open_data`]) goes to whoever asked for it
+    /// instead; the id returned is then that of its host's tunnel.
     pub async fn accept<S>(&self, mut io: S, peer: SocketAddr) -> Result<HostId, DialInError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -235,7 +241,7 @@ impl Listener {
                 Err(refusal)
             }
         };
-        let hello = match outcome {
+        let (hello, data_waiter) = match outcome {
             Ok(h) => h,
             Err(r) => {
                 self.inner.refused[r.kind.index()].fetch_add(1, Ordering::Relaxed);
@@ -248,6 +254,13 @@ impl Listener {
                 });
             }
         };
+        if let Some(waiter) = data_waiter {
+            debug!(%peer, host_type = %hello.host_type, hostname = %hello.hostname, "data connection let in");
+            let host = waiter.host;
+            // The asker may have given up meanwhile; the stream then just closes.
+            let _ = waiter.tx.send(Box::new(io));
+            return Ok(host);
+        }
         self.open_tunnel(io, peer, hello).await
     }
 
@@ -256,7 +269,7 @@ impl Listener {
         io: &mut S,
         nonce: &[u8; NONCE_LEN],
         seen_host_type: &Mutex<String>,
-    ) -> Result<ValidHello, Refusal>
+    ) -> Result<(ValidHello, Option<Waiter>), Refusal>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -280,7 +293,21 @@ impl Listener {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         auth.verify(nonce, &hello)?;
-        Ok(hello)
+        let waiter = match &hello.data_token {
+            None => None,
+            Some(token) => Some(
+                self.inner
+                    .data
+                    .take(token, &hello.host_type, &hello.hostname)
+                    .ok_or_else(|| {
+                        Refusal::new(
+                            RefusalKind::BadCredential,
+                            "a data connection with an unknown, spent or another host's token",
+                        )
+                    })?,
+            ),
+        };
+        Ok((hello, waiter))
     }
 
     async fn open_tunnel<S>(
@@ -308,7 +335,8 @@ impl Listener {
         let channel = TunnelChannel::new(
             channel,
             lost.clone(),
-            format!("{}/{}", hello.host_type, hello.hostname),
+            TunnelHost::new(id, &hello.host_type, &hello.hostname),
+            self.inner.data.clone(),
         );
         let info = HostInfo {
             id,

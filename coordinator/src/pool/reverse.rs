@@ -165,7 +165,7 @@ impl Pool for ReversePool {
                     self.hosts().busy.remove(&id);
                     continue;
                 };
-                let client = match BuildletClient::from_service(host.channel.clone(), None) {
+                let client = match BuildletClient::over_tunnel(host.channel.clone()) {
                     Ok(c) => c,
                     Err(e) => {
                         self.unclaim(id);

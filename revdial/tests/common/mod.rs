@@ -449,6 +449,7 @@ pub fn hello_with_proof(host_type: &str, hostname: &str, proof: Vec<u8>) -> Hell
         hostname: hostname.into(),
         buildlet_version: "raw-1".into(),
         credential: Some(hello::Credential::BuilderKeyProof(proof)),
+        data_token: Vec::new(),
     }
 }
 
