@@ -564,7 +564,9 @@ mod tests {
         let (mut a, b) = tokio::io::duplex(1 << 20);
         let server = tokio::spawn(serve(target.clone(), b));
         let req = pb::BulkRequest {
-            op: Some(pb::bulk_request::Op::PutTar(pb::PutTarHeader { dir: "d".into() })),
+            op: Some(pb::bulk_request::Op::PutTar(pb::PutTarHeader {
+                dir: "d".into(),
+            })),
         };
         write_message(&mut a, &req).await.unwrap();
         write_chunk(&mut a, Bytes::from_static(b"half a tarball"))
@@ -573,7 +575,10 @@ mod tests {
         a.shutdown().await.unwrap();
         let result: pb::BulkResult = read_message(&mut a, "result").await.unwrap();
         assert_eq!(Code::from(result.code), Code::Cancelled, "{result:?}");
-        assert!(result.message.contains("before its last chunk"), "{result:?}");
+        assert!(
+            result.message.contains("before its last chunk"),
+            "{result:?}"
+        );
         server.await.unwrap();
     }
 
@@ -593,7 +598,9 @@ mod tests {
         let (mut a, b) = tokio::io::duplex(1 << 10);
         tokio::spawn(serve(target.clone(), b));
         let req = pb::BulkRequest {
-            op: Some(pb::bulk_request::Op::PutTar(pb::PutTarHeader { dir: "d".into() })),
+            op: Some(pb::bulk_request::Op::PutTar(pb::PutTarHeader {
+                dir: "d".into(),
+            })),
         };
         write_message(&mut a, &req).await.unwrap();
         a.write_all(&((MAX_CHUNK + 1) as u32).to_be_bytes())

@@ -467,7 +467,9 @@ fn bulk_error(op: &str, e: crate::bulk::BulkError) -> ClientError {
         BulkError::Io(e) => {
             ClientError::new(op, ErrorCode::Unavailable, format!("data connection: {e}"))
         }
-        BulkError::Input(e) => ClientError::new(op, ErrorCode::Local, format!("reading input: {e}")),
+        BulkError::Input(e) => {
+            ClientError::new(op, ErrorCode::Local, format!("reading input: {e}"))
+        }
         BulkError::Output(e) => ClientError::new(op, ErrorCode::Local, format!("writing: {e}")),
         BulkError::Status(s) => ClientError::from_status(op, s),
     }

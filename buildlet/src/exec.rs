@@ -87,7 +87,10 @@ pub enum PrepareError {
 /// One event of a running command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Output { stderr: bool, data: Bytes },
+    Output {
+        stderr: bool,
+        data: Bytes,
+    },
     Exit(Outcome),
     /// The buildlet is shutting down and killed the command. Not an exit status: the
     /// command did not fail, its host went away, so callers treat it as a lost buildlet.

@@ -294,6 +294,7 @@ impl crate::bulk::BulkTarget for BuildletService {
         &self,
         dir: String,
     ) -> Result<futures::stream::BoxStream<'static, Result<Bytes, Status>>, Status> {
+        tracing::info!(dir, "get_tar (data connection)");
         let chunks = Buildlet::get_tar(self, Request::new(pb::GetTarRequest { dir }))
             .await?
             .into_inner();
@@ -313,7 +314,12 @@ impl crate::bulk::BulkTarget for BuildletService {
             }
         });
         let resp = self.extract(&dir, data, upload_error).await?;
-        tracing::info!(dir, entries = resp.entries, bytes = resp.bytes, "put_tar (data connection)");
+        tracing::info!(
+            dir,
+            entries = resp.entries,
+            bytes = resp.bytes,
+            "put_tar (data connection)"
+        );
         Ok(resp)
     }
 }
@@ -425,7 +431,7 @@ fn exec_event_to_pb(ev: exec::Event) -> Result<pb::ExecEvent, Status> {
         exec::Event::Shutdown => {
             return Err(Status::unavailable(
                 "the buildlet is shutting down; the command was killed",
-            ))
+            ));
         }
     };
     Ok(pb::ExecEvent { event: Some(event) })

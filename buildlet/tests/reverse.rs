@@ -150,7 +150,18 @@ impl Farm {
         self.spawn(hostname, &["--builder-key-file", path_str(&key)])
     }
 
+    /// A client as the coordinator makes one: transfers on data connections.
     fn client(&self, id: HostId) -> BuildletClient {
+        let host = self
+            .listener
+            .registry()
+            .get(id)
+            .expect("host is registered");
+        BuildletClient::over_tunnel(host.channel).expect("client")
+    }
+
+    /// A client whose transfers go through the tunnel's HTTP/2 too.
+    fn tunnel_only_client(&self, id: HostId) -> BuildletClient {
         let host = self
             .listener
             .registry()
@@ -328,6 +339,84 @@ async fn exec_put_and_get_run_through_the_tunnel_and_halt_stops_it() {
     assert!(farm.listener.registry().is_empty());
 }
 
+/// Transfers go over data connections the buildlet dials back: bytes arrive intact
+/// both ways, and a hostile tarball is refused with the same error as through the
+/// tunnel. A client without data connections still gets the same results.
+#[tokio::test(flavor = "multi_thread")]
+async fn transfers_use_data_connections_with_the_tunnels_policy() {
+    let farm = Farm::start().await;
+    let mut events = farm.listener.registry().subscribe();
+    let p = farm.spawn_good("rev-data");
+    let info = wait_connected(&mut events, "rev-data", &p).await;
+    let c = farm.client(info.id);
+    let plain = farm.tunnel_only_client(info.id);
+
+    // Incompressible enough that gzip cannot hide a lost byte: a xorshift sequence.
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    let blob: Vec<u8> = (0..3 * 1024 * 1024 + 7)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let tgz = common::tgz(&[("up/blob", 0o644, &blob)]);
+    let stats = c
+        .put_tar(".", std::io::Cursor::new(tgz.clone()), None)
+        .await
+        .expect("put_tar");
+    assert_eq!(
+        (stats.entries, stats.bytes),
+        (1, blob.len() as u64),
+        "{stats:?}"
+    );
+    for client in [&c, &plain] {
+        let mut tar = Vec::new();
+        client.get_tar("up", &mut tar, None).await.expect("get_tar");
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&tar[..]));
+        let mut found = None;
+        for e in archive.entries().expect("entries") {
+            let mut e = e.expect("entry");
+            if e.path().expect("path").ends_with("blob") {
+                let mut got = Vec::new();
+                std::io::Read::read_to_end(&mut e, &mut got).expect("read blob");
+                found = Some(got);
+            }
+        }
+        assert!(
+            found.as_deref() == Some(&blob[..]),
+            "blob came back altered"
+        );
+    }
+    assert!(
+        common::eventually(SOON, || p.log().contains("put_tar (data connection)")).await,
+        "the upload did not use a data connection:\n{}",
+        p.log()
+    );
+    assert!(p.log().contains("get_tar (data connection)"), "{}", p.log());
+
+    // Path escape: refused the same way on both paths, and nothing lands outside.
+    let evil = common::raw_tgz(&[("../escaped.txt", b"out")]);
+    for client in [&c, &plain] {
+        let err = client
+            .put_tar(".", std::io::Cursor::new(evil.clone()), None)
+            .await
+            .expect_err("escape refused");
+        assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+    }
+    let (code, _) = run(&c, "test ! -e ../escaped.txt").await;
+    assert_eq!(code, Some(0), "a file escaped the workdir");
+    // A missing directory is NotFound through either.
+    for client in [&c, &plain] {
+        let err = client
+            .get_tar("nope", &mut Vec::new(), None)
+            .await
+            .expect_err("missing dir");
+        assert_eq!(err.code(), ErrorCode::NotFound, "{err}");
+    }
+}
+
 /// Containment works in reverse mode too: a process the command detached with setsid
 /// dies with the command, and Status says what contains commands.
 #[tokio::test(flavor = "multi_thread")]
@@ -439,7 +528,8 @@ async fn small_calls_answer_during_a_100mb_get_tar() {
     let mut events = farm.listener.registry().subscribe();
     let p = farm.spawn_good("rev-big");
     let info = wait_connected(&mut events, "rev-big", &p).await;
-    let c = farm.client(info.id);
+    // The transfer shares the tunnel with the small calls (no data connection).
+    let c = farm.tunnel_only_client(info.id);
     const SIZE: u64 = 100 * 1024 * 1024;
     // Random bytes: gzip cannot shrink them, so 100 MB really cross the tunnel.
     let (code, _) = run(

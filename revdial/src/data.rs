@@ -118,9 +118,19 @@ mod tests {
         let waiters = Arc::new(DataWaiters::default());
         let (expected, _rx) = waiters.expect(HostId(7), "linux-amd64", "h1");
         let token = expected.token;
-        assert!(waiters.take(&token, "linux-amd64", "h2").is_none(), "other host");
-        assert!(waiters.take(&token, "linux-arm64", "h1").is_none(), "other type");
-        assert!(waiters.take(&[0; DATA_TOKEN_LEN], "linux-amd64", "h1").is_none());
+        assert!(
+            waiters.take(&token, "linux-amd64", "h2").is_none(),
+            "other host"
+        );
+        assert!(
+            waiters.take(&token, "linux-arm64", "h1").is_none(),
+            "other type"
+        );
+        assert!(
+            waiters
+                .take(&[0; DATA_TOKEN_LEN], "linux-amd64", "h1")
+                .is_none()
+        );
         let w = waiters.take(&token, "linux-amd64", "h1").expect("own host");
         assert_eq!(w.host, HostId(7));
         assert!(waiters.take(&token, "linux-amd64", "h1").is_none(), "spent");
@@ -130,6 +140,10 @@ mod tests {
         assert_eq!(waiters.len(), 1);
         drop(expected2);
         drop(expected);
-        assert_eq!(waiters.len(), 0, "a request given up on leaves nothing behind");
+        assert_eq!(
+            waiters.len(),
+            0,
+            "a request given up on leaves nothing behind"
+        );
     }
 }

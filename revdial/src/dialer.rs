@@ -400,9 +400,12 @@ async fn connect_and_handshake(
             alpn.map(|a| String::from_utf8_lossy(a).into_owned()),
         ));
     }
-    timeout(cfg.handshake_timeout, handshake(cfg, p, &mut tls, data_token))
-        .await
-        .map_err(|_| AttemptError::Timeout("handshake"))??;
+    timeout(
+        cfg.handshake_timeout,
+        handshake(cfg, p, &mut tls, data_token),
+    )
+    .await
+    .map_err(|_| AttemptError::Timeout("handshake"))??;
     Ok(tls)
 }
 

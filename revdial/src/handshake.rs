@@ -322,15 +322,17 @@ pub fn validate_hello(h: &Hello) -> Result<ValidHello, Refusal> {
     };
     let data_token = match h.data_token.len() {
         0 => None,
-        _ => Some(<[u8; DATA_TOKEN_LEN]>::try_from(h.data_token.as_slice()).map_err(|_| {
-            Refusal::new(
-                RefusalKind::InvalidHello,
-                format!(
-                    "data token is {} bytes, not {DATA_TOKEN_LEN}",
-                    h.data_token.len()
-                ),
-            )
-        })?),
+        _ => Some(
+            <[u8; DATA_TOKEN_LEN]>::try_from(h.data_token.as_slice()).map_err(|_| {
+                Refusal::new(
+                    RefusalKind::InvalidHello,
+                    format!(
+                        "data token is {} bytes, not {DATA_TOKEN_LEN}",
+                        h.data_token.len()
+                    ),
+                )
+            })?,
+        ),
     };
     Ok(ValidHello {
         host_type: h.host_type.clone(),

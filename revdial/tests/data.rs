@@ -74,12 +74,19 @@ async fn data_connections_carry_bytes_both_ways_to_the_asker() {
                 got
             };
             let ((), got) = tokio::join!(write, read);
-            assert!(got == sent, "{n} bytes came back altered ({} bytes)", got.len());
+            assert!(
+                got == sent,
+                "{n} bytes came back altered ({} bytes)",
+                got.len()
+            );
         }
     });
-    tokio::time::timeout(Duration::from_secs(120), futures::future::join_all(transfers))
-        .await
-        .expect("transfers finish");
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        futures::future::join_all(transfers),
+    )
+    .await
+    .expect("transfers finish");
 
     // Data connections are not tunnels: still one host, one accepted dial-in.
     let m = farm.listener.metrics();
@@ -102,7 +109,12 @@ async fn a_host_without_a_data_handler_says_so() {
         Ok(_) => panic!("a host without a handler opened a data connection"),
     }
     // An old-style dialer (plain run_dialer) is the same.
-    let cfg = farm.dialer_config(farm.addr, HOST_TYPE, "plain-2", Farm::builder_key(HOST_TYPE));
+    let cfg = farm.dialer_config(
+        farm.addr,
+        HOST_TYPE,
+        "plain-2",
+        Farm::builder_key(HOST_TYPE),
+    );
     let d = Dialer::spawn(cfg);
     let host = wait_connected(&mut events, "plain-2").await;
     let channel = farm.listener.registry().get(host.id).expect("host").channel;
@@ -123,7 +135,10 @@ async fn a_data_connection_with_an_unknown_token_is_refused_and_counted() {
     assert!(!v.accepted, "{v:?}");
     let m = farm.listener.metrics();
     assert_eq!(m.refused(RefusalKind::BadCredential), 1, "{m:?}");
-    assert_eq!(m.connected, 0, "an unknown token must not open a tunnel: {m:?}");
+    assert_eq!(
+        m.connected, 0,
+        "an unknown token must not open a tunnel: {m:?}"
+    );
 
     // A token of the wrong length is an invalid Hello.
     let mut io = raw_tls(&farm).await;
