@@ -181,9 +181,14 @@ impl OneTunnel {
             Duration::from_secs(5),
         );
         dcfg.max_frame_size = dialer_frame;
-        let dialer = remote
-            .handle()
-            .spawn(revdial::run_dialer(dcfg, bench_routes(), stop.clone()));
+        // Data connections as a reverse buildlet takes them, served by the bench target.
+        let data = buildlet::bulk::handler(Arc::new(StreamBuildlet));
+        let dialer = remote.handle().spawn(revdial::run_dialer_with_data(
+            dcfg,
+            bench_routes(),
+            Some(data),
+            stop.clone(),
+        ));
         let id = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 match events.recv().await {
@@ -251,7 +256,9 @@ async fn throughput_and_latency() -> Result<Vec<Figure>> {
             let mut fw = BuildletClient::new(fwd_ch.clone());
             m.tunnel_down.push(time_get_tar(&mut tun).await?);
             m.tls_down.push(raw_tls_stream(&h, Direction::Down).await?);
+            m.data_down.push(time_data_get_tar(&tunnel_ch).await?);
             m.tunnel_up.push(time_put_tar(&mut tun).await?);
+            m.data_up.push(time_data_put_tar(&tunnel_ch).await?);
             let mut sm = BuildletClient::new(small_ch.clone());
             m.small_down.push(time_get_tar(&mut sm).await?);
             m.small_up.push(time_put_tar(&mut sm).await?);
@@ -307,11 +314,27 @@ async fn throughput_and_latency() -> Result<Vec<Figure>> {
     let medians = format!("median of {ROUNDS} interleaved rounds");
     let figures = vec![
         stream(
+            "revdial_data_stream_vs_tls",
+            &m.data_down,
+            &m.tls_down,
+            format!(
+                "{mb:.0} MB GetTar of a reverse buildlet as the farm moves it: on a data connection the dialer dials back (dial-back included); baseline: raw tokio-rustls, writer in the same other runtime; {medians}; goal >= 0.95"
+            ),
+        ),
+        stream(
+            "revdial_data_stream_up_vs_tls",
+            &m.data_up,
+            &m.tls_up,
+            format!(
+                "{mb:.0} MB PutTar on a data connection (dial-back included); baseline: raw tokio-rustls the same way; {medians}; goal >= 0.95"
+            ),
+        ),
+        stream(
             "revdial_stream_vs_tls",
             &m.tunnel_down,
             &m.tls_down,
             format!(
-                "{mb:.0} MB GetTar down a tunnel (dialer in its own runtime); baseline: raw tokio-rustls, writer in the same other runtime; {medians}; goal >= 0.95"
+                "{mb:.0} MB GetTar through the tunnel's HTTP/2 (the path of a buildlet that takes no data connections); baseline: raw tokio-rustls; {medians}"
             ),
         ),
         stream(
@@ -319,7 +342,7 @@ async fn throughput_and_latency() -> Result<Vec<Figure>> {
             &m.tunnel_up,
             &m.tls_up,
             format!(
-                "{mb:.0} MB PutTar up a tunnel; baseline: raw tokio-rustls the same way; {medians}; goal >= 0.95"
+                "{mb:.0} MB PutTar through the tunnel's HTTP/2; baseline: raw tokio-rustls the same way; {medians}"
             ),
         ),
         stream(
@@ -402,6 +425,8 @@ async fn throughput_and_latency() -> Result<Vec<Figure>> {
 
 #[derive(Default)]
 struct Measured {
+    data_down: Samples,
+    data_up: Samples,
     tunnel_down: Samples,
     small_down: Samples,
     small_up: Samples,
@@ -477,6 +502,52 @@ where
     if resp.bytes != STREAM_BYTES as u64 {
         bail!(
             "PutTar stream delivered {} of {STREAM_BYTES} bytes",
+            resp.bytes
+        );
+    }
+    Ok(elapsed)
+}
+
+/// A GetTar as the farm runs it on a reverse buildlet: a data connection dialled back,
+/// then the bulk protocol; timed from asking for the connection to the last byte.
+async fn time_data_get_tar(channel: &revdial::TunnelChannel) -> Result<Duration> {
+    let t = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(300), async {
+        let io = channel.open_data(Duration::from_secs(10)).await?;
+        let mut sink = tokio::io::sink();
+        buildlet::bulk::get_tar(io, &STREAM_BYTES.to_string(), &mut sink, None)
+            .await
+            .map_err(|e| anyhow::anyhow!("bulk get_tar: {e:?}"))
+    })
+    .await
+    .context("GetTar on a data connection took over 300 s")??;
+    let elapsed = t.elapsed();
+    if got != STREAM_BYTES as u64 {
+        bail!("GetTar on a data connection delivered {got} of {STREAM_BYTES} bytes");
+    }
+    Ok(elapsed)
+}
+
+/// A PutTar on a data connection, the chunks the same shared buffer as the gRPC one's.
+async fn time_data_put_tar(channel: &revdial::TunnelChannel) -> Result<Duration> {
+    let chunk = tonic::codegen::Bytes::from(vec![0x5a_u8; CHUNK]);
+    let data = futures::stream::iter((0..STREAM_BYTES.div_ceil(CHUNK)).map(move |i| {
+        let n = (STREAM_BYTES - i * CHUNK).min(CHUNK);
+        Ok(chunk.slice(..n))
+    }));
+    let t = Instant::now();
+    let resp = tokio::time::timeout(Duration::from_secs(300), async {
+        let io = channel.open_data(Duration::from_secs(10)).await?;
+        buildlet::bulk::put_tar(io, "", data)
+            .await
+            .map_err(|e| anyhow::anyhow!("bulk put_tar: {e:?}"))
+    })
+    .await
+    .context("PutTar on a data connection took over 300 s")??;
+    let elapsed = t.elapsed();
+    if resp.bytes != STREAM_BYTES as u64 {
+        bail!(
+            "PutTar on a data connection delivered {} of {STREAM_BYTES} bytes",
             resp.bytes
         );
     }
@@ -1111,6 +1182,44 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// counts what it is sent; everything else is unimplemented.
 #[derive(Clone, Copy)]
 struct StreamBuildlet;
+
+/// The same source and sink on a data connection.
+#[tonic::async_trait]
+impl buildlet::bulk::BulkTarget for StreamBuildlet {
+    async fn get_tar(
+        &self,
+        dir: String,
+    ) -> Result<futures::stream::BoxStream<'static, Result<tonic::codegen::Bytes, Status>>, Status>
+    {
+        let total: usize = dir
+            .parse()
+            .map_err(|_| Status::invalid_argument("dir must be a byte count"))?;
+        let chunk = tonic::codegen::Bytes::from(vec![0x5a_u8; CHUNK]);
+        let s = futures::stream::unfold(total, move |left| {
+            let chunk = chunk.clone();
+            async move {
+                if left == 0 {
+                    return None;
+                }
+                let n = left.min(CHUNK);
+                Some((Ok(chunk.slice(..n)), left - n))
+            }
+        });
+        Ok(s.boxed())
+    }
+
+    async fn put_tar(
+        &self,
+        _dir: String,
+        mut data: futures::stream::BoxStream<'static, std::io::Result<tonic::codegen::Bytes>>,
+    ) -> Result<PutTarResponse, Status> {
+        let mut bytes = 0u64;
+        while let Some(chunk) = data.next().await {
+            bytes += chunk.map_err(|e| Status::cancelled(e.to_string()))?.len() as u64;
+        }
+        Ok(PutTarResponse { entries: 0, bytes })
+    }
+}
 
 fn unimplemented<T>() -> Result<T, Status> {
     Err(Status::unimplemented("bench service"))
