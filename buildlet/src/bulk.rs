@@ -430,11 +430,7 @@ mod tests {
             let chunks: Vec<Result<Bytes, Status>> = data
                 .chunks(7000)
                 .map(|c| Ok(data.slice_ref(c)))
-                .chain(
-                    (dir == "breaks")
-                        .then(|| Err(Status::internal("disk went away")))
-                        .into_iter(),
-                )
+                .chain((dir == "breaks").then(|| Err(Status::internal("disk went away"))))
                 .collect();
             Ok(futures::stream::iter(chunks).boxed())
         }
