@@ -41,6 +41,9 @@ const STREAM_BYTES: usize = 256 << 20;
 /// Write and message size: the real buildlet's GetTar chunk.
 const CHUNK: usize = 64 << 10;
 const PINGS: usize = 1000;
+/// Small GetTars per round (each way), and their size: what a dial-back costs.
+const SMALL_TRANSFERS: usize = 100;
+const SMALL_BYTES: usize = 4096;
 /// The bench filter under which `bench-inner` runs as the fleet's dialer process.
 pub const FLEET_CHILD: &str = "__revdial_fleet_child";
 /// How long the idle fleet is watched.
@@ -266,6 +269,22 @@ async fn throughput_and_latency() -> Result<Vec<Figure>> {
             m.fwd_down.push(time_get_tar(&mut fw).await?);
             m.fwd_up.push(time_put_tar(&mut fw).await?);
             m.tcp_down.push(raw_tcp_stream(&h).await?);
+            for _ in 0..SMALL_TRANSFERS {
+                let t = Instant::now();
+                let io = tunnel_ch.open_data(Duration::from_secs(10)).await?;
+                let mut sink = tokio::io::sink();
+                buildlet::bulk::get_tar(io, &SMALL_BYTES.to_string(), &mut sink, None)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("small bulk get_tar: {e:?}"))?;
+                m.small_data.push(t.elapsed());
+                let t = Instant::now();
+                let req = GetTarRequest {
+                    dir: SMALL_BYTES.to_string(),
+                };
+                let mut chunks = tun.get_tar(req).await?.into_inner();
+                while chunks.message().await?.is_some() {}
+                m.small_tunnel.push(t.elapsed());
+            }
             let mut via_tunnel = TunnelClient::new(tunnel_ch.clone());
             let mut forward = TunnelClient::new(fwd_ch.clone());
             let mut raw = rtt_server.connect().await?;
@@ -329,6 +348,19 @@ async fn throughput_and_latency() -> Result<Vec<Figure>> {
                 "{mb:.0} MB PutTar on a data connection (dial-back included); baseline: raw tokio-rustls the same way; {medians}; goal >= 0.95"
             ),
         ),
+        Figure {
+            name: "revdial_small_get_tar_data_vs_tunnel".into(),
+            measured: us(m.small_data.median()),
+            baseline: us(m.small_tunnel.median()),
+            unit: "us".into(),
+            ratio: m.small_tunnel.median().as_secs_f64() / m.small_data.median().as_secs_f64(),
+            note: format!(
+                "p50 of {} {SMALL_BYTES}-byte GetTars on a data connection (dial-back: TCP, TLS and revdial handshakes; p99 {:.0} us); baseline: p50 of the same through the tunnel (p99 {:.0} us); on loopback: a WAN adds about 3 round trips to the data path",
+                m.small_data.0.len(),
+                us(m.small_data.pct(0.99)),
+                us(m.small_tunnel.pct(0.99)),
+            ),
+        },
         stream(
             "revdial_stream_vs_tls",
             &m.tunnel_down,
@@ -425,6 +457,8 @@ async fn throughput_and_latency() -> Result<Vec<Figure>> {
 
 #[derive(Default)]
 struct Measured {
+    small_data: Samples,
+    small_tunnel: Samples,
     data_down: Samples,
     data_up: Samples,
     tunnel_down: Samples,
