@@ -396,6 +396,19 @@ async fn transfers_use_data_connections_with_the_tunnels_policy() {
     );
     assert!(p.log().contains("get_tar (data connection)"), "{}", p.log());
 
+    // A buildlet that cannot dial back is served through the tunnel instead.
+    let no_way_back = farm
+        .tunnel_only_client(info.id)
+        .with_data_opener(Arc::new(|| {
+            Box::pin(async { Err(tonic::Status::unavailable("no route back")) })
+        }));
+    let mut tar = Vec::new();
+    let n = no_way_back
+        .get_tar("up", &mut tar, None)
+        .await
+        .expect("get_tar falls back to the tunnel");
+    assert!(n > blob.len() as u64 / 2, "{n} bytes");
+
     // Path escape: refused the same way on both paths, and nothing lands outside.
     let evil = common::raw_tgz(&[("../escaped.txt", b"out")]);
     for client in [&c, &plain] {
