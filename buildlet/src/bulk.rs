@@ -29,6 +29,8 @@ const REQUEST_WAIT: Duration = Duration::from_secs(30);
 /// After a put_tar failed early, how long the rest of the upload is read and dropped
 /// so the result reaches the sender before the connection closes.
 const DRAIN_WAIT: Duration = Duration::from_secs(10);
+/// The same for an upload refused before it started (an unauthorized caller): shorter.
+const REFUSED_DRAIN: Duration = Duration::from_secs(2);
 
 /// What the transfers of a data connection act on: the buildlet's workdir (and, in
 /// the benches, a synthetic source and sink).
@@ -153,6 +155,20 @@ where
     T: BulkTarget + ?Sized,
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    serve_authorized(target, io, |_| Ok(())).await
+}
+
+/// [`serve`], once `authorize` accepts the request's `authorization` (listen mode:
+/// the same check as the gRPC port's); a refusal is the result, and nothing is read
+/// or sent past it.
+pub async fn serve_authorized<T, S>(
+    target: Arc<T>,
+    io: S,
+    authorize: impl FnOnce(&str) -> Result<(), Status>,
+) where
+    T: BulkTarget + ?Sized,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let (mut rd, mut wr) = tokio::io::split(io);
     let req: pb::BulkRequest =
         match tokio::time::timeout(REQUEST_WAIT, read_message(&mut rd, "bulk request")).await {
@@ -166,6 +182,23 @@ where
                 return;
             }
         };
+    if let Err(refused) = authorize(&req.authorization) {
+        // Where the result would come: after an empty chunk list for a download; for
+        // an upload, read and dropped a short while so the sender reads the refusal
+        // rather than a reset connection.
+        let download = matches!(req.op, Some(pb::bulk_request::Op::GetTar(_)));
+        if download {
+            let _ = write_chunk(&mut wr, Bytes::new()).await;
+        }
+        let _ = write_message(&mut wr, &result_of(Err(refused))).await;
+        if !download {
+            let mut sink = tokio::io::sink();
+            let drain = tokio::io::copy(&mut rd, &mut sink);
+            let _ = tokio::time::timeout(REFUSED_DRAIN, drain).await;
+        }
+        let _ = wr.shutdown().await;
+        return;
+    }
     let done = match req.op {
         Some(pb::bulk_request::Op::GetTar(r)) => send_tar(&*target, r.dir, &mut wr).await,
         Some(pb::bulk_request::Op::PutTar(h)) => receive_tar(&*target, h.dir, rd, &mut wr).await,
@@ -311,8 +344,10 @@ impl From<io::Error> for BulkError {
 }
 
 /// Downloads `dir` as tar.gz over `io` into `writer`; returns the bytes written.
+/// `authorization` is the bearer credential a listen-mode buildlet may ask for.
 pub async fn get_tar<S, W>(
     io: S,
+    authorization: &str,
     dir: &str,
     writer: &mut W,
     mut progress: Option<&mut (dyn FnMut(u64) + Send)>,
@@ -326,6 +361,7 @@ where
         op: Some(pb::bulk_request::Op::GetTar(pb::GetTarRequest {
             dir: dir.to_owned(),
         })),
+        authorization: authorization.to_owned(),
     };
     write_message(&mut io, &req).await?;
     // One buffer for every chunk: each is written out before the next is read.
@@ -353,7 +389,12 @@ where
 /// Uploads the tar.gz chunks of `data` over `io` for extraction into `dir`. An error
 /// item in `data` abandons the upload (the far end sees a cut upload, never a whole
 /// one).
-pub async fn put_tar<S, D>(io: S, dir: &str, data: D) -> Result<pb::PutTarResponse, BulkError>
+pub async fn put_tar<S, D>(
+    io: S,
+    authorization: &str,
+    dir: &str,
+    data: D,
+) -> Result<pb::PutTarResponse, BulkError>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
     D: Stream<Item = io::Result<Bytes>> + Send,
@@ -363,6 +404,7 @@ where
         op: Some(pb::bulk_request::Op::PutTar(pb::PutTarHeader {
             dir: dir.to_owned(),
         })),
+        authorization: authorization.to_owned(),
     };
     write_message(&mut wr, &req).await?;
     let send = async {
@@ -478,7 +520,7 @@ mod tests {
                 ..Memory::default()
             });
             let mut out = Vec::new();
-            let got = get_tar(connected(target.clone()), "d", &mut out, None)
+            let got = get_tar(connected(target.clone()), "", "d", &mut out, None)
                 .await
                 .unwrap();
             assert_eq!(got as usize, n);
@@ -489,11 +531,11 @@ mod tests {
             ..Memory::default()
         });
         let mut out = Vec::new();
-        match get_tar(connected(target.clone()), "missing", &mut out, None).await {
+        match get_tar(connected(target.clone()), "", "missing", &mut out, None).await {
             Err(BulkError::Status(s)) => assert_eq!(s.code(), Code::NotFound, "{s:?}"),
             other => panic!("expected not found, got {other:?}"),
         }
-        match get_tar(connected(target), "breaks", &mut out, None).await {
+        match get_tar(connected(target), "", "breaks", &mut out, None).await {
             Err(BulkError::Status(s)) => {
                 assert_eq!(s.code(), Code::Internal, "{s:?}");
                 assert!(s.message().contains("disk went away"), "{s:?}");
@@ -515,6 +557,7 @@ mod tests {
             let data = bytes(n);
             let stats = put_tar(
                 connected(target.clone()),
+                "",
                 "d",
                 futures::stream::iter(chunks_of(&data, 65_536)),
             )
@@ -532,6 +575,7 @@ mod tests {
         let data = bytes(3_000_000);
         match put_tar(
             connected(target),
+            "",
             "d",
             futures::stream::iter(chunks_of(&data, 65_536)),
         )
@@ -551,7 +595,14 @@ mod tests {
         let data = bytes(200_000);
         let mut items = chunks_of(&data, 65_536);
         items.push(Err(io::Error::other("local disk error")));
-        match put_tar(connected(target.clone()), "d", futures::stream::iter(items)).await {
+        match put_tar(
+            connected(target.clone()),
+            "",
+            "d",
+            futures::stream::iter(items),
+        )
+        .await
+        {
             Err(BulkError::Input(e)) => assert!(e.to_string().contains("local disk"), "{e}"),
             other => panic!("expected the input error, got {other:?}"),
         }
@@ -563,6 +614,7 @@ mod tests {
             op: Some(pb::bulk_request::Op::PutTar(pb::PutTarHeader {
                 dir: "d".into(),
             })),
+            ..Default::default()
         };
         write_message(&mut a, &req).await.unwrap();
         write_chunk(&mut a, Bytes::from_static(b"half a tarball"))
@@ -576,6 +628,37 @@ mod tests {
             "{result:?}"
         );
         server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_refused_authorization_ends_the_connection_with_the_refusal() {
+        let target = Arc::new(Memory {
+            get: bytes(10),
+            ..Memory::default()
+        });
+        let (a, b) = tokio::io::duplex(1 << 10);
+        tokio::spawn(serve_authorized(target.clone(), b, |auth| {
+            if auth == "Bearer right" {
+                Ok(())
+            } else {
+                Err(Status::permission_denied("bearer key rejected"))
+            }
+        }));
+        match get_tar(a, "Bearer wrong", "d", &mut Vec::new(), None).await {
+            Err(BulkError::Status(s)) => assert_eq!(s.code(), Code::PermissionDenied, "{s:?}"),
+            other => panic!("expected the refusal, got {other:?}"),
+        }
+        let (a, b) = tokio::io::duplex(1 << 10);
+        tokio::spawn(serve_authorized(target, b, |auth| {
+            (auth == "Bearer right")
+                .then_some(())
+                .ok_or_else(|| Status::permission_denied("bearer key rejected"))
+        }));
+        let mut out = Vec::new();
+        let n = get_tar(a, "Bearer right", "d", &mut out, None)
+            .await
+            .unwrap();
+        assert_eq!((n, out), (10, bytes(10)));
     }
 
     #[tokio::test]
@@ -597,6 +680,7 @@ mod tests {
             op: Some(pb::bulk_request::Op::PutTar(pb::PutTarHeader {
                 dir: "d".into(),
             })),
+            ..Default::default()
         };
         write_message(&mut a, &req).await.unwrap();
         a.write_all(&((MAX_CHUNK + 1) as u32).to_be_bytes())
@@ -609,7 +693,7 @@ mod tests {
         // An empty request.
         let (mut a, b) = tokio::io::duplex(1 << 10);
         tokio::spawn(serve(target, b));
-        write_message(&mut a, &pb::BulkRequest { op: None })
+        write_message(&mut a, &pb::BulkRequest::default())
             .await
             .unwrap();
         let result: pb::BulkResult = read_message(&mut a, "result").await.unwrap();

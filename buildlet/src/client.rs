@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use buildfarm_proto::buildlet as pb;
-use buildfarm_tls::{ALPN_H2, Identity};
+use buildfarm_tls::{ALPN_BULK, ALPN_H2, Identity};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
@@ -50,6 +50,8 @@ pub type DataOpener =
 #[derive(Clone)]
 struct DataPath {
     open: DataOpener,
+    /// Sent in each request (listen mode without a client certificate: the bearer).
+    authorization: Arc<str>,
     /// Set once the buildlet said it takes no data connections: not asked again.
     refused: Arc<AtomicBool>,
 }
@@ -461,6 +463,53 @@ impl std::fmt::Debug for BuildletClient {
     }
 }
 
+/// Opens bulk connections to a listen-mode buildlet at `addr`: TLS (`tls` must offer
+/// only ALPN `buildfarm-bulk/1`) to its port. A buildlet that does not speak it (an
+/// older one) fails the handshake or picks no protocol: that is UNIMPLEMENTED, so a
+/// client stops asking.
+pub fn listen_data_opener(
+    addr: String,
+    server_name: rustls::pki_types::ServerName<'static>,
+    tls: Arc<rustls::ClientConfig>,
+    connect_timeout: Duration,
+) -> DataOpener {
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    Arc::new(move || {
+        let (addr, server_name, connector) = (addr.clone(), server_name.clone(), connector.clone());
+        Box::pin(async move {
+            let dial = async {
+                let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                tcp.set_nodelay(true)?;
+                connector.connect(server_name, tcp).await
+            };
+            let tls = match tokio::time::timeout(connect_timeout, dial).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) if e.to_string().contains("NoApplicationProtocol") => {
+                    return Err(tonic::Status::unimplemented(format!(
+                        "{addr} does not take bulk connections: {e}"
+                    )));
+                }
+                Ok(Err(e)) => {
+                    return Err(tonic::Status::unavailable(format!(
+                        "bulk connection to {addr}: {e}"
+                    )));
+                }
+                Err(_) => {
+                    return Err(tonic::Status::unavailable(format!(
+                        "bulk connection to {addr}: no answer within {connect_timeout:?}"
+                    )));
+                }
+            };
+            if tls.get_ref().1.alpn_protocol() != Some(ALPN_BULK) {
+                return Err(tonic::Status::unimplemented(format!(
+                    "{addr} does not take bulk connections"
+                )));
+            }
+            Ok(Box::new(tls) as revdial::DataStream)
+        })
+    })
+}
+
 fn bulk_error(op: &str, e: crate::bulk::BulkError) -> ClientError {
     use crate::bulk::BulkError;
     match e {
@@ -517,6 +566,21 @@ impl BuildletClient {
                 })?;
         let mut client = Self::from_channel(channel, opts.bearer_key.as_deref())?;
         client.call_timeout = Some(opts.call_timeout);
+        // Transfers on connections of their own (ALPN "buildfarm-bulk/1"), with the same
+        // certificate and key as the gRPC calls.
+        let bulk_tls =
+            buildfarm_tls::client_config(&opts.ca_pem, opts.client_identity.as_ref(), &[ALPN_BULK])
+                .map_err(|e| bad(e.to_string()))?;
+        let open = listen_data_opener(
+            opts.addr.clone(),
+            buildfarm_tls::server_name(&host).map_err(|e| bad(e.to_string()))?,
+            bulk_tls,
+            opts.connect_timeout,
+        );
+        let mut client = client.with_data_opener(open);
+        if let (Some(data), Some(key)) = (client.data.as_mut(), opts.bearer_key.as_deref()) {
+            data.authorization = Arc::from(format!("Bearer {}", key.trim()));
+        }
         Ok(client)
     }
 
@@ -582,6 +646,7 @@ impl BuildletClient {
     pub fn with_data_opener(mut self, open: DataOpener) -> Self {
         self.data = Some(DataPath {
             open,
+            authorization: Arc::from(""),
             refused: Arc::new(AtomicBool::new(false)),
         });
         self
@@ -590,19 +655,19 @@ impl BuildletClient {
     /// A data connection for one transfer, or `None` to use gRPC: there is no way to
     /// open one, the buildlet takes none, or opening failed (logged; the gRPC call
     /// then says whether the buildlet is really gone).
-    async fn data_connection(&self, op: &str) -> Option<revdial::DataStream> {
+    async fn data_connection(&self, op: &str) -> Option<(revdial::DataStream, Arc<str>)> {
         let data = self.data.as_ref()?;
         if data.refused.load(Ordering::Relaxed) {
             return None;
         }
         match (data.open)().await {
-            Ok(io) => Some(io),
+            Ok(io) => Some((io, data.authorization.clone())),
             Err(s) if s.code() == tonic::Code::Unimplemented => {
                 data.refused.store(true, Ordering::Relaxed);
                 None
             }
             Err(s) => {
-                tracing::warn!(op, error = %s.message(), "no data connection; transferring through the tunnel");
+                tracing::warn!(op, error = %s.message(), "no data connection; transferring over gRPC");
                 None
             }
         }
@@ -637,7 +702,7 @@ impl BuildletClient {
         R: AsyncRead + Send + 'static,
     {
         let op = format!("put_tar {dir:?}");
-        if let Some(io) = self.data_connection(&op).await {
+        if let Some((io, authorization)) = self.data_connection(&op).await {
             let mut sent = 0u64;
             let data = ReaderStream::with_capacity(Box::pin(reader), PUT_TAR_CHUNK).inspect(
                 move |chunk| {
@@ -647,7 +712,7 @@ impl BuildletClient {
                     }
                 },
             );
-            let r = crate::bulk::put_tar(io, dir, data)
+            let r = crate::bulk::put_tar(io, &authorization, dir, data)
                 .await
                 .map_err(|e| bulk_error(&op, e))?;
             return Ok(PutTarStats {
@@ -842,8 +907,8 @@ impl BuildletClient {
         W: AsyncWrite + Unpin + ?Sized,
     {
         let op = format!("get_tar {dir:?}");
-        if let Some(io) = self.data_connection(&op).await {
-            return crate::bulk::get_tar(io, dir, writer, progress)
+        if let Some((io, authorization)) = self.data_connection(&op).await {
+            return crate::bulk::get_tar(io, &authorization, dir, writer, progress)
                 .await
                 .map_err(|e| bulk_error(&op, e));
         }

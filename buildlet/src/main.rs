@@ -340,7 +340,7 @@ async fn run_listen(cfg: Box<ListenConfig>) -> anyhow::Result<()> {
     let tls = buildfarm_tls::server_config(
         &cfg.identity,
         cfg.client_ca.as_deref(),
-        &[buildfarm_tls::ALPN_H2],
+        &[buildfarm_tls::ALPN_H2, buildfarm_tls::ALPN_BULK],
     )
     .context("building the tls config")?;
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
@@ -355,8 +355,13 @@ async fn run_listen(cfg: Box<ListenConfig>) -> anyhow::Result<()> {
         out.flush().context("writing to stdout")?;
     }
     tokio::spawn(watch_signals(shutdown.clone()));
-    let routes = server::authenticated_routes(svc.clone(), cfg.policy);
-    let serve = server::serve_tls_with(listener, tls, routes, limits, shutdown.clone());
+    let routes = server::authenticated_routes(svc.clone(), cfg.policy.clone());
+    // Transfers may come on connections of their own, authorized as calls are.
+    let bulk = server::ListenBulk {
+        target: std::sync::Arc::new(svc.clone()),
+        policy: cfg.policy,
+    };
+    let serve = server::serve_tls_with(listener, tls, routes, Some(bulk), limits, shutdown.clone());
     tokio::pin!(serve);
     tokio::select! {
         () = &mut serve => {}

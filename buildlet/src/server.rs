@@ -925,15 +925,24 @@ pub fn authenticated_routes(svc: BuildletService, policy: AuthPolicy) -> Routes 
     ))
 }
 
+/// What a listen-mode port needs to take bulk connections (ALPN `buildfarm-bulk/1`,
+/// see [`crate::bulk`]): the transfers' target and the gRPC port's authorization.
+#[derive(Clone)]
+pub struct ListenBulk {
+    pub target: Arc<dyn crate::bulk::BulkTarget>,
+    pub policy: AuthPolicy,
+}
+
 /// Serves `routes` over TLS on `listener` with the default [`ConnLimits`] until
 /// `shutdown`; see [`serve_tls_with`].
 pub async fn serve_tls(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     routes: Routes,
+    bulk: Option<ListenBulk>,
     shutdown: CancellationToken,
 ) {
-    serve_tls_with(listener, tls, routes, ConnLimits::default(), shutdown).await
+    serve_tls_with(listener, tls, routes, bulk, ConnLimits::default(), shutdown).await
 }
 
 /// Serves `routes` (gRPC over HTTP/2) over TLS on `listener` until `shutdown` is
@@ -941,10 +950,13 @@ pub async fn serve_tls(
 /// connection is closed. Connections go through the bounded acceptor of
 /// `revdial::accept`: caps on open connections and handshakes, a handshake timeout,
 /// an idle timeout (no call in flight), HTTP/2 keep-alive and a header size limit.
+/// With `bulk` (and its ALPN in `tls`), a connection that negotiates
+/// `buildfarm-bulk/1` carries one transfer instead, once authorized.
 pub async fn serve_tls_with(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     routes: Routes,
+    bulk: Option<ListenBulk>,
     limits: ConnLimits,
     shutdown: CancellationToken,
 ) {
@@ -953,6 +965,7 @@ pub async fn serve_tls_with(
     let conns = TaskTracker::new();
     while let Some((tcp, peer, conn)) = acceptor.accept(&listener, &shutdown).await {
         let (tls, routes, shutdown) = (tls.clone(), routes.clone(), shutdown.clone());
+        let bulk = bulk.clone();
         conns.spawn(async move {
             let h = conn.handle();
             let limit = h.limits().handshake_timeout;
@@ -980,6 +993,24 @@ pub async fn serve_tls_with(
                     .peer_certificates()
                     .is_some_and(|c| !c.is_empty()),
             };
+            if stream.get_ref().1.alpn_protocol() == Some(buildfarm_tls::ALPN_BULK) {
+                // Only offered when `bulk` is set, so rustls refused it otherwise.
+                let Some(bulk) = bulk else { return };
+                let cert = info.verified_client_cert;
+                let authorize = |auth: &str| {
+                    let auth = (!auth.is_empty()).then_some(auth.as_bytes());
+                    bulk.policy.check(cert, auth).map_err(|e| {
+                        tracing::warn!(%peer, error = %e, "refused bulk connection");
+                        Status::from(e)
+                    })?;
+                    // A transfer may pause longer than the idle timeout between reads.
+                    h.pin();
+                    Ok(())
+                };
+                crate::bulk::serve_authorized(bulk.target, Tracked::new(stream, conn), authorize)
+                    .await;
+                return;
+            }
             // The auth interceptor reads this from every request's extensions.
             let svc = tower::ServiceExt::map_request(routes, move |mut req: http::Request<_>| {
                 req.extensions_mut().insert(info.clone());

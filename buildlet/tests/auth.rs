@@ -132,3 +132,73 @@ async fn refuses_to_start_without_authentication_or_with_bad_args() {
         format!("buildlet {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// Transfers go on bulk connections of their own (ALPN `buildfarm-bulk/1`), authorized
+/// exactly as calls are: the right key or a client certificate moves the bytes; no
+/// credentials or a wrong key is refused there and extracts nothing.
+#[tokio::test]
+async fn bulk_connections_are_authorized_as_calls_are() {
+    let b = TestBuildlet::start().await;
+    let tgz = tgz(&[("bulk/hello.txt", 0o644, b"over a bulk connection")]);
+    let c = b.client().await;
+    let stats = c
+        .put_tar(".", std::io::Cursor::new(tgz.clone()), None)
+        .await
+        .expect("put_tar with the right key");
+    assert_eq!(stats.entries, 1, "{stats:?}");
+    let mut back = Vec::new();
+    c.get_tar("bulk", &mut back, None).await.expect("get_tar");
+    assert!(!back.is_empty());
+    assert!(
+        eventually(std::time::Duration::from_secs(10), || b
+            .log()
+            .contains("put_tar (data connection)"))
+        .await,
+        "the upload did not use a bulk connection:\n{}",
+        b.log()
+    );
+    assert!(b.log().contains("get_tar (data connection)"), "{}", b.log());
+
+    let anonymous = BuildletClient::connect(b.options()).await.expect("connect");
+    let err = anonymous
+        .put_tar("other", std::io::Cursor::new(tgz.clone()), None)
+        .await
+        .expect_err("anonymous upload accepted");
+    assert_eq!(err.code(), ErrorCode::Unauthenticated, "{err}");
+    let mut o = b.options();
+    o.bearer_key = Some("not-the-key".into());
+    let wrong = BuildletClient::connect(o).await.expect("connect");
+    let err = wrong
+        .get_tar("bulk", &mut Vec::new(), None)
+        .await
+        .expect_err("wrong key download accepted");
+    assert_eq!(err.code(), ErrorCode::PermissionDenied, "{err}");
+    assert!(b.log().contains("refused bulk connection"), "{}", b.log());
+    let err = c
+        .get_tar("other", &mut Vec::new(), None)
+        .await
+        .expect_err("an anonymous upload landed");
+    assert_eq!(err.code(), ErrorCode::NotFound, "{err}");
+
+    // A client certificate is enough, as for calls.
+    let m = TestBuildlet::start_with(Options {
+        bearer_key: false,
+        ..Options::default()
+    })
+    .await;
+    let mut o = m.options();
+    o.client_identity = Some(m.client_identity("coordinator"));
+    let by_cert = BuildletClient::connect(o).await.expect("connect");
+    by_cert
+        .put_tar(".", std::io::Cursor::new(tgz), None)
+        .await
+        .expect("put_tar with a client certificate");
+    assert!(
+        eventually(std::time::Duration::from_secs(10), || m
+            .log()
+            .contains("put_tar (data connection)"))
+        .await,
+        "{}",
+        m.log()
+    );
+}

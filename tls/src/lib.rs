@@ -19,6 +19,9 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 /// ALPN protocol id of a reverse dial-in.
 pub const ALPN_REVDIAL: &[u8] = b"buildfarm-revdial/1";
+/// ALPN protocol id of a buildlet's bulk transfers on a connection of their own
+/// (listen mode; see `buildlet::bulk`).
+pub const ALPN_BULK: &[u8] = b"buildfarm-bulk/1";
 /// ALPN protocol id of plain HTTP/2 (gRPC).
 pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN protocol id of HTTP/1.1 (browsers on the status page).

@@ -32,6 +32,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::{Request, Response, Status, Streaming};
 
+use buildlet::client::DataOpener;
+
 use super::bench::Figure;
 
 const MASTER: &[u8] = b"bench master key";
@@ -250,6 +252,7 @@ async fn throughput_and_latency() -> Result<Vec<Figure>> {
     // Callers run as tasks on the caller's runtime, as the coordinator's do.
     let (tunnel_ch, fwd_ch) = (tunnel.channel.clone(), fwd.channel.clone());
     let small_ch = small.channel.clone();
+    let (tunnel_open, fwd_open) = (tunnel_opener(&tunnel.channel), fwd.open.clone());
     let rtt_stop = rtt_server.stop.clone();
     let h = remote.handle();
     let m = tokio::spawn(async move {
@@ -259,21 +262,25 @@ async fn throughput_and_latency() -> Result<Vec<Figure>> {
             let mut fw = BuildletClient::new(fwd_ch.clone());
             m.tunnel_down.push(time_get_tar(&mut tun).await?);
             m.tls_down.push(raw_tls_stream(&h, Direction::Down).await?);
-            m.data_down.push(time_data_get_tar(&tunnel_ch).await?);
+            m.data_down.push(time_data_get_tar(&tunnel_open, "").await?);
             m.tunnel_up.push(time_put_tar(&mut tun).await?);
-            m.data_up.push(time_data_put_tar(&tunnel_ch).await?);
+            m.data_up.push(time_data_put_tar(&tunnel_open, "").await?);
             let mut sm = BuildletClient::new(small_ch.clone());
             m.small_down.push(time_get_tar(&mut sm).await?);
             m.small_up.push(time_put_tar(&mut sm).await?);
             m.tls_up.push(raw_tls_stream(&h, Direction::Up).await?);
             m.fwd_down.push(time_get_tar(&mut fw).await?);
             m.fwd_up.push(time_put_tar(&mut fw).await?);
+            m.fwd_data_down
+                .push(time_data_get_tar(&fwd_open, FORWARD_AUTH).await?);
+            m.fwd_data_up
+                .push(time_data_put_tar(&fwd_open, FORWARD_AUTH).await?);
             m.tcp_down.push(raw_tcp_stream(&h).await?);
             for _ in 0..SMALL_TRANSFERS {
                 let t = Instant::now();
                 let io = tunnel_ch.open_data(Duration::from_secs(10)).await?;
                 let mut sink = tokio::io::sink();
-                buildlet::bulk::get_tar(io, &SMALL_BYTES.to_string(), &mut sink, None)
+                buildlet::bulk::get_tar(io, "", &SMALL_BYTES.to_string(), &mut sink, None)
                     .await
                     .map_err(|e| anyhow::anyhow!("small bulk get_tar: {e:?}"))?;
                 m.small_data.push(t.elapsed());
@@ -398,11 +405,27 @@ async fn throughput_and_latency() -> Result<Vec<Figure>> {
             format!("{mb:.0} MB GetTar; baseline: raw TCP write of 64 KiB chunks; {medians}"),
         ),
         stream(
+            "forward_data_stream_vs_tls",
+            &m.fwd_data_down,
+            &m.tls_down,
+            format!(
+                "{mb:.0} MB GetTar of a listen-mode buildlet as the farm moves it: on a bulk connection to its port (connect and TLS included); baseline: raw tokio-rustls; {medians}; goal >= 0.95"
+            ),
+        ),
+        stream(
+            "forward_data_stream_up_vs_tls",
+            &m.fwd_data_up,
+            &m.tls_up,
+            format!(
+                "{mb:.0} MB PutTar on a bulk connection to a listen-mode port; baseline: raw tokio-rustls; {medians}; goal >= 0.95"
+            ),
+        ),
+        stream(
             "forward_stream_vs_tls",
             &m.fwd_down,
             &m.tls_down,
             format!(
-                "{mb:.0} MB GetTar over forward gRPC/TLS (buildlet listen mode); baseline: raw tokio-rustls; {medians}; goal >= 0.95"
+                "{mb:.0} MB GetTar over forward gRPC/TLS (the listen-mode path of a buildlet that takes no bulk connections); baseline: raw tokio-rustls; {medians}"
             ),
         ),
         stream(
@@ -410,7 +433,7 @@ async fn throughput_and_latency() -> Result<Vec<Figure>> {
             &m.fwd_up,
             &m.tls_up,
             format!(
-                "{mb:.0} MB PutTar over forward gRPC/TLS; baseline: raw tokio-rustls; {medians}; goal >= 0.95"
+                "{mb:.0} MB PutTar over forward gRPC/TLS; baseline: raw tokio-rustls; {medians}"
             ),
         ),
         stream(
@@ -457,6 +480,8 @@ async fn throughput_and_latency() -> Result<Vec<Figure>> {
 
 #[derive(Default)]
 struct Measured {
+    fwd_data_down: Samples,
+    fwd_data_up: Samples,
     small_data: Samples,
     small_tunnel: Samples,
     data_down: Samples,
@@ -542,16 +567,32 @@ where
     Ok(elapsed)
 }
 
-/// A GetTar as the farm runs it on a reverse buildlet: a data connection dialled back,
-/// then the bulk protocol; timed from asking for the connection to the last byte.
-async fn time_data_get_tar(channel: &revdial::TunnelChannel) -> Result<Duration> {
+/// Opens a reverse buildlet's data connections as the coordinator does.
+fn tunnel_opener(channel: &revdial::TunnelChannel) -> DataOpener {
+    let channel = channel.clone();
+    Arc::new(move || {
+        let channel = channel.clone();
+        Box::pin(async move { channel.open_data(Duration::from_secs(10)).await })
+    })
+}
+
+/// A GetTar as the farm runs it on a data connection (a reverse buildlet's dialled
+/// back, or one to a listen-mode port); timed from asking for the connection to the
+/// last byte.
+async fn time_data_get_tar(open: &DataOpener, authorization: &str) -> Result<Duration> {
     let t = Instant::now();
     let got = tokio::time::timeout(Duration::from_secs(300), async {
-        let io = channel.open_data(Duration::from_secs(10)).await?;
+        let io = open().await?;
         let mut sink = tokio::io::sink();
-        buildlet::bulk::get_tar(io, &STREAM_BYTES.to_string(), &mut sink, None)
-            .await
-            .map_err(|e| anyhow::anyhow!("bulk get_tar: {e:?}"))
+        buildlet::bulk::get_tar(
+            io,
+            authorization,
+            &STREAM_BYTES.to_string(),
+            &mut sink,
+            None,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("bulk get_tar: {e:?}"))
     })
     .await
     .context("GetTar on a data connection took over 300 s")??;
@@ -563,7 +604,7 @@ async fn time_data_get_tar(channel: &revdial::TunnelChannel) -> Result<Duration>
 }
 
 /// A PutTar on a data connection, the chunks the same shared buffer as the gRPC one's.
-async fn time_data_put_tar(channel: &revdial::TunnelChannel) -> Result<Duration> {
+async fn time_data_put_tar(open: &DataOpener, authorization: &str) -> Result<Duration> {
     let chunk = tonic::codegen::Bytes::from(vec![0x5a_u8; CHUNK]);
     let data = futures::stream::iter((0..STREAM_BYTES.div_ceil(CHUNK)).map(move |i| {
         let n = (STREAM_BYTES - i * CHUNK).min(CHUNK);
@@ -571,8 +612,8 @@ async fn time_data_put_tar(channel: &revdial::TunnelChannel) -> Result<Duration>
     }));
     let t = Instant::now();
     let resp = tokio::time::timeout(Duration::from_secs(300), async {
-        let io = channel.open_data(Duration::from_secs(10)).await?;
-        buildlet::bulk::put_tar(io, "", data)
+        let io = open().await?;
+        buildlet::bulk::put_tar(io, authorization, "", data)
             .await
             .map_err(|e| anyhow::anyhow!("bulk put_tar: {e:?}"))
     })
@@ -788,14 +829,20 @@ async fn raw_round_trip(s: &mut tokio_rustls::client::TlsStream<TcpStream>) -> R
 /// loop) and a channel to it.
 struct ForwardServer {
     channel: tonic::transport::Channel,
+    /// Bulk connections to the same port (ALPN `buildfarm-bulk/1`).
+    open: DataOpener,
     stop: CancellationToken,
 }
+
+/// The bearer credential of the forward server's bulk connections.
+const FORWARD_KEY: &str = "bench-key";
+const FORWARD_AUTH: &str = "Bearer bench-key";
 
 impl ForwardServer {
     async fn start(remote: &Remote) -> Result<ForwardServer> {
         let ca = CertificateAuthority::generate("bench forward")?;
         let server = ca.issue_server(&["localhost"])?;
-        let server_tls = tls::server_config(&server, None, &[tls::ALPN_H2])?;
+        let server_tls = tls::server_config(&server, None, &[tls::ALPN_H2, tls::ALPN_BULK])?;
         let (tcp, addr) = bind_std()?;
         let stop = CancellationToken::new();
         let routes = bench_routes().add_service(TunnelService::server());
@@ -805,7 +852,11 @@ impl ForwardServer {
             let Ok(tcp) = TcpListener::from_std(tcp) else {
                 return;
             };
-            buildlet::server::serve_tls(tcp, server_tls, routes, token).await
+            let bulk = buildlet::server::ListenBulk {
+                target: Arc::new(StreamBuildlet),
+                policy: buildlet::auth::AuthPolicy::new(Some(FORWARD_KEY)),
+            };
+            buildlet::server::serve_tls(tcp, server_tls, routes, Some(bulk), token).await
         });
         let channel = revdial::h2::connect_channel(
             &addr.to_string(),
@@ -814,7 +865,17 @@ impl ForwardServer {
             Duration::from_secs(10),
         )
         .await?;
-        Ok(ForwardServer { channel, stop })
+        let open = buildlet::client::listen_data_opener(
+            addr.to_string(),
+            tls::server_name("localhost")?,
+            tls::client_config(ca.cert_pem(), None, &[tls::ALPN_BULK])?,
+            Duration::from_secs(10),
+        );
+        Ok(ForwardServer {
+            channel,
+            open,
+            stop,
+        })
     }
 }
 
