@@ -24,8 +24,9 @@ use tonic::{Code, Status};
 const MAX_MESSAGE: usize = 64 << 10;
 /// Largest chunk frame either side accepts.
 pub const MAX_CHUNK: usize = 4 << 20;
-/// How long a data connection may take to say what it wants.
-const REQUEST_WAIT: Duration = Duration::from_secs(30);
+/// How long a data connection may take to say what it wants (the far end writes its
+/// request at once; an unauthenticated listen-mode peer holds its slot no longer).
+const REQUEST_WAIT: Duration = Duration::from_secs(10);
 /// After a put_tar failed early, how long the rest of the upload is read and dropped
 /// so the result reaches the sender before the connection closes.
 const DRAIN_WAIT: Duration = Duration::from_secs(10);
