@@ -484,7 +484,7 @@ pub fn listen_data_opener(
             };
             let tls = match tokio::time::timeout(connect_timeout, dial).await {
                 Ok(Ok(tls)) => tls,
-                Ok(Err(e)) if e.to_string().contains("NoApplicationProtocol") => {
+                Ok(Err(e)) if refused_alpn(&e) => {
                     return Err(tonic::Status::unimplemented(format!(
                         "{addr} does not take bulk connections: {e}"
                     )));
@@ -508,6 +508,17 @@ pub fn listen_data_opener(
             Ok(Box::new(tls) as revdial::DataStream)
         })
     })
+}
+
+/// Whether a TLS handshake failed because the server offers none of our protocols.
+fn refused_alpn(e: &io::Error) -> bool {
+    matches!(
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::NoApplicationProtocol
+        ))
+    )
 }
 
 fn bulk_error(op: &str, e: crate::bulk::BulkError) -> ClientError {
@@ -552,18 +563,22 @@ impl BuildletClient {
             None => host_of(&opts.addr).to_owned(),
         };
         let server_name = buildfarm_tls::server_name(&host).map_err(|e| bad(e.to_string()))?;
-        let channel =
-            revdial::h2::connect_channel(&opts.addr, server_name, tls, opts.connect_timeout)
-                .await
-                .map_err(|e| {
-                    let mut message = e.to_string();
-                    let mut source = std::error::Error::source(&e);
-                    while let Some(s) = source {
-                        message = format!("{message}: {s}");
-                        source = s.source();
-                    }
-                    ClientError::new(op.clone(), ErrorCode::Unavailable, message)
-                })?;
+        let channel = revdial::h2::connect_channel(
+            &opts.addr,
+            server_name.clone(),
+            tls,
+            opts.connect_timeout,
+        )
+        .await
+        .map_err(|e| {
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                message = format!("{message}: {s}");
+                source = s.source();
+            }
+            ClientError::new(op.clone(), ErrorCode::Unavailable, message)
+        })?;
         let mut client = Self::from_channel(channel, opts.bearer_key.as_deref())?;
         client.call_timeout = Some(opts.call_timeout);
         // Transfers on connections of their own (ALPN "buildfarm-bulk/1"), with the same
@@ -573,15 +588,15 @@ impl BuildletClient {
                 .map_err(|e| bad(e.to_string()))?;
         let open = listen_data_opener(
             opts.addr.clone(),
-            buildfarm_tls::server_name(&host).map_err(|e| bad(e.to_string()))?,
+            server_name,
             bulk_tls,
             opts.connect_timeout,
         );
-        let mut client = client.with_data_opener(open);
-        if let (Some(data), Some(key)) = (client.data.as_mut(), opts.bearer_key.as_deref()) {
-            data.authorization = Arc::from(format!("Bearer {}", key.trim()));
-        }
-        Ok(client)
+        let authorization = match opts.bearer_key.as_deref() {
+            Some(key) => format!("Bearer {}", key.trim()),
+            None => String::new(),
+        };
+        Ok(client.with_data(open, &authorization))
     }
 
     /// Wraps an existing channel (e.g. one over a reverse tunnel). Unary calls then
@@ -643,10 +658,15 @@ impl BuildletClient {
 
     /// Moves transfers to data connections opened with `open` (falling back to gRPC
     /// when it fails).
-    pub fn with_data_opener(mut self, open: DataOpener) -> Self {
+    pub fn with_data_opener(self, open: DataOpener) -> Self {
+        self.with_data(open, "")
+    }
+
+    /// [`BuildletClient::with_data_opener`], sending `authorization` in each request.
+    fn with_data(mut self, open: DataOpener, authorization: &str) -> Self {
         self.data = Some(DataPath {
             open,
-            authorization: Arc::from(""),
+            authorization: Arc::from(authorization),
             refused: Arc::new(AtomicBool::new(false)),
         });
         self
@@ -1091,6 +1111,47 @@ fn host_of(addr: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A buildlet from before bulk connections offers only h2: the opener says
+    /// UNIMPLEMENTED (the client then stops asking and uses gRPC), and one that offers
+    /// the bulk protocol is opened.
+    #[tokio::test]
+    async fn an_opener_tells_a_buildlet_without_bulk_connections_apart() {
+        buildfarm_tls::install_crypto_provider();
+        let ca = buildfarm_tls::CertificateAuthority::generate("ca").unwrap();
+        let server = ca.issue_server(&["localhost"]).unwrap();
+        for (offered, unimplemented) in [(&[ALPN_H2][..], true), (&[ALPN_H2, ALPN_BULK][..], false)]
+        {
+            let tls = buildfarm_tls::server_config(&server, None, offered).unwrap();
+            let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = tcp.local_addr().unwrap().to_string();
+            let accept = tokio::spawn(async move {
+                let (s, _) = tcp.accept().await.unwrap();
+                let tls = tokio_rustls::TlsAcceptor::from(tls).accept(s).await;
+                // Hold an accepted connection until the client is done with it.
+                if let Ok(mut tls) = tls {
+                    let _ = tokio::io::AsyncReadExt::read(&mut tls, &mut [0; 1]).await;
+                }
+            });
+            let open = listen_data_opener(
+                addr,
+                buildfarm_tls::server_name("localhost").unwrap(),
+                buildfarm_tls::client_config(ca.cert_pem(), None, &[ALPN_BULK]).unwrap(),
+                Duration::from_secs(10),
+            );
+            match open().await {
+                Err(s) => assert!(
+                    unimplemented && s.code() == tonic::Code::Unimplemented,
+                    "offering {offered:?}: {s:?}"
+                ),
+                Ok(io) => {
+                    assert!(!unimplemented, "offering {offered:?}: opened");
+                    drop(io);
+                }
+            }
+            accept.await.unwrap();
+        }
+    }
 
     #[test]
     fn host_parsing() {

@@ -150,24 +150,23 @@ impl Farm {
         self.spawn(hostname, &["--builder-key-file", path_str(&key)])
     }
 
-    /// A client as the coordinator makes one: transfers on data connections.
-    fn client(&self, id: HostId) -> BuildletClient {
+    fn channel(&self, id: HostId) -> revdial::TunnelChannel {
         let host = self
             .listener
             .registry()
             .get(id)
             .expect("host is registered");
-        BuildletClient::over_tunnel(host.channel).expect("client")
+        host.channel
+    }
+
+    /// A client as the coordinator makes one: transfers on data connections.
+    fn client(&self, id: HostId) -> BuildletClient {
+        BuildletClient::over_tunnel(self.channel(id)).expect("client")
     }
 
     /// A client whose transfers go through the tunnel's HTTP/2 too.
     fn tunnel_only_client(&self, id: HostId) -> BuildletClient {
-        let host = self
-            .listener
-            .registry()
-            .get(id)
-            .expect("host is registered");
-        BuildletClient::from_service(host.channel, None).expect("client")
+        BuildletClient::from_service(self.channel(id), None).expect("client")
     }
 }
 

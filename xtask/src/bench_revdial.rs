@@ -537,18 +537,14 @@ where
     C::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
     <C::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
 {
-    let chunk = tonic::codegen::Bytes::from(vec![0x5a_u8; CHUNK]);
     let header = PutTarRequest {
         msg: Some(put_tar_request::Msg::Header(PutTarHeader {
             dir: String::new(),
         })),
     };
-    let data = futures::stream::iter((0..STREAM_BYTES.div_ceil(CHUNK)).map(move |i| {
-        let n = (STREAM_BYTES - i * CHUNK).min(CHUNK);
-        PutTarRequest {
-            msg: Some(put_tar_request::Msg::Data(chunk.slice(..n))),
-        }
-    }));
+    let data = chunks(STREAM_BYTES).map(|c| PutTarRequest {
+        msg: Some(put_tar_request::Msg::Data(c)),
+    });
     let t = Instant::now();
     let resp = tokio::time::timeout(
         Duration::from_secs(300),
@@ -605,11 +601,7 @@ async fn time_data_get_tar(open: &DataOpener, authorization: &str) -> Result<Dur
 
 /// A PutTar on a data connection, the chunks the same shared buffer as the gRPC one's.
 async fn time_data_put_tar(open: &DataOpener, authorization: &str) -> Result<Duration> {
-    let chunk = tonic::codegen::Bytes::from(vec![0x5a_u8; CHUNK]);
-    let data = futures::stream::iter((0..STREAM_BYTES.div_ceil(CHUNK)).map(move |i| {
-        let n = (STREAM_BYTES - i * CHUNK).min(CHUNK);
-        Ok(chunk.slice(..n))
-    }));
+    let data = chunks(STREAM_BYTES).map(Ok);
     let t = Instant::now();
     let resp = tokio::time::timeout(Duration::from_secs(300), async {
         let io = open().await?;
@@ -1278,6 +1270,21 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[derive(Clone, Copy)]
 struct StreamBuildlet;
 
+/// `total` bytes as the benches move them: slices of one shared 64 KiB buffer, so no
+/// side pays a copy the other does not.
+fn chunks(total: usize) -> impl Stream<Item = tonic::codegen::Bytes> + Send + 'static {
+    let chunk = tonic::codegen::Bytes::from(vec![0x5a_u8; CHUNK]);
+    futures::stream::iter(
+        (0..total.div_ceil(CHUNK)).map(move |i| chunk.slice(..(total - i * CHUNK).min(CHUNK))),
+    )
+}
+
+/// The byte count a bench GetTar asks for, in its `dir`.
+fn requested_bytes(dir: &str) -> Result<usize, Status> {
+    dir.parse()
+        .map_err(|_| Status::invalid_argument("dir must be a byte count"))
+}
+
 /// The same source and sink on a data connection.
 #[tonic::async_trait]
 impl buildlet::bulk::BulkTarget for StreamBuildlet {
@@ -1286,21 +1293,7 @@ impl buildlet::bulk::BulkTarget for StreamBuildlet {
         dir: String,
     ) -> Result<futures::stream::BoxStream<'static, Result<tonic::codegen::Bytes, Status>>, Status>
     {
-        let total: usize = dir
-            .parse()
-            .map_err(|_| Status::invalid_argument("dir must be a byte count"))?;
-        let chunk = tonic::codegen::Bytes::from(vec![0x5a_u8; CHUNK]);
-        let s = futures::stream::unfold(total, move |left| {
-            let chunk = chunk.clone();
-            async move {
-                if left == 0 {
-                    return None;
-                }
-                let n = left.min(CHUNK);
-                Some((Ok(chunk.slice(..n)), left - n))
-            }
-        });
-        Ok(s.boxed())
+        Ok(chunks(requested_bytes(&dir)?).map(Ok).boxed())
     }
 
     async fn put_tar(
@@ -1359,23 +1352,8 @@ impl Buildlet for StreamBuildlet {
         &self,
         req: Request<GetTarRequest>,
     ) -> Result<Response<Self::GetTarStream>, Status> {
-        let total: usize = req
-            .into_inner()
-            .dir
-            .parse()
-            .map_err(|_| Status::invalid_argument("dir must be a byte count"))?;
-        let chunk = tonic::codegen::Bytes::from(vec![0x5a_u8; CHUNK]);
-        let s = futures::stream::unfold(total, move |left| {
-            let chunk = chunk.clone();
-            async move {
-                if left == 0 {
-                    return None;
-                }
-                let n = left.min(CHUNK);
-                let data = chunk.slice(..n);
-                Some((Ok(DataChunk { data }), left - n))
-            }
-        });
+        let total = requested_bytes(&req.into_inner().dir)?;
+        let s = chunks(total).map(|data| Ok(DataChunk { data }));
         Ok(Response::new(Box::pin(s)))
     }
 
