@@ -90,9 +90,18 @@ fn make_go_repo(dir: &Path) -> String {
     .expect("write");
     git(dir, &["init", "--quiet", "--initial-branch=main"]);
     git(dir, &["-c", "core.compression=1", "add", "-A"]);
+    // No automatic gc: with this many loose objects the commit would start one in the
+    // background, packing and deleting objects while the coordinator's clone copies them.
     git(
         dir,
-        &["commit", "--quiet", "-m", "Go 1.19 from Debian's source"],
+        &[
+            "-c",
+            "gc.auto=0",
+            "commit",
+            "--quiet",
+            "-m",
+            "Go 1.19 from Debian's source",
+        ],
     );
     git(dir, &["rev-parse", "HEAD"])
 }
