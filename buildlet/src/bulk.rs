@@ -6,8 +6,11 @@
 //!
 //! The buildlet side is [`serve`], over any [`BulkTarget`]; the coordinator's side is
 //! [`get_tar`] and [`put_tar`], which [`crate::client::BuildletClient`] uses when it
-//! has a way to open data connections.
+//! has a way to open data connections. The coordinator's own port speaks the same
+//! protocol for gomote transfers ([`serve_with`] picks the instance's target), so a
+//! `gomote put` moves as chunk frames on both legs.
 
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +35,32 @@ const REQUEST_WAIT: Duration = Duration::from_secs(10);
 const DRAIN_WAIT: Duration = Duration::from_secs(10);
 /// The same for an upload refused before it started (an unauthorized caller): shorter.
 const REFUSED_DRAIN: Duration = Duration::from_secs(2);
+
+/// Who a bulk request is for: the credential a listen-mode buildlet or the coordinator
+/// checks (`Bearer ...`; empty where the connection itself is trusted) and, to the
+/// coordinator, the gomote instance (empty for a buildlet).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Addressee {
+    pub authorization: String,
+    pub instance: String,
+}
+
+impl Addressee {
+    pub fn bearer(authorization: impl Into<String>) -> Self {
+        Addressee {
+            authorization: authorization.into(),
+            instance: String::new(),
+        }
+    }
+
+    fn request(&self, op: pb::bulk_request::Op) -> pb::BulkRequest {
+        pb::BulkRequest {
+            op: Some(op),
+            authorization: self.authorization.clone(),
+            instance: self.instance.clone(),
+        }
+    }
+}
 
 /// What the transfers of a data connection act on: the buildlet's workdir (and, in
 /// the benches, a synthetic source and sink).
@@ -170,8 +199,25 @@ pub async fn serve_authorized<T, S>(
     T: BulkTarget + ?Sized,
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    serve_with(io, move |to| {
+        let target = authorize(&to.authorization).map(|()| target);
+        std::future::ready(target)
+    })
+    .await
+}
+
+/// Serves the one transfer a connection carries on the target `resolve` finds for the
+/// request's addressee (the coordinator: the caller's token and instance); a refusal
+/// is the result, and nothing is read or sent past it.
+pub async fn serve_with<T, S, R, F>(io: S, resolve: R)
+where
+    T: BulkTarget + ?Sized,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    R: FnOnce(Addressee) -> F,
+    F: Future<Output = Result<Arc<T>, Status>>,
+{
     let (mut rd, mut wr) = tokio::io::split(io);
-    let req: pb::BulkRequest =
+    let mut req: pb::BulkRequest =
         match tokio::time::timeout(REQUEST_WAIT, read_message(&mut rd, "bulk request")).await {
             Ok(Ok(req)) => req,
             Ok(Err(e)) => {
@@ -183,23 +229,30 @@ pub async fn serve_authorized<T, S>(
                 return;
             }
         };
-    if let Err(refused) = authorize(&req.authorization) {
-        // Where the result would come: after an empty chunk list for a download; for
-        // an upload, read and dropped a short while so the sender reads the refusal
-        // rather than a reset connection.
-        let download = matches!(req.op, Some(pb::bulk_request::Op::GetTar(_)));
-        if download {
-            let _ = write_chunk(&mut wr, Bytes::new()).await;
+    let to = Addressee {
+        authorization: std::mem::take(&mut req.authorization),
+        instance: std::mem::take(&mut req.instance),
+    };
+    let target = match resolve(to).await {
+        Ok(target) => target,
+        Err(refused) => {
+            // Where the result would come: after an empty chunk list for a download; for
+            // an upload, read and dropped a short while so the sender reads the refusal
+            // rather than a reset connection.
+            let download = matches!(req.op, Some(pb::bulk_request::Op::GetTar(_)));
+            if download {
+                let _ = write_chunk(&mut wr, Bytes::new()).await;
+            }
+            let _ = write_message(&mut wr, &result_of(Err(refused))).await;
+            if !download {
+                let mut sink = tokio::io::sink();
+                let drain = tokio::io::copy(&mut rd, &mut sink);
+                let _ = tokio::time::timeout(REFUSED_DRAIN, drain).await;
+            }
+            let _ = wr.shutdown().await;
+            return;
         }
-        let _ = write_message(&mut wr, &result_of(Err(refused))).await;
-        if !download {
-            let mut sink = tokio::io::sink();
-            let drain = tokio::io::copy(&mut rd, &mut sink);
-            let _ = tokio::time::timeout(REFUSED_DRAIN, drain).await;
-        }
-        let _ = wr.shutdown().await;
-        return;
-    }
+    };
     let done = match req.op {
         Some(pb::bulk_request::Op::GetTar(r)) => send_tar(&*target, r.dir, &mut wr).await,
         Some(pb::bulk_request::Op::PutTar(h)) => receive_tar(&*target, h.dir, rd, &mut wr).await,
@@ -344,45 +397,66 @@ impl From<io::Error> for BulkError {
     }
 }
 
+/// The chunks of a download, as they come; a failure part way is the last item.
+pub type Chunks = BoxStream<'static, Result<Bytes, BulkError>>;
+
+/// Asks for `dir` as tar.gz over `io`. A failure before the first chunk (no such
+/// directory, a refused caller) is the call's error, as a gRPC call's would be; one
+/// after it ends the chunks with an error item.
+pub async fn get_tar_stream<S>(io: S, to: &Addressee, dir: &str) -> Result<Chunks, BulkError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let mut io = io;
+    let req = to.request(pb::bulk_request::Op::GetTar(pb::GetTarRequest {
+        dir: dir.to_owned(),
+    }));
+    write_message(&mut io, &req).await?;
+    let Some(first) = read_chunk(&mut io).await? else {
+        status_of(read_message(&mut io, "bulk result").await?).map_err(BulkError::Status)?;
+        return Ok(futures::stream::empty().boxed());
+    };
+    let rest = futures::stream::unfold(Some(io), |io| async move {
+        let mut io = io?;
+        let failed = |e: BulkError| Some((Err(e), None));
+        match read_chunk(&mut io).await {
+            Ok(Some(chunk)) => Some((Ok(chunk), Some(io))),
+            Ok(None) => match read_message(&mut io, "bulk result").await {
+                Ok(result) => status_of(result)
+                    .err()
+                    .and_then(|s| failed(BulkError::Status(s))),
+                Err(e) => failed(e.into()),
+            },
+            Err(e) => failed(e.into()),
+        }
+    });
+    Ok(futures::stream::once(std::future::ready(Ok(first)))
+        .chain(rest)
+        .boxed())
+}
+
 /// Downloads `dir` as tar.gz over `io` into `writer`; returns the bytes written.
-/// `authorization` is the bearer credential a listen-mode buildlet may ask for.
 pub async fn get_tar<S, W>(
     io: S,
-    authorization: &str,
+    to: &Addressee,
     dir: &str,
     writer: &mut W,
     mut progress: Option<&mut (dyn FnMut(u64) + Send)>,
 ) -> Result<u64, BulkError>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     W: AsyncWrite + Unpin + ?Sized,
 {
-    let mut io = io;
-    let req = pb::BulkRequest {
-        op: Some(pb::bulk_request::Op::GetTar(pb::GetTarRequest {
-            dir: dir.to_owned(),
-        })),
-        authorization: authorization.to_owned(),
-    };
-    write_message(&mut io, &req).await?;
-    // One buffer for every chunk: each is written out before the next is read.
-    let mut buf = Vec::new();
+    let mut chunks = get_tar_stream(io, to, dir).await?;
     let mut total = 0u64;
-    loop {
-        let len = read_chunk_len(&mut io).await?;
-        if len == 0 {
-            break;
-        }
-        buf.resize(len, 0);
-        io.read_exact(&mut buf).await?;
-        writer.write_all(&buf).await.map_err(BulkError::Output)?;
-        total += len as u64;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk?;
+        writer.write_all(&chunk).await.map_err(BulkError::Output)?;
+        total += chunk.len() as u64;
         if let Some(p) = progress.as_mut() {
             p(total);
         }
     }
-    let result = read_message(&mut io, "bulk result").await?;
-    status_of(result).map_err(BulkError::Status)?;
     writer.flush().await.map_err(BulkError::Output)?;
     Ok(total)
 }
@@ -392,7 +466,7 @@ where
 /// one).
 pub async fn put_tar<S, D>(
     io: S,
-    authorization: &str,
+    to: &Addressee,
     dir: &str,
     data: D,
 ) -> Result<pb::PutTarResponse, BulkError>
@@ -401,12 +475,9 @@ where
     D: Stream<Item = io::Result<Bytes>> + Send,
 {
     let (mut rd, mut wr) = tokio::io::split(io);
-    let req = pb::BulkRequest {
-        op: Some(pb::bulk_request::Op::PutTar(pb::PutTarHeader {
-            dir: dir.to_owned(),
-        })),
-        authorization: authorization.to_owned(),
-    };
+    let req = to.request(pb::bulk_request::Op::PutTar(pb::PutTarHeader {
+        dir: dir.to_owned(),
+    }));
     write_message(&mut wr, &req).await?;
     let send = async {
         let mut data = std::pin::pin!(data);
@@ -521,9 +592,15 @@ mod tests {
                 ..Memory::default()
             });
             let mut out = Vec::new();
-            let got = get_tar(connected(target.clone()), "", "d", &mut out, None)
-                .await
-                .unwrap();
+            let got = get_tar(
+                connected(target.clone()),
+                &Addressee::default(),
+                "d",
+                &mut out,
+                None,
+            )
+            .await
+            .unwrap();
             assert_eq!(got as usize, n);
             assert_eq!(out, target.get, "{n} bytes");
         }
@@ -532,11 +609,27 @@ mod tests {
             ..Memory::default()
         });
         let mut out = Vec::new();
-        match get_tar(connected(target.clone()), "", "missing", &mut out, None).await {
+        match get_tar(
+            connected(target.clone()),
+            &Addressee::default(),
+            "missing",
+            &mut out,
+            None,
+        )
+        .await
+        {
             Err(BulkError::Status(s)) => assert_eq!(s.code(), Code::NotFound, "{s:?}"),
             other => panic!("expected not found, got {other:?}"),
         }
-        match get_tar(connected(target), "", "breaks", &mut out, None).await {
+        match get_tar(
+            connected(target),
+            &Addressee::default(),
+            "breaks",
+            &mut out,
+            None,
+        )
+        .await
+        {
             Err(BulkError::Status(s)) => {
                 assert_eq!(s.code(), Code::Internal, "{s:?}");
                 assert!(s.message().contains("disk went away"), "{s:?}");
@@ -558,7 +651,7 @@ mod tests {
             let data = bytes(n);
             let stats = put_tar(
                 connected(target.clone()),
-                "",
+                &Addressee::default(),
                 "d",
                 futures::stream::iter(chunks_of(&data, 65_536)),
             )
@@ -576,7 +669,7 @@ mod tests {
         let data = bytes(3_000_000);
         match put_tar(
             connected(target),
-            "",
+            &Addressee::default(),
             "d",
             futures::stream::iter(chunks_of(&data, 65_536)),
         )
@@ -598,7 +691,7 @@ mod tests {
         items.push(Err(io::Error::other("local disk error")));
         match put_tar(
             connected(target.clone()),
-            "",
+            &Addressee::default(),
             "d",
             futures::stream::iter(items),
         )
@@ -645,7 +738,15 @@ mod tests {
                 Err(Status::permission_denied("bearer key rejected"))
             }
         }));
-        match get_tar(a, "Bearer wrong", "d", &mut Vec::new(), None).await {
+        match get_tar(
+            a,
+            &Addressee::bearer("Bearer wrong"),
+            "d",
+            &mut Vec::new(),
+            None,
+        )
+        .await
+        {
             Err(BulkError::Status(s)) => assert_eq!(s.code(), Code::PermissionDenied, "{s:?}"),
             other => panic!("expected the refusal, got {other:?}"),
         }
@@ -656,7 +757,7 @@ mod tests {
                 .ok_or_else(|| Status::permission_denied("bearer key rejected"))
         }));
         let mut out = Vec::new();
-        let n = get_tar(a, "Bearer right", "d", &mut out, None)
+        let n = get_tar(a, &Addressee::bearer("Bearer right"), "d", &mut out, None)
             .await
             .unwrap();
         assert_eq!((n, out), (10, bytes(10)));

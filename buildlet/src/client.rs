@@ -46,15 +46,50 @@ const DATA_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 pub type DataOpener =
     Arc<dyn Fn() -> BoxFuture<'static, Result<revdial::DataStream, tonic::Status>> + Send + Sync>;
 
-/// How a client reaches its buildlet for bulk transfers besides gRPC.
+/// How a client reaches a server for bulk transfers besides gRPC: a buildlet (data
+/// connections, or its port's bulk ALPN) or the coordinator's port (gomote transfers).
 #[derive(Clone)]
-struct DataPath {
+pub struct BulkPath {
     open: DataOpener,
-    /// Sent in each request (listen mode without a client certificate: the bearer).
+    /// Sent in each request (a bearer key or token, where the server asks for one).
     authorization: Arc<str>,
-    /// Set once the buildlet said it takes no data connections: not asked again.
+    /// Set once the server said it takes no bulk connections: not asked again.
     refused: Arc<AtomicBool>,
 }
+
+impl BulkPath {
+    pub fn new(open: DataOpener, authorization: &str) -> Self {
+        BulkPath {
+            open,
+            authorization: Arc::from(authorization),
+            refused: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// A connection for one transfer and the credential to send on it, or `None` to
+    /// use gRPC: the server takes none, or opening failed (logged; the gRPC call then
+    /// says whether the server is really gone).
+    pub async fn connection(&self, op: &str) -> Option<(revdial::DataStream, Arc<str>)> {
+        if self.refused.load(Ordering::Relaxed) {
+            return None;
+        }
+        match (self.open)().await {
+            Ok(io) => Some((io, self.authorization.clone())),
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                tracing::debug!(op, error = %s.message(), "no bulk connections here; using gRPC");
+                self.refused.store(true, Ordering::Relaxed);
+                None
+            }
+            Err(s) => {
+                tracing::warn!(op, error = %s.message(), "no bulk connection; transferring over gRPC");
+                None
+            }
+        }
+    }
+}
+
+/// A download's chunks, as they come; a failure part way is the last item.
+pub type TarChunks = Pin<Box<dyn Stream<Item = Result<Bytes, ClientError>> + Send>>;
 
 /// What kind of failure a [`ClientError`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -454,7 +489,7 @@ impl ShellReader {
 pub struct BuildletClient {
     grpc: Grpc,
     call_timeout: Option<Duration>,
-    data: Option<DataPath>,
+    data: Option<BulkPath>,
 }
 
 impl std::fmt::Debug for BuildletClient {
@@ -664,33 +699,13 @@ impl BuildletClient {
 
     /// [`BuildletClient::with_data_opener`], sending `authorization` in each request.
     fn with_data(mut self, open: DataOpener, authorization: &str) -> Self {
-        self.data = Some(DataPath {
-            open,
-            authorization: Arc::from(authorization),
-            refused: Arc::new(AtomicBool::new(false)),
-        });
+        self.data = Some(BulkPath::new(open, authorization));
         self
     }
 
-    /// A data connection for one transfer, or `None` to use gRPC: there is no way to
-    /// open one, the buildlet takes none, or opening failed (logged; the gRPC call
-    /// then says whether the buildlet is really gone).
+    /// A data connection for one transfer, or `None` to use gRPC.
     async fn data_connection(&self, op: &str) -> Option<(revdial::DataStream, Arc<str>)> {
-        let data = self.data.as_ref()?;
-        if data.refused.load(Ordering::Relaxed) {
-            return None;
-        }
-        match (data.open)().await {
-            Ok(io) => Some((io, data.authorization.clone())),
-            Err(s) if s.code() == tonic::Code::Unimplemented => {
-                data.refused.store(true, Ordering::Relaxed);
-                None
-            }
-            Err(s) => {
-                tracing::warn!(op, error = %s.message(), "no data connection; transferring over gRPC");
-                None
-            }
-        }
+        self.data.as_ref()?.connection(op).await
     }
 
     /// The generated client, for forwarding raw messages.
@@ -732,7 +747,8 @@ impl BuildletClient {
                     }
                 },
             );
-            let r = crate::bulk::put_tar(io, &authorization, dir, data)
+            let to = crate::bulk::Addressee::bearer(&*authorization);
+            let r = crate::bulk::put_tar(io, &to, dir, data)
                 .await
                 .map_err(|e| bulk_error(&op, e))?;
             return Ok(PutTarStats {
@@ -916,6 +932,34 @@ impl BuildletClient {
         ))
     }
 
+    /// `dir` as tar.gz, in chunks as they come. A failure before the first chunk
+    /// (no such directory) is the call's error; one after ends the chunks with it.
+    pub async fn get_tar_stream(&self, dir: &str) -> Result<TarChunks, ClientError> {
+        let op = format!("get_tar {dir:?}");
+        if let Some((io, authorization)) = self.data_connection(&op).await {
+            let to = crate::bulk::Addressee::bearer(&*authorization);
+            let chunks = crate::bulk::get_tar_stream(io, &to, dir)
+                .await
+                .map_err(|e| bulk_error(&op, e))?;
+            return Ok(Box::pin(
+                chunks.map(move |c| c.map_err(|e| bulk_error(&op, e))),
+            ));
+        }
+        let stream = self
+            .grpc
+            .clone()
+            .get_tar(tonic::Request::new(pb::GetTarRequest {
+                dir: dir.to_owned(),
+            }))
+            .await
+            .map_err(|s| ClientError::from_status(&op, s))?
+            .into_inner();
+        Ok(Box::pin(stream.map(move |c| {
+            c.map(|c| c.data)
+                .map_err(|s| ClientError::from_status(&op, s))
+        })))
+    }
+
     /// Downloads `dir` as tar.gz into `writer`; returns the bytes written.
     pub async fn get_tar<W>(
         &self,
@@ -926,30 +970,19 @@ impl BuildletClient {
     where
         W: AsyncWrite + Unpin + ?Sized,
     {
-        let op = format!("get_tar {dir:?}");
-        if let Some((io, authorization)) = self.data_connection(&op).await {
-            return crate::bulk::get_tar(io, &authorization, dir, writer, progress)
-                .await
-                .map_err(|e| bulk_error(&op, e));
-        }
-        let mut stream = self
-            .grpc
-            .clone()
-            .get_tar(tonic::Request::new(pb::GetTarRequest {
-                dir: dir.to_owned(),
-            }))
-            .await
-            .map_err(|s| ClientError::from_status(&op, s))?
-            .into_inner();
-        let local = |e: io::Error| ClientError::new(&op, ErrorCode::Local, format!("writing: {e}"));
+        let local = |e: io::Error| {
+            ClientError::new(
+                format!("get_tar {dir:?}"),
+                ErrorCode::Local,
+                format!("writing: {e}"),
+            )
+        };
+        let mut chunks = self.get_tar_stream(dir).await?;
         let mut total = 0u64;
-        while let Some(chunk) = stream
-            .message()
-            .await
-            .map_err(|s| ClientError::from_status(&op, s))?
-        {
-            writer.write_all(&chunk.data).await.map_err(local)?;
-            total += chunk.data.len() as u64;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            writer.write_all(&chunk).await.map_err(local)?;
+            total += chunk.len() as u64;
             if let Some(p) = progress.as_mut() {
                 p(total);
             }

@@ -997,18 +997,24 @@ pub async fn serve_tls_with(
                 // Only offered when `bulk` is set, so rustls refused it otherwise.
                 let Some(bulk) = bulk else { return };
                 let cert = info.verified_client_cert;
-                let authorize = |auth: &str| {
+                let pin = h.clone();
+                let authorize = move |auth: &str| {
                     let auth = (!auth.is_empty()).then_some(auth.as_bytes());
                     bulk.policy.check(cert, auth).map_err(|e| {
                         tracing::warn!(%peer, error = %e, "refused bulk connection");
                         Status::from(e)
                     })?;
                     // A transfer may pause longer than the idle timeout between reads.
-                    h.pin();
+                    pin.pin();
                     Ok(())
                 };
-                crate::bulk::serve_authorized(bulk.target, Tracked::new(stream, conn), authorize)
-                    .await;
+                let io = Tracked::new(stream, conn);
+                // Until authorized, the connection is evictable like any other: a peer
+                // that sends no request gives its slot up when the acceptor needs it.
+                tokio::select! {
+                    _ = crate::bulk::serve_authorized(bulk.target, io, authorize) => {}
+                    _ = h.killed() => tracing::debug!(%peer, "bulk connection evicted"),
+                }
                 return;
             }
             // The auth interceptor reads this from every request's extensions.

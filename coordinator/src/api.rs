@@ -12,12 +12,15 @@ use buildfarm_proto::buildlet as bp;
 use buildfarm_proto::coordinator as cp;
 use buildfarm_proto::coordinator::coordinator_server::Coordinator;
 use buildfarm_store::{BuildState, NewTry, Verdict, try_verdict};
+use buildlet::bulk::BulkTarget;
+use buildlet::client::{BuildletClient, ClientError, ErrorCode};
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-use crate::access::{Access, Action, Principal, Role};
+use crate::access::{Access, Action, DenyReason, Principal, Role};
 use crate::farm::{Farm, FarmEvent, InstanceGrant, now_ms};
 use crate::git::PatchError;
 
@@ -85,7 +88,7 @@ pub struct Instance {
     grant: Mutex<Option<InstanceGrant>>,
     /// The owner's allowance this instance uses; given back with the grant.
     ticket: Mutex<Option<InstanceTicket>>,
-    raw: buildlet::client::RawClient,
+    client: buildlet::client::BuildletClient,
     lost: tokio_util::sync::CancellationToken,
 }
 
@@ -398,7 +401,7 @@ impl Api {
         let (name, inner) = req.into_inner().split();
         let inst = self.instance(&user, &name)?;
         let inner = inner.ok_or_else(|| Status::invalid_argument("missing request"))?;
-        Ok((inst.raw.clone(), inner))
+        Ok((inst.client.raw(), inner))
     }
 }
 
@@ -413,6 +416,93 @@ fn proxy_status(e: Status) -> Status {
 
 fn forward<T: Send + 'static>(s: Streaming<T>) -> BoxStream<T> {
     Box::pin(s.map(|r| r.map_err(proxy_status)))
+}
+
+/// A buildlet client's error as the proxy's status: the same code, saying where it
+/// came from.
+fn client_status(e: ClientError) -> Status {
+    let code = match e.code() {
+        ErrorCode::InvalidArgument => tonic::Code::InvalidArgument,
+        ErrorCode::NotFound => tonic::Code::NotFound,
+        ErrorCode::PermissionDenied => tonic::Code::PermissionDenied,
+        ErrorCode::Unauthenticated => tonic::Code::Unauthenticated,
+        ErrorCode::Unavailable => tonic::Code::Unavailable,
+        ErrorCode::DeadlineExceeded => tonic::Code::DeadlineExceeded,
+        ErrorCode::ResourceExhausted => tonic::Code::ResourceExhausted,
+        ErrorCode::FailedPrecondition => tonic::Code::FailedPrecondition,
+        ErrorCode::Cancelled => tonic::Code::Cancelled,
+        ErrorCode::Internal => tonic::Code::Internal,
+        // The upload from the caller broke: the caller knows why.
+        ErrorCode::Local => tonic::Code::Cancelled,
+        ErrorCode::Other => tonic::Code::Unknown,
+    };
+    Status::new(code, format!("buildlet: {}", e.message()))
+}
+
+/// A gomote instance's transfers, for both of the proxy's front ends (gRPC calls and
+/// bulk connections to the coordinator's port): the buildlet leg goes through its
+/// client, on a data connection where the buildlet takes one.
+struct InstanceTransfers(BuildletClient);
+
+#[tonic::async_trait]
+impl BulkTarget for InstanceTransfers {
+    async fn get_tar(
+        &self,
+        dir: String,
+    ) -> Result<futures::stream::BoxStream<'static, Result<Bytes, Status>>, Status> {
+        let chunks = self.0.get_tar_stream(&dir).await.map_err(client_status)?;
+        Ok(chunks.map(|c| c.map_err(client_status)).boxed())
+    }
+
+    async fn put_tar(
+        &self,
+        dir: String,
+        data: futures::stream::BoxStream<'static, std::io::Result<Bytes>>,
+    ) -> Result<bp::PutTarResponse, Status> {
+        let stats = self
+            .0
+            .put_tar(&dir, tokio_util::io::StreamReader::new(data), None)
+            .await
+            .map_err(client_status)?;
+        Ok(bp::PutTarResponse {
+            entries: stats.entries,
+            bytes: stats.bytes,
+        })
+    }
+}
+
+impl Api {
+    /// Serves one gomote transfer on a bulk connection to the coordinator's port
+    /// (ALPN `buildfarm-bulk/1`, the buildlets' protocol with the instance named in
+    /// the request): the token is checked as a gRPC call's (`UseInstance`), then the
+    /// instance's owner; `authorized` runs once both passed.
+    pub async fn serve_bulk<S>(&self, io: S, authorized: impl FnOnce())
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        buildlet::bulk::serve_with(io, |to| async move {
+            let action = Action::UseInstance;
+            let header = match to.authorization.as_str() {
+                "" => None,
+                a => Some(http::HeaderValue::from_str(a).map_err(|_| {
+                    self.access
+                        .deny(None, action, DenyReason::BadToken, "malformed authorization")
+                        .to_status()
+                })?),
+            };
+            let user = self
+                .access
+                .authorize(header.as_ref(), action)
+                .await
+                .map_err(|d| d.to_status())?
+                .ok_or_else(|| Status::unauthenticated("this call needs a user token"))?;
+            let inst = self.instance(&user, &to.instance)?;
+            authorized();
+            tracing::debug!(instance = %to.instance, user = %user.user, "gomote transfer on a bulk connection");
+            Ok(Arc::new(InstanceTransfers(inst.client.clone())))
+        })
+        .await
+    }
 }
 
 /// Cancels a queued gomote request when the `create` stream is dropped.
@@ -500,7 +590,7 @@ impl Coordinator for Api {
             let inst = Arc::new(Instance {
                 info: info.clone(),
                 last_used_ms: Mutex::new(now),
-                raw: lease.client.raw(),
+                client: lease.client.clone(),
                 lost: lease.lost.clone(),
                 grant: Mutex::new(Some((lease, slot))),
                 ticket: Mutex::new(Some(ticket)),
@@ -589,26 +679,37 @@ impl Coordinator for Api {
             .await?
             .ok_or_else(|| Status::invalid_argument("empty put_tar stream"))?;
         let inst = self.instance(&user, &first.instance)?;
-        let head = first.request.into_iter();
-        // A client error mid-stream (e.g. a message over the size limit) ends the upload;
-        // the buildlet then refuses the truncated tarball, and the caller is told the
-        // client-side error, which is the cause.
+        let dir = match first.request.and_then(|r| r.msg) {
+            Some(bp::put_tar_request::Msg::Header(h)) => h.dir,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a put_tar stream starts with its header",
+                ));
+            }
+        };
+        // A client error mid-stream (e.g. a message over the size limit) ends the upload
+        // as an error, so the buildlet never takes it for a whole tarball, and the caller
+        // is told the client-side error, which is the cause.
         let client_error: Arc<Mutex<Option<Status>>> = Arc::default();
         let keep = client_error.clone();
-        let rest = incoming
-            .scan((), move |_, m| {
-                futures::future::ready(match m {
-                    Ok(m) => Some(m.request),
-                    Err(e) => {
-                        *keep.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
-                        None
-                    }
-                })
+        let data = incoming.filter_map(move |m| {
+            futures::future::ready(match m.map(|m| m.request.and_then(|r| r.msg)) {
+                Ok(Some(bp::put_tar_request::Msg::Data(d))) => Some(Ok(d)),
+                Ok(Some(bp::put_tar_request::Msg::Header(_))) => Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "a second put_tar header",
+                ))),
+                Ok(None) => None,
+                Err(e) => {
+                    let broke = std::io::Error::other(e.message().to_owned());
+                    *keep.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    Some(Err(broke))
+                }
             })
-            .filter_map(futures::future::ready);
-        let outbound = futures::stream::iter(head).chain(rest);
-        let mut raw = inst.raw.clone();
-        let resp = raw.put_tar(outbound).await;
+        });
+        let resp = InstanceTransfers(inst.client.clone())
+            .put_tar(dir, data.boxed())
+            .await;
         if let Some(e) = client_error
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -616,7 +717,7 @@ impl Coordinator for Api {
         {
             return Err(e);
         }
-        resp.map_err(proxy_status)
+        resp.map(Response::new)
     }
 
     async fn write_file(
@@ -640,7 +741,7 @@ impl Coordinator for Api {
             .request
             .ok_or_else(|| Status::invalid_argument("missing request"))?;
         self.with_builder_env(&inst, &r.builder_env, &mut inner.env)?;
-        let s = inst.raw.clone().exec(inner).await.map_err(proxy_status)?;
+        let s = inst.client.raw().exec(inner).await.map_err(proxy_status)?;
         Ok(Response::new(forward(s.into_inner())))
     }
 
@@ -650,9 +751,14 @@ impl Coordinator for Api {
         &self,
         req: Request<cp::InstanceGetTarRequest>,
     ) -> Result<Response<Self::GetTarStream>, Status> {
-        let (mut raw, inner) = self.target(req)?;
-        let s = raw.get_tar(inner).await.map_err(proxy_status)?;
-        Ok(Response::new(forward(s.into_inner())))
+        let user = self.user(&req)?;
+        let (name, inner) = req.into_inner().split();
+        let inst = self.instance(&user, &name)?;
+        let dir = inner.map(|r| r.dir).unwrap_or_default();
+        let chunks = InstanceTransfers(inst.client.clone()).get_tar(dir).await?;
+        Ok(Response::new(Box::pin(
+            chunks.map(|c| c.map(|data| bp::DataChunk { data })),
+        )))
     }
 
     async fn remove(
@@ -699,7 +805,8 @@ impl Coordinator for Api {
         let rest = tokio_stream::StreamExt::filter_map(incoming, |m| m.ok().and_then(|m| m.input));
         let outbound = futures::stream::iter(head).chain(rest);
         let s = inst
-            .raw
+            .client
+            .raw()
             .clone()
             .shell(outbound)
             .await

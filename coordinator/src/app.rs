@@ -380,7 +380,12 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
     let server_tls = tls::server_config(
         &server_identity,
         None,
-        &[tls::ALPN_REVDIAL, tls::ALPN_H2, tls::ALPN_HTTP1],
+        &[
+            tls::ALPN_REVDIAL,
+            tls::ALPN_BULK,
+            tls::ALPN_H2,
+            tls::ALPN_HTTP1,
+        ],
     )?;
 
     // Before anything else is started: a sandbox that cannot work is a start-up error.
@@ -555,6 +560,7 @@ pub async fn start(config: Config, listener: TcpListener, opts: StartOptions) ->
         web,
     };
     let endpoint = Endpoint {
+        api: state.api.clone(),
         router: router(state),
         tls: server_tls,
         revdial: revdial_listener.clone(),

@@ -10,6 +10,8 @@ use anyhow::Context;
 use buildfarm_proto::buildlet as bp;
 use buildfarm_proto::coordinator as cp;
 use buildfarm_proto::coordinator::coordinator_client::CoordinatorClient;
+use buildlet::bulk::Addressee;
+use buildlet::client::BulkPath;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tonic::metadata::{Ascii, MetadataValue};
@@ -98,6 +100,18 @@ impl ApiError {
     pub fn message(&self) -> &str {
         &self.message
     }
+}
+
+/// A transfer's failure on a bulk connection as the gRPC call's would read.
+fn bulk_error(op: &'static str, e: buildlet::bulk::BulkError) -> ApiError {
+    use buildlet::bulk::BulkError;
+    let (code, message) = match e {
+        BulkError::Status(s) => return ApiError::new(op, s),
+        BulkError::Io(e) => (Code::Unavailable, format!("bulk connection: {e}")),
+        BulkError::Input(e) => (Code::Cancelled, format!("reading the upload: {e}")),
+        BulkError::Output(e) => (Code::Cancelled, format!("writing: {e}")),
+    };
+    ApiError { op, code, message }
 }
 
 /// A stream of typed messages from the coordinator; dropping it cancels the call.
@@ -255,6 +269,9 @@ type Grpc = CoordinatorClient<InterceptedService<Channel, Auth>>;
 pub struct FarmClient {
     grpc: Grpc,
     call_timeout: Option<Duration>,
+    /// Transfers (put, gettar) on connections of their own to the coordinator's port;
+    /// `None`: over gRPC only.
+    bulk: Option<BulkPath>,
 }
 
 impl std::fmt::Debug for FarmClient {
@@ -313,21 +330,28 @@ impl FarmClient {
         let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(&addr);
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let tls = buildfarm_tls::client_config(ca_pem, None, &[buildfarm_tls::ALPN_H2])?;
-        let channel = revdial::h2::connect_channel(
-            &addr,
-            buildfarm_tls::server_name(host)?,
-            tls,
-            connect_timeout,
-        )
-        .await
-        .with_context(|| format!("connecting to coordinator {addr}"))?;
-        let auth = match token {
+        let server_name = buildfarm_tls::server_name(host)?;
+        let channel =
+            revdial::h2::connect_channel(&addr, server_name.clone(), tls, connect_timeout)
+                .await
+                .with_context(|| format!("connecting to coordinator {addr}"))?;
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let auth = match &bearer {
             None => Auth(None),
-            Some(t) => Auth(Some(
-                MetadataValue::try_from(format!("Bearer {t}"))
-                    .context("token is not valid header text")?,
+            Some(b) => Auth(Some(
+                MetadataValue::try_from(b.as_str()).context("token is not valid header text")?,
             )),
         };
+        // Transfers on connections of their own (ALPN "buildfarm-bulk/1"): an older
+        // coordinator refuses the protocol, and the client then uses gRPC.
+        let bulk_tls = buildfarm_tls::client_config(ca_pem, None, &[buildfarm_tls::ALPN_BULK])?;
+        let open = buildlet::client::listen_data_opener(
+            addr.clone(),
+            server_name,
+            bulk_tls,
+            connect_timeout,
+        );
+        let bulk = BulkPath::new(open, bearer.as_deref().unwrap_or_default());
         // Sending is not bounded here: the coordinator's configured limit decides, and
         // its refusal names it.
         let grpc = CoordinatorClient::with_interceptor(channel, auth)
@@ -336,7 +360,29 @@ impl FarmClient {
         Ok(FarmClient {
             grpc,
             call_timeout: None,
+            bulk: Some(bulk),
         })
+    }
+
+    /// Sends transfers over gRPC only (to compare the two paths, or where a proxy in
+    /// between passes HTTP/2 alone).
+    pub fn without_bulk_connections(mut self) -> Self {
+        self.bulk = None;
+        self
+    }
+
+    /// A bulk connection for one transfer to `instance`, or `None` for gRPC.
+    async fn bulk_connection(
+        &self,
+        op: &str,
+        instance: &str,
+    ) -> Option<(revdial::DataStream, Addressee)> {
+        let (io, authorization) = self.bulk.as_ref()?.connection(op).await?;
+        let to = Addressee {
+            authorization: authorization.to_string(),
+            instance: instance.to_owned(),
+        };
+        Some((io, to))
     }
 
     /// Gives every unary call this deadline (streams carry none).
@@ -407,6 +453,16 @@ impl FarmClient {
         dir: &str,
         data: impl Stream<Item = Bytes> + Send + 'static,
     ) -> Result<PutTarStats, ApiError> {
+        const OP: &str = "PutTar";
+        if let Some((io, to)) = self.bulk_connection(OP, instance).await {
+            let r = buildlet::bulk::put_tar(io, &to, dir, data.map(Ok::<_, std::io::Error>))
+                .await
+                .map_err(|e| bulk_error(OP, e))?;
+            return Ok(PutTarStats {
+                entries: r.entries,
+                bytes: r.bytes,
+            });
+        }
         let header = cp::InstancePutTarRequest {
             instance: instance.to_owned(),
             request: Some(bp::PutTarRequest {
@@ -506,6 +562,12 @@ impl FarmClient {
     /// The tar.gz of `dir` of the instance, in chunks.
     pub async fn get_tar(&self, instance: &str, dir: &str) -> Result<ApiStream<Bytes>, ApiError> {
         const OP: &str = "GetTar";
+        if let Some((io, to)) = self.bulk_connection(OP, instance).await {
+            let chunks = buildlet::bulk::get_tar_stream(io, &to, dir)
+                .await
+                .map_err(|e| bulk_error(OP, e))?;
+            return Ok(Box::pin(chunks.map(|c| c.map_err(|e| bulk_error(OP, e)))));
+        }
         let s = self
             .grpc
             .clone()

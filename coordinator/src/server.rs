@@ -1,6 +1,7 @@
 //! The coordinator's one port. Each connection is sorted by its first bytes and its
 //! TLS ALPN: a TLS connection offering `buildfarm-revdial/1` is a buildlet dialling in
-//! (handed to the revdial listener); any other TLS connection, and plaintext HTTP when
+//! (handed to the revdial listener); one offering `buildfarm-bulk/1` carries one gomote
+//! transfer (`Api::serve_bulk`); any other TLS connection, and plaintext HTTP when
 //! allowed (loopback by default), is served by the HTTP router, which carries the
 //! status pages, the JSON API, the webhook and the public gRPC API alike.
 //!
@@ -28,6 +29,8 @@ pub struct Endpoint {
     pub router: axum::Router,
     pub tls: Arc<rustls::ServerConfig>,
     pub revdial: revdial::Listener,
+    /// Serves gomote transfers on bulk connections.
+    pub api: crate::api::Api,
     /// Serve plaintext HTTP too (the status page in a browser without certificates).
     pub allow_plaintext: bool,
     /// Admits connections within their time limits and caps; made by the caller so the
@@ -79,6 +82,7 @@ pub async fn serve(
 /// What a connection turned out to be after its handshake.
 enum Sorted {
     Revdial(Tracked<tokio_rustls::server::TlsStream<TcpStream>>),
+    Bulk(Tracked<tokio_rustls::server::TlsStream<TcpStream>>),
     HttpTls(Tracked<tokio_rustls::server::TlsStream<TcpStream>>),
     HttpPlain(Tracked<TcpStream>),
     Refused,
@@ -119,6 +123,18 @@ async fn handle(
             h.pin();
             return Ok(Closed::Finished);
         }
+        Sorted::Bulk(io) => {
+            let h = io.conn().handle();
+            // Until the caller is authorized the connection may be evicted like any
+            // other; a transfer then runs to its end (it may pause between reads).
+            let pin = h.clone();
+            tokio::select! {
+                _ = ep.api.serve_bulk(io, move || pin.pin()) => {}
+                _ = h.killed() => return Ok(Closed::Killed),
+                _ = shutdown.cancelled() => return Ok(Closed::Shutdown),
+            }
+            return Ok(Closed::Finished);
+        }
         Sorted::HttpTls(io) => serve_http(io, router, &shutdown).await,
         Sorted::HttpPlain(io) => serve_http(io, router, &shutdown).await,
         Sorted::Refused => return Ok(Closed::Finished),
@@ -148,13 +164,14 @@ async fn sort(
             r = tls.accept(tcp) => r?,
             _ = conn.killed() => return Ok(Sorted::Refused),
         };
-        let revdial = stream.get_ref().1.alpn_protocol() == Some(buildfarm_tls::ALPN_REVDIAL);
+        let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
         let io = Tracked::new(stream, conn);
         io.conn().handshake_done();
-        if revdial {
-            return Ok(Sorted::Revdial(io));
-        }
-        Ok(Sorted::HttpTls(io))
+        Ok(match alpn.as_deref() {
+            Some(buildfarm_tls::ALPN_REVDIAL) => Sorted::Revdial(io),
+            Some(buildfarm_tls::ALPN_BULK) => Sorted::Bulk(io),
+            _ => Sorted::HttpTls(io),
+        })
     } else if ep.allow_plaintext {
         conn.handshake_done();
         Ok(Sorted::HttpPlain(Tracked::new(tcp, conn)))

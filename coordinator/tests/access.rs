@@ -566,3 +566,235 @@ async fn a_builder_key_rotated_under_a_connected_buildlet_keeps_it_and_retires_t
     assert!(lists_host(&farm.get_json("/api/status").await, "rot-a"));
     farm.kill().await;
 }
+
+/// A bulk connection (ALPN `buildfarm-bulk/1`) to the coordinator's port, as
+/// `FarmClient` opens one for each `put` and `gettar`.
+async fn bulk_connection(farm: &TestFarm) -> revdial::DataStream {
+    let ca = buildfarm_tls::load_ca_file(&farm.data_dir.join("tls").join("ca.crt")).expect("ca");
+    let tls = buildfarm_tls::client_config(&ca, None, &[buildfarm_tls::ALPN_BULK]).expect("tls");
+    let open = buildlet::client::listen_data_opener(
+        farm.addr.clone(),
+        buildfarm_tls::server_name("127.0.0.1").expect("server name"),
+        tls,
+        Duration::from_secs(10),
+    );
+    open()
+        .await
+        .expect("the coordinator takes bulk connections")
+}
+
+/// A tar.gz of one file.
+fn tar_gz(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, name, data).expect("append");
+    b.into_inner().expect("tar").finish().expect("gzip")
+}
+
+/// The contents of `name` in a tar.gz.
+fn file_in(tgz: &[u8], name: &str) -> Option<Vec<u8>> {
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(tgz));
+    for e in ar.entries().expect("entries") {
+        let mut e = e.expect("entry");
+        if e.path().expect("path").ends_with(name) {
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut out).expect("read entry");
+            return Some(out);
+        }
+    }
+    None
+}
+
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+async fn collect_tar(
+    chunks: impl futures::Stream<Item = Result<bytes::Bytes, ApiError>>,
+) -> Result<Vec<u8>, ApiError> {
+    let mut chunks = std::pin::pin!(chunks);
+    let mut out = Vec::new();
+    while let Some(c) = chunks.next().await {
+        out.extend_from_slice(&c?);
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gomote_transfers_on_bulk_connections_are_checked_as_calls_are() {
+    use buildlet::bulk::{Addressee, BulkError};
+    let (_tmp, farm, _rev) = start("[access]\nanonymous_viewers = true\n").await;
+    let alice = farm.issue_token("alice");
+    let mallory = farm.issue_token("mallory");
+    let viewer = farm.issue_token_with_role("vera", "viewer");
+    let a = client(&farm, Some(&alice)).await;
+    let inst = create(&a).await.expect("alice creates an instance");
+    let to = |token: &str, instance: &str| Addressee {
+        authorization: if token.is_empty() {
+            String::new()
+        } else {
+            format!("Bearer {token}")
+        },
+        instance: instance.to_owned(),
+    };
+
+    // Odd sizes up on a bulk connection and back three ways: a bulk connection, the
+    // client's default (bulk), the client over gRPC; every byte the same.
+    let grpc_only = a.clone().without_bulk_connections();
+    for (i, n) in [0usize, 1, 65_535, (3 << 20) + 7].into_iter().enumerate() {
+        let data = random_bytes(n, i as u64 + 7);
+        let tgz = tar_gz("f.bin", &data);
+        let dir = format!("d{i}");
+        let chunks: Vec<std::io::Result<bytes::Bytes>> = tgz
+            .chunks(100_000)
+            .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+            .collect();
+        let put = buildlet::bulk::put_tar(
+            bulk_connection(&farm).await,
+            &to(&alice, &inst),
+            &dir,
+            futures::stream::iter(chunks),
+        )
+        .await
+        .expect("put on a bulk connection");
+        assert_eq!((put.entries, put.bytes), (1, n as u64), "{n} bytes");
+        let chunks =
+            buildlet::bulk::get_tar_stream(bulk_connection(&farm).await, &to(&alice, &inst), &dir)
+                .await
+                .expect("get on a bulk connection");
+        let mut back = Vec::new();
+        let mut chunks = std::pin::pin!(chunks);
+        while let Some(c) = chunks.next().await {
+            back.extend_from_slice(&c.expect("chunk"));
+        }
+        assert_eq!(
+            file_in(&back, "f.bin"),
+            Some(data.clone()),
+            "bulk, {n} bytes"
+        );
+        for (how, c) in [("client", &a), ("grpc", &grpc_only)] {
+            let got = collect_tar(c.get_tar(&inst, &dir).await.expect("get_tar"))
+                .await
+                .expect("chunks");
+            assert_eq!(
+                file_in(&got, "f.bin"),
+                Some(data.clone()),
+                "{how}, {n} bytes"
+            );
+        }
+    }
+    // The client's put takes the same path.
+    let data = random_bytes(200_000, 99);
+    let tgz = bytes::Bytes::from(tar_gz("g.bin", &data));
+    a.put_tar(&inst, "g", futures::stream::iter([tgz]))
+        .await
+        .expect("client put");
+    let got = collect_tar(grpc_only.get_tar(&inst, "g").await.expect("get_tar"))
+        .await
+        .expect("chunks");
+    assert_eq!(file_in(&got, "g.bin"), Some(data));
+
+    // Refusals come back as the gRPC calls' would, before anything is read or sent.
+    let refused = |r: Result<buildlet::bulk::Chunks, BulkError>| match r {
+        Err(BulkError::Status(s)) => (Code::from(s.code()), s.message().to_owned()),
+        Err(e) => panic!("expected a refusal, got {e:?}"),
+        Ok(_) => panic!("expected a refusal, got chunks"),
+    };
+    let last = if alice.ends_with('0') { "1" } else { "0" };
+    let bad = format!("{}{last}", &alice[..alice.len() - 1]);
+    for (token, instance, want, says) in [
+        ("", inst.as_str(), Code::Unauthenticated, "user token"),
+        (
+            bad.as_str(),
+            inst.as_str(),
+            Code::Unauthenticated,
+            "invalid",
+        ),
+        (
+            viewer.as_str(),
+            inst.as_str(),
+            Code::PermissionDenied,
+            "role viewer",
+        ),
+        (
+            mallory.as_str(),
+            inst.as_str(),
+            Code::PermissionDenied,
+            "alice",
+        ),
+        (
+            alice.as_str(),
+            "no-such-instance",
+            Code::NotFound,
+            "no-such-instance",
+        ),
+    ] {
+        let r = buildlet::bulk::get_tar_stream(
+            bulk_connection(&farm).await,
+            &to(token, instance),
+            "d1",
+        )
+        .await;
+        let (code, msg) = refused(r);
+        assert_eq!(code, want, "{token:?} on {instance}: {msg}");
+        assert!(msg.contains(says), "{token:?} on {instance}: {msg}");
+    }
+    // An upload of someone else's instance is refused, and nothing lands.
+    let up = buildlet::bulk::put_tar(
+        bulk_connection(&farm).await,
+        &to(&mallory, &inst),
+        "m",
+        futures::stream::iter([Ok(bytes::Bytes::from(tar_gz("m.bin", b"mallory")))]),
+    )
+    .await;
+    assert!(
+        matches!(&up, Err(BulkError::Status(s)) if s.code() == tonic::Code::PermissionDenied),
+        "{up:?}"
+    );
+    let missing = match a.get_tar(&inst, "m").await {
+        Err(e) => e,
+        Ok(s) => collect_tar(s).await.expect_err("mallory's upload landed"),
+    };
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+    // The buildlet's own refusal travels back with its code: not a tarball at all.
+    let up = buildlet::bulk::put_tar(
+        bulk_connection(&farm).await,
+        &to(&alice, &inst),
+        "x",
+        futures::stream::iter([Ok(bytes::Bytes::from_static(b"plain text"))]),
+    )
+    .await;
+    assert!(
+        matches!(&up, Err(BulkError::Status(s)) if s.code() == tonic::Code::InvalidArgument && s.message().starts_with("buildlet: ")),
+        "{up:?}"
+    );
+
+    // The bulk denials are counted with the calls'.
+    let (_, _, metrics) = http_get(&farm, "/metrics", None).await;
+    for (reason, action) in [
+        ("no_token", "use_instance"),
+        ("bad_token", "use_instance"),
+        ("role", "use_instance"),
+        ("not_owner", "use_others_instance"),
+    ] {
+        assert!(
+            denied(&metrics, reason, action) >= 1,
+            "{reason}/{action}\n{metrics}"
+        );
+    }
+    farm.kill().await;
+}

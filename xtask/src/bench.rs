@@ -78,6 +78,9 @@ pub fn inner(root: &Path, filter: Option<&str>) -> Result<()> {
     if want("buildlet") {
         figures.extend(rt.block_on(buildlet_benches(&release, &out_dir))?);
     }
+    if want("gomote") {
+        figures.extend(rt.block_on(super::bench_gomote::gomote_benches(&release, &out_dir))?);
+    }
     if want("revdial") {
         figures.extend(rt.block_on(super::bench_revdial::revdial_benches())?);
     }
@@ -118,19 +121,19 @@ fn print_table(figures: &[Figure]) {
     }
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
+pub(crate) fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
 }
 
 /// A started release buildlet and a client connected to it with mTLS.
-struct Buildlet {
+pub(crate) struct Buildlet {
     _child: tokio::process::Child,
-    client: BuildletClient,
+    pub(crate) client: BuildletClient,
     workdir: PathBuf,
 }
 
-async fn start_buildlet(release: &Path, dir: &Path) -> Result<Buildlet> {
+pub(crate) async fn start_buildlet(release: &Path, dir: &Path) -> Result<Buildlet> {
     let ca = buildfarm_tls::CertificateAuthority::generate("bench ca")?;
     let certs = dir.join("certs");
     let (server_cert, server_key) = ca
@@ -179,7 +182,7 @@ async fn start_buildlet(release: &Path, dir: &Path) -> Result<Buildlet> {
 
 /// A tree of about `total` bytes in 100 KiB files, half random (incompressible) and
 /// half text-like, so gzip does real work.
-fn make_tree(dir: &Path, total: usize) -> Result<()> {
+pub(crate) fn make_tree(dir: &Path, total: usize) -> Result<()> {
     if dir.join(".complete").exists() {
         return Ok(());
     }
@@ -316,7 +319,7 @@ async fn buildlet_benches(release: &Path, out_dir: &Path) -> Result<Vec<Figure>>
     Ok(figures)
 }
 
-fn walk_bytes(dir: &Path) -> u64 {
+pub(crate) fn walk_bytes(dir: &Path) -> u64 {
     walkdir::WalkDir::new(dir)
         .into_iter()
         .filter_map(|e| e.ok())

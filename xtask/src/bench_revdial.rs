@@ -22,6 +22,7 @@ use buildfarm_proto::buildlet::*;
 use buildfarm_proto::revdial::PingRequest;
 use buildfarm_proto::revdial::tunnel_client::TunnelClient;
 use buildfarm_tls::{self as tls, CertificateAuthority};
+use buildlet::bulk::Addressee;
 use futures::{Stream, StreamExt};
 use revdial::{
     Authenticator, Credential, DialerConfig, HostEvent, Listener, ListenerConfig, TunnelService,
@@ -280,9 +281,15 @@ async fn throughput_and_latency() -> Result<Vec<Figure>> {
                 let t = Instant::now();
                 let io = tunnel_ch.open_data(Duration::from_secs(10)).await?;
                 let mut sink = tokio::io::sink();
-                buildlet::bulk::get_tar(io, "", &SMALL_BYTES.to_string(), &mut sink, None)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("small bulk get_tar: {e:?}"))?;
+                buildlet::bulk::get_tar(
+                    io,
+                    &Addressee::default(),
+                    &SMALL_BYTES.to_string(),
+                    &mut sink,
+                    None,
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("small bulk get_tar: {e:?}"))?;
                 m.small_data.push(t.elapsed());
                 let t = Instant::now();
                 let req = GetTarRequest {
@@ -582,7 +589,7 @@ async fn time_data_get_tar(open: &DataOpener, authorization: &str) -> Result<Dur
         let mut sink = tokio::io::sink();
         buildlet::bulk::get_tar(
             io,
-            authorization,
+            &Addressee::bearer(authorization),
             &STREAM_BYTES.to_string(),
             &mut sink,
             None,
@@ -605,7 +612,7 @@ async fn time_data_put_tar(open: &DataOpener, authorization: &str) -> Result<Dur
     let t = Instant::now();
     let resp = tokio::time::timeout(Duration::from_secs(300), async {
         let io = open().await?;
-        buildlet::bulk::put_tar(io, authorization, "", data)
+        buildlet::bulk::put_tar(io, &Addressee::bearer(authorization), "", data)
             .await
             .map_err(|e| anyhow::anyhow!("bulk put_tar: {e:?}"))
     })

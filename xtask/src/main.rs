@@ -16,6 +16,7 @@ mod acceptance;
 mod bench;
 mod bench_farm;
 mod bench_fleet;
+mod bench_gomote;
 mod bench_pages;
 mod bench_pools;
 mod bench_revdial;
