@@ -150,7 +150,12 @@ async fn stalled_connections_are_closed_while_a_client_is_served() {
     let fds_before = flood::fd_count(pid);
     let rss_before = flood::rss_kib(pid);
 
-    for kind in [Kind::TcpSilence, Kind::TlsSilence, Kind::Http2PrefaceTls] {
+    for kind in [
+        Kind::TcpSilence,
+        Kind::TlsSilence,
+        Kind::Http2PrefaceTls,
+        Kind::BulkSilence,
+    ] {
         let started = Instant::now();
         let conns = flood::open(&target, kind, n).await;
         let fds_open = flood::fd_count(pid);
@@ -227,7 +232,12 @@ async fn a_flood_larger_than_the_cap_does_not_stop_a_client() {
     b.status().await.expect("status before the flood");
     let fds_before = flood::fd_count(pid);
     let mut held = Vec::new();
-    for kind in [Kind::TcpSilence, Kind::TlsSilence, Kind::Http2PrefaceTls] {
+    for kind in [
+        Kind::TcpSilence,
+        Kind::TlsSilence,
+        Kind::Http2PrefaceTls,
+        Kind::BulkSilence,
+    ] {
         held.extend(flood::open_some(&target, kind, 3 * CAP, false).await);
         let fds = flood::fd_count(pid);
         assert!(

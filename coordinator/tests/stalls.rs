@@ -285,6 +285,7 @@ async fn a_flood_larger_than_the_cap_does_not_stop_real_callers() {
         Kind::TcpSilence,
         Kind::TlsSilence,
         Kind::PartialHeadersPlain,
+        Kind::BulkSilence,
     ] {
         // Three times the cap of each; the oldest are closed to make room.
         held.extend(flood::open_some(&target, kind, 3 * CAP, false).await);

@@ -31,30 +31,33 @@ pub enum Kind {
     PartialHeadersTls,
     /// TLS with ALPN h2 and the HTTP/2 connection preface, then nothing.
     Http2PrefaceTls,
+    /// TLS with ALPN `buildfarm-bulk/1` (a transfer's connection), then no request.
+    BulkSilence,
     /// HTTP/1 headers over plaintext, one line a second, never finished.
     TrickledHeaders,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::TcpSilence,
         Kind::TlsSilence,
         Kind::PartialHeadersPlain,
         Kind::PartialHeadersTls,
         Kind::Http2PrefaceTls,
+        Kind::BulkSilence,
         Kind::TrickledHeaders,
     ];
 
     fn tls(self) -> bool {
         matches!(
             self,
-            Kind::TlsSilence | Kind::PartialHeadersTls | Kind::Http2PrefaceTls
+            Kind::TlsSilence | Kind::PartialHeadersTls | Kind::Http2PrefaceTls | Kind::BulkSilence
         )
     }
 
     fn first_bytes(self) -> &'static [u8] {
         match self {
-            Kind::TcpSilence | Kind::TlsSilence => b"",
+            Kind::TcpSilence | Kind::TlsSilence | Kind::BulkSilence => b"",
             Kind::PartialHeadersPlain | Kind::PartialHeadersTls => {
                 b"GET / HTTP/1.1\r\nHost: stall\r\nUser-Agent: st"
             }
@@ -72,6 +75,8 @@ pub struct Target {
     pub tls_plain: Arc<ClientConfig>,
     /// Trusts the server's CA; ALPN h2.
     pub tls_h2: Arc<ClientConfig>,
+    /// Trusts the server's CA; ALPN `buildfarm-bulk/1`.
+    pub tls_bulk: Arc<ClientConfig>,
     pub server_name: ServerName<'static>,
 }
 
@@ -88,6 +93,8 @@ impl Target {
             addr,
             tls_plain: buildfarm_tls::client_config(ca_pem, identity, &[]).expect("tls config"),
             tls_h2: buildfarm_tls::client_config(ca_pem, identity, &[buildfarm_tls::ALPN_H2])
+                .expect("tls config"),
+            tls_bulk: buildfarm_tls::client_config(ca_pem, identity, &[buildfarm_tls::ALPN_BULK])
                 .expect("tls config"),
             server_name: buildfarm_tls::server_name(host).expect("server name"),
         }
@@ -138,10 +145,10 @@ async fn open_one(target: Target, kind: Kind) -> Result<Stalled, String> {
         .map_err(|_| "connect timed out".to_owned())?
         .map_err(|e| format!("connect: {e}"))?;
     let mut io: Box<dyn Io> = if kind.tls() {
-        let config = if kind == Kind::Http2PrefaceTls {
-            target.tls_h2.clone()
-        } else {
-            target.tls_plain.clone()
+        let config = match kind {
+            Kind::Http2PrefaceTls => target.tls_h2.clone(),
+            Kind::BulkSilence => target.tls_bulk.clone(),
+            _ => target.tls_plain.clone(),
         };
         let tls: TlsStream<TcpStream> = tokio::time::timeout(
             Duration::from_secs(60),
