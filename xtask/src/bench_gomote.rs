@@ -18,6 +18,8 @@ use futures::StreamExt;
 use super::bench::{Figure, make_tree, median, start_buildlet, walk_bytes};
 
 const ROUNDS: usize = 3;
+/// Small calls per path for the call figure.
+const CALLS: usize = 500;
 const TREE_BYTES: usize = 200 << 20;
 
 pub async fn gomote_benches(release: &Path, out_dir: &Path) -> Result<Vec<Figure>> {
@@ -119,6 +121,19 @@ steps = [{{ name = "none", command = ["true"] }}]
                 }
             }
         }
+        // A small call (a 64-byte WriteFile), one after another, both ways.
+        for _ in 0..CALLS {
+            let start = Instant::now();
+            direct
+                .client
+                .write_file("small", 0o644, vec![7u8; 64])
+                .await?;
+            t.call_direct.push(start.elapsed());
+            let start = Instant::now();
+            bulk.write_file(&inst, "small", 0o644, vec![7u8; 64])
+                .await?;
+            t.call_proxy.push(start.elapsed());
+        }
         let _ = bulk.destroy_instance(&inst).await;
         Ok(t)
     }
@@ -141,7 +156,19 @@ steps = [{{ name = "none", command = ["true"] }}]
             ),
         }
     };
+    let (p, d) = (median(t.call_proxy), median(t.call_direct));
+    let call = Figure {
+        name: "gomote_call_p50_vs_direct".into(),
+        measured: p.as_secs_f64() * 1e6,
+        baseline: d.as_secs_f64() * 1e6,
+        unit: "us".into(),
+        ratio: d.as_secs_f64() / p.as_secs_f64(),
+        note: format!(
+            "a 64-byte WriteFile through the coordinator (two gRPC hops) vs straight to a buildlet, p50 of {CALLS}"
+        ),
+    };
     Ok(vec![
+        call,
         figure(
             "gomote_put_vs_direct",
             &t.put_bulk,
@@ -177,6 +204,8 @@ struct Times {
     get_direct: Vec<Duration>,
     get_bulk: Vec<Duration>,
     get_grpc: Vec<Duration>,
+    call_direct: Vec<Duration>,
+    call_proxy: Vec<Duration>,
 }
 
 async fn timed(f: impl std::future::Future<Output = Result<()>>) -> Result<Duration> {
