@@ -754,7 +754,9 @@ impl Coordinator for Api {
         let user = self.user(&req)?;
         let (name, inner) = req.into_inner().split();
         let inst = self.instance(&user, &name)?;
-        let dir = inner.map(|r| r.dir).unwrap_or_default();
+        let dir = inner
+            .ok_or_else(|| Status::invalid_argument("missing request"))?
+            .dir;
         let chunks = InstanceTransfers(inst.client.clone()).get_tar(dir).await?;
         Ok(Response::new(Box::pin(
             chunks.map(|c| c.map(|data| bp::DataChunk { data })),
@@ -807,7 +809,6 @@ impl Coordinator for Api {
         let s = inst
             .client
             .raw()
-            .clone()
             .shell(outbound)
             .await
             .map_err(proxy_status)?
