@@ -1186,6 +1186,29 @@ mod tests {
         }
     }
 
+    /// A server that said it takes no bulk connections is not asked again (the client
+    /// goes straight to gRPC); one that could not be reached is asked next time.
+    #[tokio::test]
+    async fn a_refusal_is_remembered_and_a_failure_is_not() {
+        use std::sync::atomic::AtomicUsize;
+        for (code, asked_again) in [
+            (tonic::Code::Unimplemented, false),
+            (tonic::Code::Unavailable, true),
+        ] {
+            let calls = Arc::new(AtomicUsize::new(0));
+            let counted = calls.clone();
+            let open: DataOpener = Arc::new(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async move { Err(tonic::Status::new(code, "no")) })
+            });
+            let path = BulkPath::new(open, "Bearer k");
+            assert!(path.connection("get_tar").await.is_none(), "{code:?}");
+            assert!(path.connection("get_tar").await.is_none(), "{code:?}");
+            let want = if asked_again { 2 } else { 1 };
+            assert_eq!(calls.load(Ordering::SeqCst), want, "{code:?}");
+        }
+    }
+
     #[test]
     fn host_parsing() {
         assert_eq!(host_of("127.0.0.1:443"), "127.0.0.1");
