@@ -437,10 +437,15 @@ async fn one_make_bash_serves_dist_tests_misc_compile_and_a_subrepo() {
         names, DIST_UNITS,
         "the named subset, in listing order:\n{tc_log}"
     );
-    let buildlets: std::collections::BTreeSet<&str> = units.iter().map(|u| u.2.as_str()).collect();
+    // Helpers join and restore the snapshot; which buildlet runs which shard depends on
+    // who is free first (on a loaded 2-core machine the step's own buildlet has run every
+    // shard while the helpers were still restoring 159 MB), so that is not asserted here:
+    // `plans.rs` checks that shards spread over helpers (small snapshots, restored in time).
+    let joined = tc_log.matches("step test: helper ").count();
+    let restored = tc_log.matches("restored snapshot ").count();
     assert!(
-        buildlets.len() >= 2,
-        "shards ran on helpers restored from the snapshot: {buildlets:?}\n{tc_log}"
+        joined >= 1 && restored > joined,
+        "helpers joined ({joined}) and each restored the snapshot ({restored} restores):\n{tc_log}"
     );
     let farm_dist: BTreeMap<String, bool> = units.iter().map(|u| (u.0.clone(), u.1)).collect();
 
