@@ -52,7 +52,7 @@ pub type DataOpener =
 pub struct BulkPath {
     open: DataOpener,
     /// Sent in each request (a bearer key or token, where the server asks for one).
-    authorization: Arc<str>,
+    authorization: String,
     /// Set once the server said it takes no bulk connections: not asked again.
     refused: Arc<AtomicBool>,
 }
@@ -61,20 +61,31 @@ impl BulkPath {
     pub fn new(open: DataOpener, authorization: &str) -> Self {
         BulkPath {
             open,
-            authorization: Arc::from(authorization),
+            authorization: authorization.to_owned(),
             refused: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    /// A connection for one transfer and the credential to send on it, or `None` to
-    /// use gRPC: the server takes none, or opening failed (logged; the gRPC call then
-    /// says whether the server is really gone).
-    pub async fn connection(&self, op: &str) -> Option<(revdial::DataStream, Arc<str>)> {
+    /// A connection for one transfer and whom its request is for (this path's
+    /// credential, `instance` on the coordinator), or `None` to use gRPC: the server
+    /// takes none, or opening failed (logged; the gRPC call then says whether the
+    /// server is really gone).
+    pub async fn connection(
+        &self,
+        op: &str,
+        instance: &str,
+    ) -> Option<(revdial::DataStream, crate::bulk::Addressee)> {
         if self.refused.load(Ordering::Relaxed) {
             return None;
         }
         match (self.open)().await {
-            Ok(io) => Some((io, self.authorization.clone())),
+            Ok(io) => {
+                let to = crate::bulk::Addressee {
+                    authorization: self.authorization.clone(),
+                    instance: instance.to_owned(),
+                };
+                Some((io, to))
+            }
             Err(s) if s.code() == tonic::Code::Unimplemented => {
                 tracing::debug!(op, error = %s.message(), "no bulk connections here; using gRPC");
                 self.refused.store(true, Ordering::Relaxed);
@@ -704,8 +715,11 @@ impl BuildletClient {
     }
 
     /// A data connection for one transfer, or `None` to use gRPC.
-    async fn data_connection(&self, op: &str) -> Option<(revdial::DataStream, Arc<str>)> {
-        self.data.as_ref()?.connection(op).await
+    async fn data_connection(
+        &self,
+        op: &str,
+    ) -> Option<(revdial::DataStream, crate::bulk::Addressee)> {
+        self.data.as_ref()?.connection(op, "").await
     }
 
     /// The generated client, for forwarding raw messages.
@@ -737,7 +751,7 @@ impl BuildletClient {
         R: AsyncRead + Send + 'static,
     {
         let op = format!("put_tar {dir:?}");
-        if let Some((io, authorization)) = self.data_connection(&op).await {
+        if let Some((io, to)) = self.data_connection(&op).await {
             let mut sent = 0u64;
             let data = ReaderStream::with_capacity(Box::pin(reader), PUT_TAR_CHUNK).inspect(
                 move |chunk| {
@@ -747,7 +761,6 @@ impl BuildletClient {
                     }
                 },
             );
-            let to = crate::bulk::Addressee::bearer(&*authorization);
             let r = crate::bulk::put_tar(io, &to, dir, data)
                 .await
                 .map_err(|e| bulk_error(&op, e))?;
@@ -936,8 +949,7 @@ impl BuildletClient {
     /// (no such directory) is the call's error; one after ends the chunks with it.
     pub async fn get_tar_stream(&self, dir: &str) -> Result<TarChunks, ClientError> {
         let op = format!("get_tar {dir:?}");
-        if let Some((io, authorization)) = self.data_connection(&op).await {
-            let to = crate::bulk::Addressee::bearer(&*authorization);
+        if let Some((io, to)) = self.data_connection(&op).await {
             let chunks = crate::bulk::get_tar_stream(io, &to, dir)
                 .await
                 .map_err(|e| bulk_error(&op, e))?;
@@ -1202,8 +1214,8 @@ mod tests {
                 Box::pin(async move { Err(tonic::Status::new(code, "no")) })
             });
             let path = BulkPath::new(open, "Bearer k");
-            assert!(path.connection("get_tar").await.is_none(), "{code:?}");
-            assert!(path.connection("get_tar").await.is_none(), "{code:?}");
+            assert!(path.connection("get_tar", "").await.is_none(), "{code:?}");
+            assert!(path.connection("get_tar", "").await.is_none(), "{code:?}");
             let want = if asked_again { 2 } else { 1 };
             assert_eq!(calls.load(Ordering::SeqCst), want, "{code:?}");
         }

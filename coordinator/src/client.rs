@@ -377,12 +377,7 @@ impl FarmClient {
         op: &str,
         instance: &str,
     ) -> Option<(revdial::DataStream, Addressee)> {
-        let (io, authorization) = self.bulk.as_ref()?.connection(op).await?;
-        let to = Addressee {
-            authorization: authorization.to_string(),
-            instance: instance.to_owned(),
-        };
-        Some((io, to))
+        self.bulk.as_ref()?.connection(op, instance).await
     }
 
     /// Gives every unary call this deadline (streams carry none).

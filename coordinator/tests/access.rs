@@ -623,9 +623,9 @@ fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-async fn collect_tar(
-    chunks: impl futures::Stream<Item = Result<bytes::Bytes, ApiError>>,
-) -> Result<Vec<u8>, ApiError> {
+async fn collect_tar<E>(
+    chunks: impl futures::Stream<Item = Result<bytes::Bytes, E>>,
+) -> Result<Vec<u8>, E> {
     let mut chunks = std::pin::pin!(chunks);
     let mut out = Vec::new();
     while let Some(c) = chunks.next().await {
@@ -676,11 +676,7 @@ async fn gomote_transfers_on_bulk_connections_are_checked_as_calls_are() {
             buildlet::bulk::get_tar_stream(bulk_connection(&farm).await, &to(&alice, &inst), &dir)
                 .await
                 .expect("get on a bulk connection");
-        let mut back = Vec::new();
-        let mut chunks = std::pin::pin!(chunks);
-        while let Some(c) = chunks.next().await {
-            back.extend_from_slice(&c.expect("chunk"));
-        }
+        let back = collect_tar(chunks).await.expect("chunks");
         assert_eq!(
             file_in(&back, "f.bin"),
             Some(data.clone()),
